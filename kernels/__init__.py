@@ -1,0 +1,1 @@
+"""Triton kernels of fusionloader, installed as ``fusionloader.kernels``."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny SD-1.x-shaped (epsilon) and SD-2.x-shaped (v_prediction) checkpoints.
+
+They are built from configs, written with ``save_pretrained`` and loaded back by the code under test,
+so the real loading path runs. Nothing is downloaded.
+"""
+
+import os
+
+# Kernel tests exercise the Triton kernels on CPU through the interpreter; it must be set before
+# triton is imported anywhere.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fusionloader.testing import save_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_path(tmp_path_factory):
+    """Path of a saved tiny SD-1.x-shaped pipeline (epsilon prediction, 32 px images, 16 px latents)."""
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd1")), prediction_type="epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_path(tmp_path_factory):
+    """Path of a saved tiny SD-2.x-shaped pipeline (v_prediction, linear-projection attention)."""
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd2")), prediction_type="v_prediction")
+
+
+@pytest.fixture(params=["epsilon", "v_prediction"])
+def tiny_path(request, tiny_sd1_path, tiny_sd2_path):
+    """Both tiny checkpoints, one after the other."""
+    return tiny_sd1_path if request.param == "epsilon" else tiny_sd2_path
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
