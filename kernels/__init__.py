@@ -1,1 +1,26 @@
-"""Triton kernels of fusionloader, installed as ``fusionloader.kernels``."""
+"""Triton kernels of fusionloader, installed as ``fusionloader.kernels``.
+
+One kernel per file, each with its torch reference beside it (``<name>_reference``). Calls dispatch to
+Triton for CUDA tensors or under ``TRITON_INTERPRET=1`` and to the torch reference otherwise; override with
+env ``FUSIONLOADER_KERNELS=auto|torch|triton`` or ``with backend("torch"): ...`` (see ``_dispatch.py``).
+The kernels know nothing of diffusers: schedule math arrives as per-sample coefficient rows built by
+``fusionloader.engine.schedules``.
+"""
+
+from ._dispatch import backend
+from .add_noise import add_noise, add_noise_reference
+from .cfg_step import cfg_step, cfg_step_reference
+from .philox import philox_randn, philox_randn_reference
+from .postprocess import postprocess, postprocess_reference
+
+__all__ = [
+    "add_noise",
+    "add_noise_reference",
+    "backend",
+    "cfg_step",
+    "cfg_step_reference",
+    "philox_randn",
+    "philox_randn_reference",
+    "postprocess",
+    "postprocess_reference",
+]

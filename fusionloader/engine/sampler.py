@@ -1,0 +1,543 @@
+"""The continuous-batching SDEdit sampler.
+
+A fixed number of UNet slots (``capacity``). Every slot holds one sample at its own step of its own schedule
+(strength, steps, eta), with its own prompt, guidance and noise source. Each :meth:`Sampler.step`:
+
+1. admits queued requests into free slots (VAE latent sample, SDEdit start noise via ``add_noise``);
+2. runs ONE UNet call on ``[x_0 .. x_{B-1}; x_i for slots with guidance > 1]`` (cond rows, then uncond rows
+   only where CFG is on), every row at its own timestep;
+3. runs ONE fused ``cfg_step`` (CFG combine + scheduler step + noise) for all slots -- or, for schedulers
+   without a fused kernel, groups slots that started together with the same (strength, steps, guidance, eta)
+   and calls a deep-copied diffusers scheduler's ``step`` per group;
+4. decodes the samples that finished, post-processes them to float [0, 1] (or into a caller's buffer) and
+   flags non-finite ones; their slots free up for the next step.
+
+NOTE [host syncs]: inside the denoising loop nothing reads device values back. Slot bookkeeping is host ints;
+per-slot timesteps / model-input scales / step coefficients are gathered from device tables with an index
+tensor built from those ints; noise comes from the slot's Philox seed inside the kernel. The only reads are
+after decoding (the per-sample finiteness flags), once per finished batch.
+
+NOTE [RNG, diffusers parity]: a request draws its randomness in the pipeline's order -- VAE latent sample,
+start noise, then each step's noise (DDIM with eta > 0 is the only fused scheduler that draws per step).
+
+- ``seed=int``: Philox streams 0, 1, 2 + i (docs/CONTRACTS.md); batch-invariant by construction.
+- ``generator=torch.Generator``: diffusers' ``randn_tensor`` on that generator, one sample's shape per draw,
+  as the pipeline does with a list of generators (``generator[i]`` per image).
+- a *cohort* (internal, built by ``Synthesizer.augment`` for one generator shared by a batch): the members are
+  admitted together and each draw is one batch-shaped ``randn_tensor`` as the pipeline does with a single
+  generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Finished", "Request", "Sampler"]
+
+
+@dataclass(eq=False)
+class Request:
+    """One sample to generate.
+
+    ``strength`` in (0, 1] is SDEdit img2img from ``latent_mean`` / ``latent_std`` (the unscaled VAE posterior of
+    the real image, as :class:`~fusionloader.engine.latents.LatentCache` stores it; ``latent_std=None`` uses the
+    mean, deterministically) or from ``latents`` (already scaled, diffusers' 4-channel ``image``);
+    ``strength=None`` is text-only generation from pure noise. ``seed`` (Philox) or ``generator`` (torch) fix
+    the randomness; with neither a seed is drawn from torch's global RNG. ``out_row`` writes the image into
+    the sampler's ``out`` buffer at that row.
+    """
+
+    key: Any
+    prompt: str
+    strength: float | None = 0.5
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 50
+    seed: int | None = None
+    latent_mean: torch.Tensor | None = None
+    latent_std: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    latents: torch.Tensor | None = None
+    eta: float = 0.0
+    negative_prompt: str = ""
+    out_row: int | None = None
+    cohort: _Cohort | None = field(default=None, repr=False)
+
+
+@dataclass
+class Finished:
+    """A finished sample: ``image`` (3, H, W) float [0, 1] (a view of ``out`` when written there)."""
+
+    key: Any
+    image: torch.Tensor
+    finite: bool
+    latents: torch.Tensor | None = None
+
+
+def _randn(shape, generator, device, dtype) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype).float()
+
+
+class _Cohort:
+    """Members sharing one torch.Generator: every draw is batch-shaped, in the pipeline's order."""
+
+    def __init__(self, generator: torch.Generator, size: int):
+        self.generator, self.size = generator, size
+        self._step_noise: dict[int, torch.Tensor] = {}
+
+    def draw(self, shape, device, dtype) -> torch.Tensor:
+        return _randn((self.size, *shape), self.generator, device, dtype)
+
+    def step_noise(self, i: int, shape, device, dtype) -> torch.Tensor:
+        # Drawn when the first member asks; members are in lockstep, so step i's draw comes after step i-1's.
+        if i not in self._step_noise:
+            self._step_noise = {i: self.draw(shape, device, dtype)}
+        return self._step_noise[i]
+
+
+@dataclass(eq=False)
+class _Slot:
+    req: Request
+    n: int  # denoising steps of this sample
+    base: int = 0  # first row of its schedule in the device tables (fused path)
+    i: int = 0  # steps done
+    seed: int = 0
+    draws: bool = False  # its scheduler draws noise every step (DDIM eta > 0)
+    member: int = 0  # index inside its cohort
+    group: Any = None  # _Group (unfused path)
+    start: tuple = (1.0, 0.0)  # (coef_x, coef_noise) of the SDEdit start
+
+
+@dataclass(eq=False)
+class _Group:
+    scheduler: Any
+    timesteps: torch.Tensor
+    generator: Any  # torch.Generator (cohort) or list of them
+    slots: list = field(default_factory=list)
+    step_kwargs: dict = field(default_factory=dict)
+    accepts_generator: bool = False
+
+
+class Sampler:
+    """Continuous-batching SDEdit sampler over one model (see the module docstring).
+
+    Built by :meth:`fusionloader.Synthesizer.sampler`. ``submit`` queues, ``step`` advances every slot by one
+    denoising step and returns the samples that finished, ``drain`` steps until nothing is left.
+    """
+
+    def __init__(self, components, prompt_cache, capacity: int = 8, resolution=None, out=None, mean=None, std=None,
+                 return_latents: bool = False):  # fmt: skip
+        from .schedules import fused_kind
+
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.c, self.prompts, self.capacity = components, prompt_cache, int(capacity)
+        self.device = components.device
+        self.resolution = tuple(resolution or components.resolution)
+        f = components.vae_scale_factor
+        self.latent_shape = (components.latent_channels, self.resolution[0] // f, self.resolution[1] // f)
+        self.numel = math.prod(self.latent_shape)
+        self.kind = fused_kind(components.scheduler)
+        self.out, self.out_mean, self.out_std = out, mean, std
+        self.return_latents = return_latents
+        self._queue: deque[Request] = deque()
+        self._slots: list[_Slot] = []
+        shape = (self.capacity, *self.latent_shape)
+        # Ping-pong latent and previous-x0 buffers (fp32 whatever the UNet dtype): cfg_step reads one, writes the other.
+        self._x = [torch.zeros(shape, device=self.device) for _ in range(2)]
+        self._prev = [torch.zeros(shape, device=self.device) for _ in range(2)] if self.kind == "dpmpp_2m" else None
+        self._cur = 0
+        emb = prompt_cache[""]
+        self._cond = torch.zeros((self.capacity, *emb.shape), dtype=emb.dtype, device=self.device)
+        self._uncond = torch.zeros_like(self._cond)
+        # Fused schedule tables: rows of every (steps, strength, eta) schedule seen so far, concatenated.
+        self._sched_rows: dict[tuple, tuple[int, Any]] = {}
+        self._t = torch.zeros(0, device=self.device)
+        self._c_in = torch.zeros(0, device=self.device)
+        self._coefs = torch.zeros(0, 7, device=self.device)
+        self.steps_run = 0  # UNet calls so far
+        self.unet_rows = 0  # UNet rows evaluated so far (CFG rows included)
+
+    # -- queue ------------------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or in a slot."""
+        return len(self._queue) + len(self._slots)
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._slots
+
+    @property
+    def active(self) -> int:
+        return len(self._slots)
+
+    def submit(self, request: Request) -> None:
+        """Validate and queue a request (it joins at the next step with a free slot)."""
+        r = request
+        if not isinstance(r.prompt, str):
+            raise TypeError(f"request {r.key!r}: prompt must be a string, got {type(r.prompt).__name__}")
+        if r.num_inference_steps < 1:
+            raise ValueError(f"request {r.key!r}: num_inference_steps must be >= 1, got {r.num_inference_steps}")
+        if r.strength is not None:
+            if not 0.0 < float(r.strength) <= 1.0:
+                raise ValueError(f"request {r.key!r}: strength must be in (0, 1], got {r.strength}")
+            if int(r.num_inference_steps * r.strength) < 1:
+                raise ValueError(
+                    f"request {r.key!r}: strength {r.strength} x {r.num_inference_steps} steps leaves no denoising "
+                    "step (diffusers denoises int(steps * strength) steps); raise strength or steps"
+                )
+            lat = r.latents if r.latents is not None else r.latent_mean
+            if lat is None:
+                raise ValueError(f"request {r.key!r}: img2img (strength {r.strength}) needs latent_mean or latents")
+            if tuple(lat.shape) != self.latent_shape:
+                raise ValueError(f"request {r.key!r}: latents of shape {tuple(lat.shape)}, expected {self.latent_shape}")
+            if r.latent_std is not None and r.latent_std.shape != lat.shape:
+                raise ValueError(f"request {r.key!r}: latent_std shape {tuple(r.latent_std.shape)} != {tuple(lat.shape)}")
+        if r.guidance_scale < 0:
+            raise ValueError(f"request {r.key!r}: guidance_scale must be >= 0, got {r.guidance_scale}")
+        if r.cohort is not None and r.cohort.size > self.capacity:
+            raise ValueError(f"a generator shared by {r.cohort.size} samples needs capacity >= {r.cohort.size}")
+        if r.out_row is not None and self.out is None:
+            raise ValueError("request has out_row but the sampler has no out buffer")
+        if r.seed is None and r.generator is None and r.cohort is None:
+            r.seed = int(torch.randint(0, 2**62, (1,)).item())  # host RNG, not a device sync
+        self.prompts.add([r.prompt, r.negative_prompt])
+        self._queue.append(r)
+
+    def drain(self):
+        """Step until every submitted request finished; yields :class:`Finished` in completion order."""
+        while not self.idle:
+            yield from self.step()
+
+    # -- schedules --------------------------------------------------------------------------------------
+
+    def _schedule(self, r: Request):
+        """(first table row, Schedule) of the request's schedule, added to the device tables on first use."""
+        from .schedules import make_schedule
+
+        eta = float(r.eta) if self.kind == "ddim" else 0.0
+        key = (int(r.num_inference_steps), None if r.strength is None else float(r.strength), eta)
+        if key not in self._sched_rows:
+            s = make_schedule(self.c.scheduler, key[0], key[1], eta=eta)
+            base = self._t.shape[0]
+            dev = self.device
+            self._t = torch.cat([self._t, torch.as_tensor(s.timesteps, dtype=torch.float32).to(dev)])
+            self._c_in = torch.cat([self._c_in, torch.as_tensor(s.c_in, dtype=torch.float32).to(dev)])
+            self._coefs = torch.cat([self._coefs, torch.as_tensor(s.coefs, dtype=torch.float32).to(dev)])
+            self._sched_rows[key] = (base, s)
+        return self._sched_rows[key]
+
+    # -- admission --------------------------------------------------------------------------------------
+
+    def _pop_admissible(self) -> list[Request]:
+        free = self.capacity - len(self._slots)
+        joins: list[Request] = []
+        while self._queue:
+            r = self._queue[0]
+            need = r.cohort.size if r.cohort is not None else 1
+            if need > free - len(joins):
+                break  # keep order: a cohort waits until it fits whole
+            for _ in range(need):
+                joins.append(self._queue.popleft())
+        return joins
+
+    def _initial_latents(self, joins: list[Request]) -> torch.Tensor:
+        """x0 = scaling_factor * (mean + std * z) per join (z: stream 0 / the generator's first draw)."""
+        dev, shape, sf = self.device, self.latent_shape, self.c.scaling_factor
+        vae_dtype = self.c.vae_dtype
+        x0 = torch.zeros((len(joins), *shape), device=dev)
+        cohort_z: dict[int, torch.Tensor] = {}
+        seeds = [(k, r) for k, r in enumerate(joins) if r.strength is not None and r.latents is None and r.latent_std is not None and r.cohort is None and r.generator is None]  # noqa: E501
+        if seeds:
+            from fusionloader.kernels import philox_randn
+
+            z = philox_randn(torch.tensor([r.seed for _, r in seeds], device=dev), 0, self.numel).view(-1, *shape)
+        for k, r in enumerate(joins):
+            if r.strength is None:
+                continue
+            if r.latents is not None:
+                x0[k] = r.latents.to(dev, torch.float32)
+                continue
+            mean = r.latent_mean.to(dev, torch.float32)
+            if r.latent_std is None:
+                x0[k] = sf * mean
+                continue
+            if r.cohort is not None:
+                if id(r.cohort) not in cohort_z:
+                    cohort_z[id(r.cohort)] = r.cohort.draw(shape, dev, vae_dtype)
+                zk = cohort_z[id(r.cohort)][self._member[id(r)]]
+            elif r.generator is not None:
+                zk = _randn((1, *shape), r.generator, dev, vae_dtype)[0]
+            else:
+                zk = z[[j for j, _ in seeds].index(k)]
+            x0[k] = sf * (mean + r.latent_std.to(dev, torch.float32) * zk)
+        return x0
+
+    def _admit(self) -> None:
+        from fusionloader.kernels import add_noise
+
+        joins = self._pop_admissible()
+        if not joins:
+            return
+        dev, shape = self.device, self.latent_shape
+        # Cohort member indices, in queue order.
+        self._member = {}
+        counters: dict[int, int] = {}
+        for r in joins:
+            if r.cohort is not None:
+                self._member[id(r)] = counters.get(id(r.cohort), 0)
+                counters[id(r.cohort)] = self._member[id(r)] + 1
+        x0 = self._initial_latents(joins)
+        slots = [self._new_slot(r) for r in joins]
+        # Start: x_T = coef_x * x0 + coef_noise * z (stream 1 / the generator's next draw).
+        coef_x = torch.tensor([s.start[0] for s in slots], dtype=torch.float32, device=dev)
+        coef_n = torch.tensor([s.start[1] for s in slots], dtype=torch.float32, device=dev)
+        b0 = len(self._slots)
+        out = self._x[self._cur][b0 : b0 + len(joins)]
+        if all(r.cohort is None and r.generator is None for r in joins):
+            seeds = torch.tensor([s.seed for s in slots], dtype=torch.int64, device=dev)
+            add_noise(x0, coef_x, coef_n, seeds=seeds, streams=1, out=out)
+        else:
+            z = torch.empty((len(joins), *shape), device=dev)
+            cohort_z: dict[int, torch.Tensor] = {}
+            unet_dtype = self.c.dtype
+            philox = [k for k, r in enumerate(joins) if r.cohort is None and r.generator is None]
+            if philox:
+                from fusionloader.kernels import philox_randn
+
+                seeds = torch.tensor([slots[k].seed for k in philox], dtype=torch.int64, device=dev)
+                z[philox] = philox_randn(seeds, 1, self.numel).view(-1, *shape)
+            for k, r in enumerate(joins):
+                if r.cohort is not None:
+                    if id(r.cohort) not in cohort_z:
+                        cohort_z[id(r.cohort)] = r.cohort.draw(shape, dev, unet_dtype)
+                    z[k] = cohort_z[id(r.cohort)][self._member[id(r)]]
+                elif r.generator is not None:
+                    z[k] = _randn((1, *shape), r.generator, dev, unet_dtype)[0]
+            add_noise(x0, coef_x, coef_n, noise=z, out=out)
+        embeds = self.prompts.get([r.prompt for r in joins])
+        self._cond[b0 : b0 + len(joins)] = embeds
+        cfg = [r.guidance_scale > 1 for r in joins]
+        if any(cfg):
+            self._uncond[b0 : b0 + len(joins)] = self.prompts.get([r.negative_prompt for r in joins])
+        if self._prev is not None:
+            self._prev[self._cur][b0 : b0 + len(joins)] = 0
+        for s, r in zip(slots, joins):
+            s.member = self._member.get(id(r), 0)
+        if self.kind is None:
+            self._form_groups(slots)
+        self._slots.extend(slots)
+
+    def _new_slot(self, r: Request) -> _Slot:
+        seed = int(r.seed) if r.seed is not None else 0
+        if self.kind is not None:
+            base, s = self._schedule(r)
+            slot = _Slot(r, n=len(s.timesteps), base=base, seed=seed, draws=bool(s.stochastic))
+            slot.start = (float(s.start[0]), float(s.start[1]))
+            return slot
+        # Unfused: the start coefficients come from the diffusers scheduler itself (see _form_groups).
+        slot = _Slot(r, n=0, seed=seed)
+        slot.start = self._unfused_start(r)
+        return slot
+
+    # -- unfused path -----------------------------------------------------------------------------------
+
+    def _unfused_timesteps(self, r: Request):
+        sched = copy.deepcopy(self.c.scheduler)
+        n = int(r.num_inference_steps)
+        sched.set_timesteps(n, device=self.device)
+        order = getattr(sched, "order", 1)
+        if r.strength is None:
+            t_start = 0
+        else:
+            t_start = max(n - min(int(n * float(r.strength)), n), 0)
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(t_start * order)
+        return sched, sched.timesteps[t_start * order :]
+
+    def _unfused_start(self, r: Request) -> tuple[float, float]:
+        sched, timesteps = self._unfused_timesteps(r)
+        if r.strength is None:
+            return (0.0, float(sched.init_noise_sigma))
+        # add_noise is linear in (x0, noise): probe it once per request for its two coefficients.
+        one = torch.ones(1, device=self.device)
+        zero = torch.zeros(1, device=self.device)
+        t = timesteps[:1]
+        cx = sched.add_noise(one, zero, t)
+        cn = sched.add_noise(zero, one, t)
+        return (float(cx), float(cn))
+
+    def _form_groups(self, slots: list[_Slot]) -> None:
+        groups: dict[tuple, _Group] = {}
+        for s in slots:
+            r = s.req
+            key = (int(r.num_inference_steps), r.strength, float(r.guidance_scale), float(r.eta), id(r.cohort))
+            if key not in groups:
+                sched, timesteps = self._unfused_timesteps(r)
+                params = set(inspect.signature(sched.step).parameters)
+                kwargs = {"eta": float(r.eta)} if "eta" in params else {}
+                g = _Group(sched, timesteps, r.cohort.generator if r.cohort is not None else [], step_kwargs=kwargs)
+                g.accepts_generator = "generator" in params
+                groups[key] = g
+            g = groups[key]
+            if r.cohort is None:
+                gen = r.generator
+                if gen is None:  # Philox has no diffusers twin: seed a torch generator per sample instead
+                    gen = torch.Generator(device=self.device).manual_seed(s.seed)
+                g.generator.append(gen)
+            s.group, s.n = g, len(g.timesteps)
+            g.slots.append(s)
+
+    def _unfused_inputs(self, x: torch.Tensor):
+        B = len(self._slots)
+        xin = torch.empty((B, *self.latent_shape), dtype=self.c.dtype, device=self.device)
+        t = torch.empty((B,), dtype=torch.float32, device=self.device)
+        for g in {id(s.group): s.group for s in self._slots}.values():
+            rows = [self._slots.index(s) for s in g.slots]
+            ti = g.timesteps[g.slots[0].i]
+            idx = torch.tensor(rows, device=self.device)
+            xin[idx] = g.scheduler.scale_model_input(x[idx], ti).to(self.c.dtype)
+            t[idx] = ti.float()
+        return xin, t
+
+    def _unfused_update(self, x: torch.Tensor, model_out: torch.Tensor, uncond_index: list[int]) -> None:
+        for g in {id(s.group): s.group for s in self._slots}.values():
+            rows = [self._slots.index(s) for s in g.slots]
+            idx = torch.tensor(rows, device=self.device)
+            c = model_out[idx].float()
+            if uncond_index[rows[0]] >= 0:
+                u = model_out[torch.tensor([uncond_index[b] for b in rows], device=self.device)].float()
+                m = u + g.slots[0].req.guidance_scale * (c - u)
+            else:
+                m = c
+            ti = g.timesteps[g.slots[0].i]
+            kwargs = dict(g.step_kwargs)
+            if g.accepts_generator:
+                kwargs["generator"] = g.generator
+            x_g = x[idx].to(self.c.dtype)
+            x[idx] = g.scheduler.step(m.to(self.c.dtype), ti, x_g, return_dict=False, **kwargs)[0].float()
+
+    # -- the step ---------------------------------------------------------------------------------------
+
+    def _step_noise(self, B: int):
+        """(noise, seeds, streams) for cfg_step: in-kernel Philox when every slot is seeded."""
+        slots, dev = self._slots, self.device
+        if not any(s.draws for s in slots):
+            return None, None, None
+        if all(s.req.cohort is None and s.req.generator is None for s in slots):
+            seeds = torch.tensor([s.seed for s in slots], dtype=torch.int64, device=dev)
+            streams = torch.tensor([2 + s.i for s in slots], dtype=torch.int64, device=dev)
+            return None, seeds, streams
+        from fusionloader.kernels import philox_randn
+
+        noise = torch.zeros((B, *self.latent_shape), device=dev)
+        philox = [b for b, s in enumerate(slots) if s.draws and s.req.cohort is None and s.req.generator is None]
+        if philox:
+            seeds = torch.tensor([slots[b].seed for b in philox], dtype=torch.int64, device=dev)
+            streams = torch.tensor([2 + slots[b].i for b in philox], dtype=torch.int64, device=dev)
+            noise[philox] = philox_randn(seeds, streams, self.numel).view(-1, *self.latent_shape)
+        for b, s in enumerate(slots):
+            if not s.draws:
+                continue
+            if s.req.cohort is not None:
+                noise[b] = s.req.cohort.step_noise(s.i, self.latent_shape, dev, self.c.dtype)[s.member]
+            elif s.req.generator is not None:
+                noise[b] = _randn((1, *self.latent_shape), s.req.generator, dev, self.c.dtype)[0]
+        return noise, None, None
+
+    @torch.no_grad()
+    def step(self) -> list[Finished]:
+        """Admit, run one denoising step for every slot, return the samples that finished."""
+        self._admit()
+        B = len(self._slots)
+        if B == 0:
+            return []
+        dev, cur = self.device, self._cur
+        x = self._x[cur][:B]
+        cfg = [b for b, s in enumerate(self._slots) if s.req.guidance_scale > 1]
+        uncond_index = [-1] * B
+        for k, b in enumerate(cfg):
+            uncond_index[b] = B + k
+        if self.kind is not None:
+            rows = torch.tensor([s.base + s.i for s in self._slots], device=dev)
+            t = self._t[rows]
+            xin = (x * self._c_in[rows].view(-1, *[1] * len(self.latent_shape))).to(self.c.dtype)
+        else:
+            xin, t = self._unfused_inputs(x)
+        emb = self._cond[:B]
+        if cfg:
+            ci = torch.tensor(cfg, device=dev)
+            xin, t, emb = torch.cat([xin, xin[ci]]), torch.cat([t, t[ci]]), torch.cat([emb, self._uncond[ci]])
+        model_out = self.c.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+        self.steps_run += 1
+        self.unet_rows += xin.shape[0]
+        if self.kind is not None:
+            from fusionloader.kernels import cfg_step
+
+            guidance = torch.tensor([float(s.req.guidance_scale) for s in self._slots], device=dev)
+            noise, seeds, streams = self._step_noise(B)
+            nxt = 1 - cur
+            cfg_step(
+                model_out, x, guidance, torch.tensor(uncond_index, device=dev), self._coefs[rows],
+                prev_x0=self._prev[cur][:B] if self._prev is not None else None,
+                noise=noise, seeds=seeds, streams=streams,
+                out=self._x[nxt][:B], x0_out=self._prev[nxt][:B] if self._prev is not None else None,
+            )  # fmt: skip
+            self._cur = nxt
+        else:
+            self._unfused_update(x, model_out, uncond_index)
+        for s in self._slots:
+            s.i += 1
+        done = [b for b, s in enumerate(self._slots) if s.i >= s.n]
+        return self._finish(done) if done else []
+
+    def _finish(self, done: list[int]) -> list[Finished]:
+        from fusionloader.kernels import postprocess
+
+        dev, cur = self.device, self._cur
+        idx = torch.tensor(done, device=dev)
+        lat = self._x[cur][idx]
+        dec = self.c.decoder
+        images = dec.decode((lat / self.c.decoder_scaling_factor).to(dec.dtype), return_dict=False)[0]
+        finite = torch.isfinite(images).flatten(1).all(1).tolist()  # the one read-back, after decoding
+        reqs = [self._slots[b].req for b in done]
+        out_rows = [r.out_row for r in reqs]
+        if self.out is not None and all(o is not None for o in out_rows):
+            rows = torch.tensor(out_rows, dtype=torch.int64, device=self.out.device)
+            postprocess(images.to(self.out.device), self.out, rows=rows, mean=self.out_mean, std=self.out_std)
+            imgs = [self.out[o] for o in out_rows]
+        else:
+            buf = torch.empty(images.shape, dtype=torch.float32, device=dev)
+            postprocess(images.contiguous(), buf)
+            imgs = list(buf)
+        result = [
+            Finished(r.key, img, bool(ok), lat[k] if self.return_latents else None)
+            for k, (r, img, ok) in enumerate(zip(reqs, imgs, finite))
+        ]
+        self._remove(done)
+        return result
+
+    def _remove(self, done: list[int]) -> None:
+        gone = set(done)
+        keep = [b for b in range(len(self._slots)) if b not in gone]
+        for s in (self._slots[b] for b in done):
+            if s.group is not None:
+                s.group.slots.remove(s)
+        if keep and keep != list(range(len(keep))):  # compact: live slots stay in rows 0..B'-1
+            idx = torch.tensor(keep, device=self.device)
+            bufs = [self._x[self._cur], self._cond, self._uncond]
+            if self._prev is not None:
+                bufs.append(self._prev[self._cur])
+            for buf in bufs:
+                buf[: len(keep)] = buf[idx]
+        self._slots = [self._slots[b] for b in keep]

@@ -1,0 +1,102 @@
+"""The embedded default model and the data it was trained on.
+
+``fusionloader/assets/digits-ldm/`` is a small latent diffusion model in diffusers format (the
+``StableDiffusionImg2ImgPipeline`` layout: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``, ``model_index.json``), class-conditioned through its CLIP text encoder on prompts such
+as ``"a photo of the digit seven"``. It was trained by ``python -m fusionloader.pretrained.train`` on
+scikit-learn's handwritten digits (8x8, upscaled bilinearly to 32x32, grey in 3 channels), and only
+on the *generator* split below, so the demo and the evaluation train and test on images the generator
+never saw.
+
+The splits are a fixed, seeded, class-stratified partition of ``sklearn.datasets.load_digits()``
+(1,797 images): per class, a seeded permutation gives the first 50% to ``generator``, the next 25%
+to ``train`` (classifier training) and the rest to ``test`` (classifier evaluation). They are
+pairwise disjoint and identical on every machine (``numpy.random.default_rng(seed)``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PROMPT_TEMPLATE",
+    "DigitsSplit",
+    "DigitsSplits",
+    "class_names",
+    "default_model_path",
+    "load_digits_splits",
+    "prompts_for",
+]
+
+#: Class names, indexed by label; each is one whole-word token of the model's tokenizer.
+class_names: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+#: The prompt template the model was mainly trained with (other templates were seen too, see train.py).
+PROMPT_TEMPLATE = "a photo of the digit {}"
+
+SPLIT_SEED = 0
+SPLIT_FRACTIONS = (0.5, 0.25)  # generator, train; test gets the rest
+
+
+def default_model_path() -> str:
+    """Path of the shipped model folder (``fusionloader/assets/digits-ldm``), loadable by diffusers."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits-ldm")
+
+
+class DigitsSplit(NamedTuple):
+    """One split: ``images`` float32 (N, 3, size, size) in [0, 1] (white digit on black), ``labels``
+    int64 (N,), ``indices`` positions in ``sklearn.datasets.load_digits()`` (for disjointness checks)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class DigitsSplits(NamedTuple):
+    generator: DigitsSplit  # the diffusion model was trained on these only
+    train: DigitsSplit  # for the demo / evaluation classifier's training
+    test: DigitsSplit  # for the demo / evaluation classifier's testing
+
+
+def _split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    gen, train, test = [], [], []
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_gen = int(round(SPLIT_FRACTIONS[0] * len(idx)))
+        n_train = int(round(SPLIT_FRACTIONS[1] * len(idx)))
+        gen.append(idx[:n_gen])
+        train.append(idx[n_gen : n_gen + n_train])
+        test.append(idx[n_gen + n_train :])
+    return tuple(np.sort(np.concatenate(s)) for s in (gen, train, test))  # type: ignore[return-value]
+
+
+def load_digits_splits(size: int = 32, seed: int = SPLIT_SEED) -> DigitsSplits:
+    """scikit-learn's digits, upscaled to ``size`` px (bilinear), as three disjoint seeded splits.
+
+    With the defaults: 898 generator, 450 train, 449 test images (class-stratified).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    labels = np.asarray(digits.target, dtype=np.int64)
+    x = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0)[:, None]  # (N,1,8,8) in [0,1]
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(labels)
+    splits = [DigitsSplit(x[i], y[i], i) for i in _split_indices(labels, seed)]
+    return DigitsSplits(*splits)
+
+
+def prompts_for(labels, template: str = PROMPT_TEMPLATE) -> list[str]:
+    """Prompts for integer labels, e.g. ``[7] -> ["a photo of the digit seven"]``."""
+    return [template.format(class_names[int(c)]) for c in labels]

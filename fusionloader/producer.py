@@ -1,0 +1,863 @@
+"""Producer processes: one per spare device, each owning one engine, writing finished images into a SlotRing.
+
+NOTE [Producer protocol]
+~~~~~~~~~~~~~~~~~~~~~~~~
+
+Processes and channels. ``ProducerPool.start`` spawns (never forks: CUDA and torch threads do not survive
+fork) one daemon process per device. Producer ``i`` has
+
+* a request queue (consumer -> producer, ``multiprocessing.Queue``; the consumer is its only writer, so the
+  queue's write lock can never be held by a dead process). Messages: ``("ring", handle)``,
+  ``("jobs", [Job])``, ``("credit", [slot])``, ``("cancel", [key])``, ``("stop",)``.
+* a result pipe (producer -> consumer, one ``Pipe`` per producer, so a SIGKILLed producer can corrupt
+  or block nobody else). Messages: ``("ready", info)``, ``("done", key, slot, busy_s)``,
+  ``("dropped", key, reason)``, ``("error", info)``.
+
+A collector thread in the consumer (the training process) waits on every result pipe *and* every
+process sentinel with ``multiprocessing.connection.wait`` (50 ms timeout), so results are taken in, jobs
+dispatched and slots credited while the training step runs, and a death (exception, SIGKILL, OOM
+kill) is seen at once, not at the next ``take``.
+
+Scheduling. The consumer keeps every submitted job in consumption order and hands each ready producer
+at most ``2 * capacity`` outstanding jobs, least-loaded first; a producer serves its jobs FIFO and keeps
+its continuous-batching sampler full (up to ``capacity`` in flight), so what is due next is made first.
+The consumer alone allocates ring slots: it credits each producer up to a few free slots (see NOTE
+[Slot protocol] in ring.py); a producer with finished images and no credit holds them and stops
+admitting new jobs (back-pressure). A key taken or cancelled frees its slot for new credits.
+
+Outcomes. A finished image is checked for NaN/inf; a non-finite one is dropped and reported
+(``nonfinite_dropped`` in ``stats()``; ``take`` returns None at once so the consumer falls back to real).
+
+Faults. A producer that raises sends ``("error", info)`` naming its id, device, pid and the job(s) it
+was working on (key and dataset index), with the traceback, then exits. A producer that dies silently
+(SIGKILL) is noticed through its sentinel. A producer holding jobs that sends nothing for ``timeout``
+seconds is killed and treated the same. Then:
+
+* ``on_error="raise"``: the failure is stored and re-raised as ``ProducerError`` in the training
+  process by the next ``check``/``take``/``submit``/``stats``, and by every one after (like torch's
+  DataLoader: a failed pool stays failed).
+* ``on_error="restart"`` (up to ``max_restarts`` restarts in all): every job the producer held is
+  reported *lost* (``take`` returns None at once, ``stats()["lost"]`` counts them, ``state(key)`` says
+  ``"lost"``), slots credited to it are reclaimed, a warning is logged at once and raised through
+  ``warnings`` in the training thread at its next call, and a fresh producer is spawned on the same
+  device. Failures during ``start`` always raise (they are almost always deterministic).
+
+NOTE [Shutdown]
+~~~~~~~~~~~~~~~
+
+Follows torch's DataLoader shutdown NOTE. Every blocking call has a timeout: producers poll their
+request queue (0.1 s) and a shared stop event; the consumer waits on pipes with a timeout and ``take``
+waits at most its ``timeout``. ``close`` (idempotent, also run by ``__exit__``, by a
+``weakref.finalize`` when the pool is garbage-collected, and at interpreter exit through the same
+finalizer's atexit hook, which runs before multiprocessing's own) does, within ~3.5 s in the worst case:
+
+1. stop the collector thread (join <= 1 s);
+2. set the stop event and send ``("stop",)`` to every producer; join all for up to 2 s in total;
+3. ``terminate`` (SIGTERM) the survivors, join 0.5 s; ``kill`` (SIGKILL) what is left, join;
+4. close the queues without joining their feeder threads (``cancel_join_thread``) and the pipes;
+5. unlink the ring's shared-memory segment (only after no producer can write to it).
+
+The training process's KeyboardInterrupt unwinds through ``with``/``del``/atexit into the same path;
+producers ignore SIGINT so a Ctrl-C in a terminal (which signals the whole process group) reaches only
+the trainer, which then shuts them down in order. If the trainer dies without running any of this
+(SIGKILL), each producer's watchdog thread sees its parent pid change within 0.5 s and exits
+(``os._exit``), and Python's resource tracker, shared by the trainer and its spawned children,
+unlinks the leaked segment when the last of them has gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_connections
+
+import torch
+
+from .ring import RingHandle, SlotRing
+
+__all__ = ["Job", "ProducerError", "ProducerPool"]
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05  # consumer: collector thread wake-up period
+_CHILD_POLL_S = 0.1  # producer: request-queue get timeout while idle
+_WATCHDOG_S = 0.5  # producer: parent-alive check period
+_JOIN_S = 2.0  # close(): time all producers get to exit cleanly after "stop"
+_OUTCOMES_KEPT = 1 << 16  # remembered lost/dropped keys (for take() and state())
+
+
+@dataclass(frozen=True)
+class Job:
+    """One synthetic sample to make: an SDEdit variant of dataset item ``index`` (text-only if ``strength`` is None)."""
+
+    key: int  # unique per job within a pool's lifetime (chosen by the loader)
+    index: int  # dataset index whose image is the SDEdit source
+    prompt: str
+    strength: float | None  # None = text-only (txt2img from pure noise)
+    guidance_scale: float
+    num_inference_steps: int
+    seed: int
+
+
+class ProducerError(RuntimeError):
+    """A producer failed; says which producer, on which device, and on which job(s)."""
+
+    def __init__(self, message: str, producer: int | None = None, device: str | None = None, pid: int | None = None,
+                 keys=(), indices=()):
+        super().__init__(message)
+        self.producer, self.device, self.pid = producer, device, pid
+        self.keys, self.indices = list(keys), list(indices)
+
+    def fresh(self) -> "ProducerError":
+        # Raise a new instance each time: re-raising the stored one would pile tracebacks onto it and
+        # keep every frame they reference (and so the pool) alive.
+        return ProducerError(str(self), self.producer, self.device, self.pid, self.keys, self.indices)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Producer side (runs in the spawned child)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ChildConfig:
+    producer: int
+    device: str
+    synthesizer: object  # a Synthesizer (pickles as its load spec) or a checkpoint path
+    source: object  # .raw(index) -> (image float [0,1] (3,H,W), label)
+    capacity: int
+    image_size: int | None
+    latent_cache_path: str | None
+    parent_pid: int
+    threads: int | None
+    warmup: bool
+
+
+def _load_engine(synthesizer, device: str):
+    """The producer's own engine on its own device, from a checkpoint path or a Synthesizer load spec."""
+    from .engine import Synthesizer
+
+    if isinstance(synthesizer, dict):  # ProducerPool turns a Synthesizer into its load spec (see __init__)
+        return Synthesizer.from_pretrained(**{**synthesizer, "device": device})
+    return Synthesizer.from_pretrained(os.fspath(synthesizer), device=device)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # Daemon thread: if the trainer dies without shutting us down (SIGKILL), our parent pid changes.
+    while True:
+        time.sleep(_WATCHDOG_S)
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+class _Producer:
+    """State of one producer process; ``serve`` is its main loop (see NOTE [Producer protocol]).
+
+    A job is admitted into the sampler only with a slot credit in hand, and the slot stays reserved
+    for it until it finishes: when the ring lives where the producer computes (a CPU producer and a
+    host ring) the sampler's fused post-process writes the image straight into that slot (``out_row``);
+    otherwise the finished image is copied in (resized first if the ring's resolution differs).
+    """
+
+    def __init__(self, cfg: _ChildConfig, requests, results, stop_event):
+        self.cfg, self.requests, self.results, self.stop_event = cfg, requests, results, stop_event
+        self.ring: SlotRing | None = None
+        self.direct = False
+        self.backlog: collections.deque[Job] = collections.deque()
+        self.inflight: dict[int, tuple[Job, int]] = {}  # key -> (job, reserved slot)
+        self.credits: collections.deque[int] = collections.deque()
+        self.cancelled: set[int] = set()
+        self.current: list[Job] = []  # the job(s) being worked on, for error messages
+        self.busy_s = 0.0
+        self._cache = None
+
+    def load(self) -> None:
+        from .engine import Request
+
+        self.Request = Request
+        self.engine = _load_engine(self.cfg.synthesizer, self.cfg.device)
+        self.resolution = tuple(self.engine.resolution)
+        self.sampler = self.engine.sampler(capacity=self.cfg.capacity)
+        if self.cfg.warmup:  # the first call pays for lazy init, allocator growth, kernel compilation
+            self.sampler.submit(self._request(Job(-1, -1, "", None, 2.0, 2, 0)))
+            while not self.sampler.step():
+                pass
+
+    def attach(self, handle) -> None:
+        self.ring = SlotRing.attach(handle)
+        fits = tuple(self.ring.shape) == (3, *self.resolution) and self.ring.dtype.is_floating_point
+        self.direct = fits and torch.device(self.ring.device) == torch.device(self.cfg.device)
+        if self.direct:
+            self.sampler = self.engine.sampler(capacity=self.cfg.capacity, out=self.ring._data)
+
+    @property
+    def cache(self):
+        if self._cache is None:  # at the generation resolution: these latents feed the sampler
+            self._cache = self.engine.latent_cache(path=self.cfg.latent_cache_path)
+        return self._cache
+
+    def _request(self, job: Job, slot: int | None = None):
+        mean = std = None
+        if job.strength is not None:
+            mean, std = self.cache.get([job.index], lambda i: self.cfg.source.raw(i)[0])
+            mean, std = mean[0], (None if std is None else std[0])
+        return self.Request(job.key, job.prompt, job.strength, job.guidance_scale, job.num_inference_steps,
+                            seed=job.seed, latent_mean=mean, latent_std=std, out_row=slot if self.direct else None)
+
+    def send(self, *msg) -> None:
+        self.results.send(msg)
+
+    def handle(self, msg) -> bool:
+        kind = msg[0]
+        if kind == "jobs":
+            self.backlog.extend(msg[1])
+        elif kind == "credit":
+            self.credits.extend(msg[1])
+        elif kind == "cancel":
+            keys = set(msg[1])
+            self.backlog = collections.deque(j for j in self.backlog if j.key not in keys)
+            self.cancelled |= keys & self.inflight.keys()
+        elif kind == "ring":
+            self.attach(msg[1])
+        elif kind == "stop":
+            return False
+        return True
+
+    def serve(self) -> None:
+        while not self.stop_event.is_set():
+            idle = not self.inflight and not (self.backlog and self.credits)
+            msgs = []
+            try:
+                msgs.append(self.requests.get(timeout=_CHILD_POLL_S) if idle else self.requests.get_nowait())
+                while True:
+                    msgs.append(self.requests.get_nowait())
+            except queue.Empty:
+                pass
+            for msg in msgs:
+                if not self.handle(msg):
+                    return
+            self.admit()
+            if self.inflight:
+                self.step()
+
+    def admit(self) -> None:
+        # Keep the sampler full; each job takes its slot credit now (no credit, no admission: back-pressure).
+        while self.backlog and self.credits and len(self.inflight) < self.cfg.capacity:
+            job = self.backlog.popleft()
+            slot = self.credits.popleft()
+            self.current = [job]
+            t0 = time.perf_counter()
+            try:
+                self.sampler.submit(self._request(job, slot))
+            except BaseException:
+                self.credits.appendleft(slot)
+                raise
+            self.busy_s += time.perf_counter() - t0
+            self.inflight[job.key] = (job, slot)
+        self.current = []
+
+    def step(self) -> None:
+        self.current = [job for job, _ in self.inflight.values()]
+        t0 = time.perf_counter()
+        finished = self.sampler.step()
+        for f in finished:
+            job, slot = self.inflight.pop(f.key)
+            self.current = [job]
+            if f.key in self.cancelled:
+                self.cancelled.discard(f.key)
+                self.credits.appendleft(slot)  # still WRITING and ours: reuse the credit
+                continue
+            image = f.image
+            if not f.finite or not bool(torch.isfinite(image).all()):
+                self.credits.appendleft(slot)
+                self.send("dropped", f.key, "nonfinite")
+                continue
+            if self.direct:
+                self.ring.publish(slot, f.key, self.cfg.producer)
+            else:
+                if tuple(image.shape[-2:]) != tuple(self.ring.shape[-2:]):
+                    image = torch.nn.functional.interpolate(image[None].float(), size=tuple(self.ring.shape[-2:]),
+                                                            mode="bilinear", antialias=True)[0].clamp_(0, 1)
+                self.ring.write(slot, f.key, image, self.cfg.producer)
+            self.send("done", f.key, slot, self.busy_s + time.perf_counter() - t0)
+        self.busy_s += time.perf_counter() - t0
+        self.current = []
+
+
+def _producer_main(cfg: _ChildConfig, requests, results, stop_event) -> None:
+    """Entry point of a producer process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle (NOTE [Shutdown])
+    threading.Thread(target=_watch_parent, args=(cfg.parent_pid,), daemon=True, name="fl-watchdog").start()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    producer = _Producer(cfg, requests, results, stop_event)
+    try:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            producer.load()
+            producer.send("ready", {"pid": os.getpid(), "load_s": time.perf_counter() - t0,
+                                    "resolution": producer.resolution})
+            producer.serve()
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the trainer
+        info = {
+            "pid": os.getpid(),
+            "keys": [j.key for j in producer.current],
+            "indices": [j.index for j in producer.current],
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+        }
+        try:
+            producer.send("error", info)
+        except Exception:
+            pass
+        os._exit(1)  # skip interpreter teardown: nothing here needs it, and it can hang on CUDA state
+    finally:
+        if producer.ring is not None:
+            producer.ring.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Consumer side (the training process)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Handle:
+    """The consumer's view of one producer process."""
+
+    def __init__(self, producer: int, device: str):
+        self.producer, self.device = producer, device
+        self.process = None
+        self.requests = None
+        self.results = None
+        self.state = "starting"  # starting -> ready -> dead
+        self.pid = None
+        self.assigned: dict[int, Job] = {}  # dispatched, not finished, in order
+        self.credits: set[int] = set()
+        self.images = 0
+        self.busy_s = 0.0
+        self.t_ready = None
+        self.t_heard = time.monotonic()
+        self.error_info = None
+
+    def send(self, *msg) -> None:
+        self.requests.put(msg)  # never blocks: the queue's feeder thread does the writing
+
+
+class _Core:
+    """Everything a pool owns; separate from ProducerPool so a finalizer can close it after the pool is gone."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.ctx = mp.get_context("spawn")
+        self.lock = threading.RLock()
+        self.cv = threading.Condition(self.lock)
+        self.closed = False
+        self.started = False
+        self.stop_event = None
+        self.thread: threading.Thread | None = None
+        self.thread_stop = threading.Event()
+        self.handles: list[_Handle] = []
+        self.ring: SlotRing | None = None
+        self.free: collections.deque[int] = collections.deque()
+        self.pending: collections.OrderedDict[int, Job] = collections.OrderedDict()  # submitted, not dispatched
+        self.owner: dict[int, int] = {}  # key -> producer, for dispatched jobs not yet finished
+        self.ready: dict[int, int] = {}  # key -> slot
+        self.outcomes: collections.OrderedDict[int, str] = collections.OrderedDict()  # key -> "lost" | "dropped"
+        self.error: ProducerError | None = None
+        self.warnings: list[str] = []
+        self.counters = collections.Counter()
+        self.t_start = None
+
+    # -- processes ----------------------------------------------------------------------------------
+
+    def spawn(self, h: _Handle) -> None:
+        cfg = self.cfg
+        child = _ChildConfig(h.producer, h.device, cfg["synthesizer"], cfg["source"], cfg["capacity"],
+                             cfg["image_size"], cfg["latent_cache_path"], os.getpid(), cfg["threads"], cfg["warmup"])
+        h.requests = self.ctx.Queue()
+        h.requests.cancel_join_thread()  # never let a dead producer's full pipe hang our exit
+        reader, writer = self.ctx.Pipe(duplex=False)
+        h.process = self.ctx.Process(target=_producer_main, args=(child, h.requests, writer, self.stop_event),
+                                     name=f"fusionloader-producer-{h.producer}", daemon=True)
+        h.process.start()
+        writer.close()  # the child holds the only writer, so its death shows as EOF
+        h.results, h.pid, h.state, h.t_heard = reader, h.process.pid, "starting", time.monotonic()
+        h.assigned, h.credits = {}, set()
+        if self.ring is not None:
+            h.send("ring", self.ring.handle)
+
+    def start(self) -> None:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("ProducerPool is closed")
+            if self.started:
+                return
+            self.started, self.t_start = True, time.monotonic()
+            load_spec = getattr(self.cfg["synthesizer"], "load_spec", None)
+            if load_spec is not None:  # send the recipe, not the object: each child loads onto its own device
+                self.cfg["synthesizer"] = load_spec()
+            self.stop_event = self.ctx.Event()
+            if self.cfg["image_size"] is not None:
+                self.make_ring()
+            self.handles = [_Handle(i, str(d)) for i, d in enumerate(self.cfg["devices"])]
+            for h in self.handles:
+                self.spawn(h)
+            self.thread = threading.Thread(target=self.collect, name="fusionloader-collector", daemon=True)
+            self.thread.start()
+            deadline = time.monotonic() + self.cfg["timeout"]
+            while not all(h.state == "ready" for h in self.handles):
+                if self.error is not None:
+                    raise self.error.fresh()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    late = [f"{h.producer} ({h.device})" for h in self.handles if h.state != "ready"]
+                    raise ProducerError(f"producer(s) {', '.join(late)} not ready after {self.cfg['timeout']:.0f} s")
+                self.cv.wait(min(remaining, 0.5))
+            if self.ring is None:
+                self.make_ring()
+            self.dispatch()
+
+    def make_ring(self) -> None:
+        size = self.cfg["image_size"] or self.cfg.get("resolution")
+        if size is None:
+            raise ValueError("the producers could not tell the model's resolution; pass image_size")
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.ring = SlotRing(self.cfg["slots"], (3, *size), torch.float32, device=self.cfg["ring_device"])
+        self.free = collections.deque(range(self.ring.capacity))
+        for h in self.handles:
+            if h.state != "dead":
+                h.send("ring", self.ring.handle)
+
+    # -- the collector thread -----------------------------------------------------------------------
+
+    def collect(self) -> None:
+        while not self.thread_stop.is_set():
+            with self.lock:
+                live = [h for h in self.handles if h.state != "dead"]
+                waitables = {}
+                for h in live:
+                    waitables[h.results] = h
+                    waitables[h.process.sentinel] = h
+            try:
+                ready = wait_connections(list(waitables), timeout=_POLL_S)
+            except OSError:  # a pipe closed under us by close(); loop and re-check the stop flag
+                continue
+            with self.lock:
+                if self.closed:
+                    return
+                dead = []
+                for obj in ready:
+                    h = waitables[obj]
+                    if obj is h.results:
+                        if not self.drain(h):
+                            dead.append(h)
+                    else:
+                        dead.append(h)
+                for h in dict.fromkeys(dead):
+                    if h.state != "dead":
+                        self.drain(h)
+                        self.on_death(h)
+                self.check_stalls()
+                if self.ring is not None and self.started:
+                    self.dispatch()
+
+    def drain(self, h: _Handle) -> bool:
+        """Take in every message waiting on ``h``'s pipe; False once it is closed (the producer is gone)."""
+        try:
+            while h.results.poll():
+                self.on_message(h, h.results.recv())
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def on_message(self, h: _Handle, msg) -> None:
+        h.t_heard = time.monotonic()
+        kind = msg[0]
+        if kind == "done":
+            _, key, slot, busy_s = msg
+            h.credits.discard(slot)
+            h.busy_s = busy_s
+            if self.owner.get(key) == h.producer:
+                del self.owner[key]
+                h.assigned.pop(key, None)
+                self.ready[key] = slot
+                h.images += 1
+                self.counters["produced"] += 1
+            else:  # cancelled while being made
+                self.ring.release(slot)
+                self.free.append(slot)
+        elif kind == "dropped":
+            _, key, reason = msg
+            if self.owner.get(key) == h.producer:
+                del self.owner[key]
+                h.assigned.pop(key, None)
+                self.remember(key, "dropped")
+            self.counters["nonfinite_dropped"] += 1
+        elif kind == "ready":
+            h.state, h.pid, h.t_ready = "ready", msg[1]["pid"], time.monotonic()
+            if self.cfg.get("resolution") is None:
+                self.cfg["resolution"] = msg[1].get("resolution")
+        elif kind == "error":
+            h.error_info = msg[1]
+        self.cv.notify_all()
+
+    def remember(self, key: int, outcome: str) -> None:
+        self.outcomes[key] = outcome
+        while len(self.outcomes) > _OUTCOMES_KEPT:
+            self.outcomes.popitem(last=False)
+
+    def check_stalls(self) -> None:
+        now = time.monotonic()
+        for h in self.handles:
+            # Silence only counts while the producer could make progress: holding jobs *and* slot credits
+            # (without credits it is waiting for the trainer, which is back-pressure, not a fault).
+            if h.state == "ready" and h.assigned and h.credits and now - h.t_heard > self.cfg["timeout"]:
+                h.error_info = {"pid": h.pid, "keys": list(h.assigned)[:1],
+                                "indices": [j.index for j in list(h.assigned.values())[:1]],
+                                "error": f"no progress for {now - h.t_heard:.0f} s (timeout={self.cfg['timeout']:g})",
+                                "traceback": ""}
+                h.process.kill()
+
+    def on_death(self, h: _Handle) -> None:
+        starting = h.state == "starting"
+        h.state = "dead"
+        h.process.join(timeout=1.0)
+        for slot in h.credits:  # reclaim: a half-written slot is never READY (NOTE [Slot protocol])
+            self.ring.release(slot)
+            self.free.append(slot)
+        h.credits = set()
+        lost = list(h.assigned.values())
+        h.assigned = {}
+        for job in lost:
+            self.owner.pop(job.key, None)
+        info = h.error_info or {}
+        keys = info.get("keys") or [j.key for j in lost[:1]]
+        indices = info.get("indices") or [j.index for j in lost[:1]]
+        code = h.process.exitcode
+        how = info.get("error") or (
+            f"died unexpectedly (killed by signal {-code})" if code is not None and code < 0
+            else f"died unexpectedly (exit code {code})"
+        )
+        where = f"producer {h.producer} (device {h.device}, pid {h.pid})"
+        what = f" on job key={keys[0]} index={indices[0]}" if keys else ""
+        if len(keys) > 1:
+            what += f" (batch keys {keys}, indices {indices})"
+        message = f"{where} failed{what}: {how}"
+        if info.get("traceback"):
+            message += "\n\nProducer traceback:\n" + info["traceback"]
+        h.error_info = None
+        restart = self.cfg["on_error"] == "restart" and not starting and self.counters["restarts"] < self.cfg["max_restarts"]
+        if restart:
+            for job in lost:
+                self.remember(job.key, "lost")
+            self.counters["lost"] += len(lost)
+            self.counters["restarts"] += 1
+            text = (f"{where} failed{what}: {how}; restarting it ({self.counters['restarts']}/{self.cfg['max_restarts']}), "
+                    f"{len(lost)} job(s) lost, their samples fall back to real")
+            log.warning(text)
+            self.warnings.append(text)
+            self.spawn(h)
+        elif self.error is None:
+            if self.cfg["on_error"] == "restart" and not starting:
+                message += f"\n(max_restarts={self.cfg['max_restarts']} exhausted)"
+            for job in lost:
+                self.remember(job.key, "lost")
+            self.counters["lost"] += len(lost)
+            self.error = ProducerError(message, h.producer, h.device, h.pid, keys, indices)
+        self.cv.notify_all()
+
+    # -- scheduling ---------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand pending jobs (in order) to the least-loaded ready producers; top up slot credits."""
+        ready = [h for h in self.handles if h.state == "ready"]
+        if not ready or self.ring is None:
+            return
+        budget = 2 * self.cfg["capacity"]
+        batches = {h.producer: [] for h in ready}
+        while self.pending:
+            h = min(ready, key=lambda h: len(h.assigned))
+            if len(h.assigned) >= budget:
+                break
+            key, job = self.pending.popitem(last=False)
+            h.assigned[key] = job
+            self.owner[key] = h.producer
+            batches[h.producer].append(job)
+        # Enough credits to keep each sampler full; the rest of the ring holds results awaiting take().
+        target = max(1, min(self.cfg["capacity"], self.ring.capacity // max(1, len(self.handles))))
+        for h in ready:
+            if batches[h.producer]:
+                h.send("jobs", batches[h.producer])
+            grant = []
+            if not h.credits and self.free:
+                h.t_heard = time.monotonic()  # its silence so far was back-pressure
+            while self.free and len(h.credits) < target:
+                slot = self.free.popleft()
+                self.ring.assign(slot, h.producer)
+                h.credits.add(slot)
+                grant.append(slot)
+            if grant:
+                h.send("credit", grant)
+
+    # -- shutdown -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.cv.notify_all()
+        self.thread_stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=1.0)
+        if self.stop_event is not None:
+            self.stop_event.set()
+        procs = [h for h in self.handles if h.process is not None]
+        for h in procs:
+            try:
+                h.send("stop")
+            except Exception:
+                pass
+        deadline = time.monotonic() + _JOIN_S
+        for h in procs:
+            h.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for signal_them in ("terminate", "kill"):
+            alive = [h for h in procs if h.process.is_alive()]
+            for h in alive:
+                getattr(h.process, signal_them)()
+            for h in alive:
+                h.process.join(timeout=0.5)
+        for h in procs:
+            for res in (h.requests, h.results):
+                try:
+                    res.close()
+                except Exception:
+                    pass
+            try:
+                h.process.close()
+            except ValueError:  # still running after SIGKILL (uninterruptible sleep): leave it to the OS
+                pass
+        if self.ring is not None:
+            self.ring.unlink()
+
+
+class ProducerPool:
+    """Spare devices making synthetic variants of dataset images into a shared-memory ring.
+
+    ``synthesizer``: a fusionloader ``Synthesizer`` (pickles as its load spec) or a checkpoint path.
+    ``source``: picklable, ``source.raw(index) -> (image float [0,1] (3,H,W), label)``.
+    ``devices``: one producer process per entry ("cpu", "cuda:1", ...). ``capacity``: each sampler's
+    continuous batch. ``slots``: ring slots (default ``2 * capacity * len(devices)``). ``image_size``:
+    slot resolution R (default: the model's); outputs of another size are resized into it.
+    ``on_error``: "raise" or "restart" (see NOTE [Producer protocol] in this file). ``timeout``: seconds a
+    producer may take to load + warm up, and may stay silent while holding jobs, before it counts as
+    failed. ``ring_device``: "cpu" (pinned host slots when CUDA is available) or the trainer's CUDA
+    device (slots in device memory shared through CUDA IPC). ``threads``: torch threads per producer.
+
+    Use as a context manager, or call ``close()``; garbage collection and interpreter exit also close it.
+    """
+
+    def __init__(self, synthesizer, source, devices=("cpu",), slots: int | None = None, image_size: int | None = None,
+                 on_error: str = "raise", max_restarts: int = 3, latent_cache_path: str | None = None,
+                 capacity: int = 8, timeout: float = 120.0, *, ring_device="cpu", threads: int | None = None,
+                 warmup: bool = True):
+        if on_error not in ("raise", "restart"):
+            raise ValueError(f"on_error must be 'raise' or 'restart', got {on_error!r}")
+        devices = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
+        if not devices:
+            raise ValueError("ProducerPool needs at least one device")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        slots = 2 * capacity * len(devices) if slots is None else int(slots)
+        if slots < len(devices):
+            raise ValueError(f"slots ({slots}) must be at least the number of producers ({len(devices)})")
+        if threads is None and all(torch.device(d).type == "cpu" for d in devices):
+            threads = max(1, (os.cpu_count() or 2) // (len(devices) + 1))
+        self._core = _Core(dict(
+            synthesizer=synthesizer, source=source, devices=[str(torch.device(d)) for d in devices], slots=slots,
+            image_size=image_size, on_error=on_error, max_restarts=int(max_restarts),
+            latent_cache_path=None if latent_cache_path is None else os.fspath(latent_cache_path),
+            capacity=int(capacity), timeout=float(timeout), ring_device=str(torch.device(ring_device)),
+            threads=threads, warmup=bool(warmup),
+        ))
+        self._finalizer = weakref.finalize(self, self._core.close)
+
+    # -- lifetime -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn one producer per device; return when each has loaded its model and warmed up (or raise)."""
+        try:
+            self._core.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop every producer and unlink the ring (idempotent; done within a few seconds)."""
+        self._finalizer()
+
+    def __enter__(self) -> "ProducerPool":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the consumer's calls -----------------------------------------------------------------------
+
+    def _live(self) -> _Core:
+        core = self._core
+        if core.warnings:
+            with core.lock:
+                texts, core.warnings = core.warnings, []
+            for text in texts:
+                warnings.warn(text, RuntimeWarning, stacklevel=3)
+        if core.error is not None:
+            raise core.error.fresh()
+        if core.closed:
+            raise RuntimeError("ProducerPool is closed")
+        if not core.started:
+            raise RuntimeError("ProducerPool.start() has not been called")
+        return core
+
+    def check(self) -> None:
+        """Re-raise a producer failure here (``ProducerError``) and emit pending restart warnings."""
+        self._live()
+
+    def submit(self, jobs) -> None:
+        """Queue jobs in consumption order (what is submitted first is made first). Keys must be unique."""
+        core = self._live()
+        with core.lock:
+            for job in jobs:
+                if job.key in core.pending or job.key in core.owner or job.key in core.ready:
+                    raise ValueError(f"job key {job.key} is already queued")
+                core.outcomes.pop(job.key, None)
+                core.pending[job.key] = job
+            core.counters["submitted"] += len(jobs)
+            core.dispatch()
+
+    def take(self, key: int, timeout: float = 0.0) -> torch.Tensor | None:
+        """The finished image for ``key`` (3,R,R) float [0,1], copied out of its slot, or None.
+
+        None when it is not ready within ``timeout`` seconds (the job stays queued: take it later or
+        ``cancel`` it), and None at once when the job was lost, dropped (NaN/inf) or never submitted.
+        """
+        core = self._live()
+        deadline = time.monotonic() + max(0.0, timeout)
+        with core.lock:
+            while True:
+                if core.error is not None:
+                    raise core.error.fresh()
+                if core.closed:
+                    return None
+                slot = core.ready.pop(key, None)
+                if slot is not None:
+                    break
+                if core.outcomes.pop(key, None) is not None:
+                    return None
+                if key not in core.pending and key not in core.owner:
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                core.cv.wait(remaining)
+        image = core.ring.read(slot, key)  # outside the lock: the slot is in no list, nobody else touches it
+        with core.lock:
+            core.free.append(slot)
+            core.counters["taken"] += 1
+            core.dispatch()
+        return image
+
+    def cancel(self, keys) -> None:
+        """Forget jobs: drop them if not started, discard their results if made; frees their slots."""
+        core = self._core
+        if core.closed or not core.started:
+            return
+        with core.lock:
+            per_producer = collections.defaultdict(list)
+            for key in keys:
+                core.outcomes.pop(key, None)
+                if core.pending.pop(key, None) is not None:
+                    pass
+                elif key in core.owner:
+                    h = core.handles[core.owner.pop(key)]
+                    h.assigned.pop(key, None)
+                    per_producer[h.producer].append(key)
+                elif key in core.ready:
+                    slot = core.ready.pop(key)
+                    core.ring.release(slot)
+                    core.free.append(slot)
+                else:
+                    continue
+                core.counters["cancelled"] += 1
+            for producer, ks in per_producer.items():
+                core.handles[producer].send("cancel", ks)
+            core.dispatch()
+
+    def state(self, key: int) -> str:
+        """Where a job is: "pending", "ready", "lost", "dropped" or "unknown" (taken, cancelled, never seen)."""
+        core = self._core
+        with core.lock:
+            if key in core.ready:
+                return "ready"
+            if key in core.pending or key in core.owner:
+                return "pending"
+            return core.outcomes.get(key, "unknown")
+
+    def stats(self) -> dict:
+        """Throughput per producer and in total, ring occupancy, restarts, lost and NaN/inf-dropped jobs."""
+        core = self._live()
+        now = time.monotonic()
+        with core.lock:
+            producers = []
+            for h in core.handles:
+                wall = now - h.t_ready if h.t_ready is not None else 0.0
+                producers.append({
+                    "producer": h.producer, "device": h.device, "pid": h.pid, "state": h.state,
+                    "images": h.images, "images_per_s": h.images / wall if wall > 0 else 0.0,
+                    "busy_images_per_s": h.images / h.busy_s if h.busy_s > 0 else 0.0,
+                    "jobs_assigned": len(h.assigned),
+                })
+            ring = core.ring.counts() if core.ring is not None else {}
+            slots = core.ring.capacity if core.ring is not None else core.cfg["slots"]
+            return {
+                "producers": producers,
+                "images": sum(p["images"] for p in producers),
+                "images_per_s": sum(p["images_per_s"] for p in producers),
+                "ring": {"slots": slots, **ring, "occupancy": len(core.ready) / slots},
+                "jobs_pending": len(core.pending) + len(core.owner),
+                "jobs_ready": len(core.ready),
+                "restarts": core.counters["restarts"],
+                "lost": core.counters["lost"],
+                "nonfinite_dropped": core.counters["nonfinite_dropped"],
+                "cancelled": core.counters["cancelled"],
+                "submitted": core.counters["submitted"],
+                "taken": core.counters["taken"],
+            }
+
+    # -- for tests and tools ------------------------------------------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        """PIDs of the current producer processes (replaced ones excluded)."""
+        return [h.pid for h in self._core.handles if h.pid is not None]
+
+    @property
+    def shm_names(self) -> list[str]:
+        """Names of the shared-memory segments this pool created (under /dev/shm on Linux)."""
+        ring = self._core.ring
+        return [ring.name] if ring is not None else []
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed

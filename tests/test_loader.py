@@ -1,0 +1,530 @@
+"""FusionLoader: alpha=0 is DataLoader; mixing, late policies, meta, stats, epochs, lifetime.
+
+Most tests use ``InlinePool``, an in-process stand-in for ``ProducerPool`` whose output is a known
+function of (source image, seed, strength), so "a variant of its own index" can be checked exactly and
+lateness can be forced. The acceptance tests at the bottom run the real ``ProducerPool`` (spawned
+producers, shared-memory ring) with the tiny checkpoint when the engine is importable, else with the
+stand-in engine ``VariantSynth`` below.
+"""
+
+import collections
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SubsetRandomSampler, WeightedRandomSampler
+
+from fusionloader.loader import FusionLoader
+from fusionloader.plan import TEXT_ONLY
+
+R = 16  # stand-in synthesis resolution (= the test images' size, so no resize muddles exact checks)
+
+
+# -- datasets ------------------------------------------------------------------------------------
+
+
+class TensorImages(Dataset):
+    """(float image (3, R, R), label) with ``targets`` and ``classes``; optional loader-side transform."""
+
+    classes = ["cat", "dog", "bird"]
+
+    def __init__(self, n=40, size=R):
+        g = torch.Generator().manual_seed(1234)
+        self.images = torch.rand(n, 3, size, size, generator=g)
+        self.targets = [i % 3 for i in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+class PILImages(Dataset):
+    """VisionDataset-style: PIL images of varying size, ``transform`` attribute applied in __getitem__."""
+
+    def __init__(self, n=12, transform=None):
+        rng = np.random.default_rng(0)
+        self.arrays = [rng.integers(0, 256, size=(R + i % 3, R + 2 * (i % 2), 3), dtype=np.uint8) for i in range(n)]
+        self.targets = [i % 2 for i in range(n)]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.arrays)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = Image.fromarray(self.arrays[i])
+        return (self.transform(img) if self.transform is not None else img), self.targets[i]
+
+
+# -- stand-ins for producers -----------------------------------------------------------------------
+
+
+def expected_variant(source_image, seed, strength):
+    """What both stand-ins make: the source blended towards seeded noise by ``strength``."""
+    noise = torch.rand(3, R, R, generator=torch.Generator().manual_seed(int(seed) % (2**63)))
+    if strength is None:
+        return noise
+    src = torch.nn.functional.interpolate(source_image[None], size=(R, R), mode="bilinear", antialias=True)[0]
+    return ((1 - strength) * src + strength * noise).clamp(0, 1)
+
+
+class InlinePool:
+    """In-process ProducerPool stand-in. ``behavior``: "ready" (every job done at once) or "never"."""
+
+    instances = []
+
+    def __init__(self, synthesizer, source, devices=("cpu",), behavior="ready", **kwargs):
+        self.source, self.devices, self.behavior, self.kwargs = source, devices, behavior, kwargs
+        self.jobs, self.started, self.closed, self.cancelled, self.taken = {}, False, False, [], 0
+        InlinePool.instances.append(self)
+
+    def start(self):
+        self.started = True
+
+    def submit(self, jobs):
+        assert self.started and not self.closed
+        for j in jobs:
+            assert j.key not in self.jobs, "duplicate key"
+            self.jobs[j.key] = j
+
+    def take(self, key, timeout=0.0):
+        job = self.jobs.pop(key, None)
+        if job is None:
+            return None
+        if self.behavior == "never":
+            time.sleep(timeout)
+            self.jobs[key] = job
+            return None
+        self.taken += 1
+        return expected_variant(self.source.raw(job.index)[0], job.seed, job.strength)
+
+    def cancel(self, keys):
+        for k in keys:
+            self.cancelled.append(k)
+            self.jobs.pop(k, None)
+
+    def check(self):
+        pass
+
+    def stats(self):
+        return {"images_per_s": 0.0, "ring": {"occupancy": 0.0}}
+
+    def close(self):
+        self.closed = True
+
+
+def inline(behavior="ready"):
+    def factory(synthesizer, source, devices=("cpu",), **kwargs):
+        return InlinePool(synthesizer, source, devices, behavior=behavior, **kwargs)
+
+    return factory
+
+
+def fusion(ds, behavior="ready", **kw):
+    kw.setdefault("alpha", 0.5)
+    kw.setdefault("seed", 0)
+    return FusionLoader(ds, pool_factory=inline(behavior), synthesizer="stand-in", **kw)
+
+
+def same(a, b):
+    """Deep equality of batches (tensors bit-exact)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+# -- alpha = 0 is DataLoader -----------------------------------------------------------------------
+
+
+def pair_collate(batch):
+    return {"x": torch.stack([b[0] for b in batch]).mul(2), "y": [b[1] for b in batch]}
+
+
+def _configs():
+    yield "shuffle-generator", lambda g: dict(batch_size=6, shuffle=True, generator=g)
+    yield "shuffle-global-rng", lambda g: dict(batch_size=6, shuffle=True)
+    yield "sequential-drop-last", lambda g: dict(batch_size=7, drop_last=True)
+    yield "subset-sampler", lambda g: dict(batch_size=4, sampler=SubsetRandomSampler(list(range(0, 40, 3)), generator=g))
+    yield "weighted-sampler", lambda g: dict(batch_size=5, sampler=WeightedRandomSampler([1.0] * 40, 30, generator=g))
+    yield "batch-sampler", lambda g: dict(batch_sampler=[[3, 1], [0, 2, 5], [39]])
+    yield "collate-fn", lambda g: dict(batch_size=8, shuffle=True, generator=g, collate_fn=pair_collate)
+    yield "no-auto-batching", lambda g: dict(batch_size=None, shuffle=True, generator=g)
+
+
+CONFIGS = dict(_configs())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_alpha0_is_exactly_dataloader(name, num_workers):
+    ds = TensorImages()
+    epochs = {}
+    for cls in (DataLoader, FusionLoader):
+        g = torch.Generator().manual_seed(5)
+        torch.manual_seed(17)
+        kw = CONFIGS[name](g)
+        extra = {"alpha": 0.0} if cls is FusionLoader else {}
+        loader = cls(ds, num_workers=num_workers, **kw, **extra)
+        epochs[cls] = ([list(loader) for _ in range(2)], len(loader), g.get_state(), torch.get_rng_state())
+    (ref, n_ref, g_ref, rng_ref), (out, n_out, g_out, rng_out) = epochs[DataLoader], epochs[FusionLoader]
+    assert n_out == n_ref and [len(e) for e in out] == [len(e) for e in ref]
+    assert same(out, ref)
+    assert torch.equal(g_out, g_ref) and torch.equal(rng_out, rng_ref)  # the same RNG draws, in the same order
+
+
+def test_alpha0_persistent_workers_and_worker_seeds():
+    ds = _WorkerSeeds()
+    res = {}
+    for cls in (DataLoader, FusionLoader):
+        g = torch.Generator().manual_seed(3)
+        extra = {"alpha": 0.0} if cls is FusionLoader else {}
+        loader = cls(ds, batch_size=2, num_workers=2, persistent_workers=True, generator=g, **extra)
+        res[cls] = [list(loader) for _ in range(2)]
+        if cls is FusionLoader:
+            loader.close()
+    assert same(res[FusionLoader], res[DataLoader])
+
+
+class _WorkerSeeds(Dataset):
+    """Returns the worker's torch seed: equal only if workers are seeded exactly like DataLoader's."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.tensor([i, torch.initial_seed() % 100003])
+
+
+def test_len_and_end_of_epoch_like_dataloader():
+    ds = TensorImages(n=23)
+    for kw in (dict(batch_size=5), dict(batch_size=5, drop_last=True), dict(batch_size=None)):
+        ref, loader = DataLoader(ds, **kw), fusion(ds, **kw)
+        assert len(loader) == len(ref)
+        it = iter(loader)
+        assert sum(1 for _ in it) == len(ref)
+        with pytest.raises(StopIteration):
+            next(it)
+        with pytest.raises(StopIteration):
+            next(it)
+        assert sum(1 for _ in loader) == len(ref)  # a new iter() is a new epoch
+
+
+def test_front_is_not_a_dataloader_and_starts_nothing_before_iter():
+    ds = TensorImages()
+    InlinePool.instances.clear()
+    sampler = SubsetRandomSampler(list(range(10)))
+    loader = fusion(ds, batch_size=3, sampler=sampler, drop_last=True)
+    assert not isinstance(loader, DataLoader)
+    assert loader.dataset is ds and loader.sampler is sampler and loader.batch_size == 3 and loader.drop_last
+    assert loader.batch_sampler.sampler is sampler
+    assert InlinePool.instances == []  # nothing heavy before iter()
+    next(iter(loader))
+    assert len(InlinePool.instances) == 1 and InlinePool.instances[0].started
+    with pytest.raises(ValueError):
+        FusionLoader(ds, alpha=0.5)  # synthesis without a synthesizer
+    with pytest.raises(ValueError):
+        FusionLoader(ds, batch_size=2, shuffle=True, sampler=sampler, alpha=0)  # torch's own validation
+    with pytest.raises(ValueError):
+        fusion(ds, late_policy="sometimes")
+
+
+# -- mixing ----------------------------------------------------------------------------------------
+
+
+def run_epoch(loader):
+    xs, metas = [], []
+    for (x, y), meta in loader:
+        xs.append(x)
+        metas.append(meta)
+    meta = {k: torch.cat([m[k] for m in metas]) for k in metas[0]}
+    return torch.cat(xs), meta
+
+
+def test_alpha_half_wait_synthesizes_exactly_the_planned_positions():
+    ds = TensorImages(n=40)
+    loader = fusion(ds, batch_size=6, shuffle=True, late_policy="wait", return_meta=True, strengths="randomized")
+    x, meta = run_epoch(loader)
+    assert x.shape[0] == 40
+    assert torch.equal(meta["synthetic"], meta["planned"]) and torch.equal(meta["fresh"], meta["synthetic"])
+    n, k = len(meta["index"]), int(meta["synthetic"].sum())
+    assert abs(k - n / 2) <= 3 * (n / 4) ** 0.5  # binomial noise
+    assert sorted(meta["index"].tolist()) == list(range(40))
+    pool = InlinePool.instances[-1]
+    assert pool.taken == k
+    # every synthetic sample is a variant of its own index (made from its seed and strength)
+    from fusionloader.plan import batch_order, plan_epoch, random_order
+
+    plan = plan_epoch(batch_order(random_order(40, 0, 0), 6, False), seed=0, epoch=0, alpha=0.5, strengths="randomized")
+    assert torch.equal(meta["index"], torch.from_numpy(plan.indices))
+    for p in range(n):
+        i = int(meta["index"][p])
+        if meta["synthetic"][p]:
+            assert float(meta["strength"][p]) in (0.25, 0.5, 0.75, 1.0)
+            want = expected_variant(ds.images[i], plan.sample_seed[p], float(plan.strength[p]))
+            torch.testing.assert_close(x[p], want)
+        else:
+            assert torch.equal(x[p], ds.images[i]) and torch.isnan(meta["strength"][p])
+    s = loader.stats()
+    assert s["current"]["fresh"] == k and s["current"]["real"] == n - k and s["current"]["fallback"] == 0
+    assert s["current"]["achieved_alpha"] == pytest.approx(k / n)
+
+
+def test_late_policies_reuse_real_wait():
+    ds = TensorImages(n=12)
+    # reuse: an epoch with ready producers fills the store, then late positions reuse own-index variants
+    loader = fusion(ds, batch_size=4, shuffle=True, return_meta=True, alpha=1.0, variants_per_index=2)
+    x0, m0 = run_epoch(loader)
+    assert m0["fresh"].all()
+    InlinePool.instances[-1].behavior = "never"
+    x1, m1 = run_epoch(loader)
+    assert m1["synthetic"].all() and not m1["fresh"].any()
+    variants = collections.defaultdict(list)
+    for p, i in enumerate(m0["index"].tolist()):
+        variants[i].append(x0[p])
+    for p, i in enumerate(m1["index"].tolist()):  # each reused image is a stored variant of its own index
+        assert any((x1[p] - v).abs().max() <= 1 / 255 for v in variants[i])
+    st = loader.stats()
+    assert st["per_epoch"][1]["reused"] == 12 and st["cumulative"]["fresh"] == 12
+    assert InlinePool.instances[-1].cancelled  # late jobs are cancelled, not left to producers
+
+    # real: late positions are delivered real and counted as fallback
+    loader = fusion(ds, "never", batch_size=4, return_meta=True, alpha=1.0, late_policy="real")
+    x, m = run_epoch(loader)
+    assert not m["synthetic"].any() and m["planned"].all() and torch.equal(x, ds.images)
+    assert loader.stats()["current"]["fallback"] == 12 and loader.stats()["current"]["achieved_alpha"] == 0.0
+
+    # wait: blocks up to wait_timeout per late position, then real; the stall is counted
+    loader = fusion(ds, "never", batch_size=4, return_meta=True, alpha=1.0, late_policy="wait", wait_timeout=0.02)
+    x, m = run_epoch(loader)
+    assert not m["synthetic"].any() and torch.equal(x, ds.images)
+    assert loader.stats()["current"]["stall_s"] >= 12 * 0.02
+
+
+def test_synthetic_gets_the_dataset_transform_in_the_raw_form():
+    seen = []
+
+    def transform(img):
+        seen.append((type(img).__name__, img.size))
+        return torch.from_numpy(np.array(img.resize((8, 8)))).permute(2, 0, 1).float() / 255
+
+    ds = PILImages(transform=transform)
+    loader = fusion(ds, batch_size=4, alpha=1.0, return_meta=True, late_policy="wait")
+    (x, y), meta = next(iter(loader))
+    assert x.shape == (4, 3, 8, 8) and meta["synthetic"].all()
+    sizes = {ds.arrays[i].shape[1::-1] for i in range(4)}
+    assert {s for _, s in seen[-4:]} <= sizes and all(t == "Image" for t, _ in seen)  # PIL, original size
+    assert y.tolist() == ds.targets[:4]
+
+
+def test_loader_transform_applies_to_real_and_synthetic_and_is_seeded():
+    ds = TensorImages(n=12)
+
+    def transform(img):  # random, so reproducibility needs the per-position RNG
+        return img * 0 + torch.rand(())
+
+    a, ma = run_epoch(fusion(ds, batch_size=4, alpha=0.5, return_meta=True, transform=transform, late_policy="wait"))
+    b, mb = run_epoch(fusion(ds, batch_size=4, alpha=0.5, return_meta=True, transform=transform, late_policy="wait"))
+    syn = ma["synthetic"]
+    assert syn.any() and (~syn).any()
+    assert torch.equal(a[syn], b[syn])  # synthetic: transform RNG seeded per position
+    assert (a.amax(dim=(1, 2, 3)) == a.amin(dim=(1, 2, 3))).all()  # both kinds went through the transform
+
+
+def test_meta_stats_progress_and_logging(caplog):
+    ds = TensorImages(n=16)
+
+    class Bar:
+        def __init__(self):
+            self.calls = 0
+
+        def set_postfix(self, d, refresh=True):
+            self.calls += 1
+            self.last = d
+
+    bar = Bar()
+    loader = fusion(ds, batch_size=4, return_meta=True, progress=bar, log_every=2)
+    with caplog.at_level(logging.INFO, logger="fusionloader"):
+        batches = list(loader)
+    (x, y), meta = batches[0]
+    assert set(meta) == {"index", "planned", "synthetic", "fresh", "strength"}
+    assert meta["index"].dtype == torch.int64 and meta["synthetic"].dtype == torch.bool
+    assert meta["strength"].dtype == torch.float32
+    assert bar.calls == 4 and {"alpha", "fresh", "stall"} <= set(bar.last)
+    assert any("epoch 0" in r.getMessage() for r in caplog.records)
+    s = loader.stats()
+    for key in ("real", "fresh", "reused", "fallback", "achieved_alpha", "stall_s", "fresh_fraction"):
+        assert key in s["current"] and key in s["cumulative"]
+    assert s["current"]["samples"] == 16 and "producer" in s and 0 in s["per_epoch"]
+
+
+def test_text_only_and_prompts():
+    ds = TensorImages(n=9)
+    loader = fusion(ds, batch_size=3, alpha=1.0, strengths=None, prompts={0: "p0", 1: ["p1a", "p1b"], 2: "a {}"},
+                    late_policy="wait")
+    list(loader)
+    pool = InlinePool.instances[-1]
+    assert loader._prompt(0, 0.1) == "p0" and loader._prompt(1, 0.9) == "p1b" and loader._prompt(2, 0.0) == "a bird"
+    loader2 = fusion(ds, alpha=1.0)
+    assert loader2._prompt(4, 0.0) == "a photo of a dog"
+    loader3 = fusion(ds, alpha=1.0, prompts=lambda index, label: f"{index}-{label}")
+    assert loader3._prompt(4, 0.0) == "4-1"
+    assert pool.taken == 9
+
+
+def test_epochs_are_counted_and_set_epoch_is_forwarded():
+    ds = TensorImages(n=20)
+    loader = fusion(ds, batch_size=5, shuffle=True, return_meta=True)
+    _, e0 = run_epoch(loader)
+    _, e1 = run_epoch(loader)
+    assert not torch.equal(e0["index"], e1["index"])  # epoch counted: new order, new coins
+    loader.set_epoch(0)
+    _, again = run_epoch(loader)
+    assert torch.equal(again["index"], e0["index"]) and torch.equal(again["planned"], e0["planned"])
+    sampler = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=3)
+    loader = fusion(ds, batch_size=5, sampler=sampler, alpha=0.0)
+    loader.set_epoch(4)
+    assert sampler.epoch == 4
+    ref = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=3)
+    ref.set_epoch(4)
+    assert torch.cat([y for _, y in loader]).tolist() == [ds.targets[i] for i in ref]
+
+
+def test_close_with_and_del():
+    ds = TensorImages(n=12)
+    with fusion(ds, batch_size=4) as loader:
+        for _ in loader:
+            break
+    pool = InlinePool.instances[-1]
+    assert pool.closed and pool.cancelled  # breaking out cancels what was requested ahead
+    loader = fusion(ds, batch_size=4, num_workers=2, persistent_workers=True)
+    next(iter(loader))
+    pool = InlinePool.instances[-1]
+    del loader
+    assert pool.closed
+    with pytest.raises(RuntimeError):
+        iter(_closed(fusion(ds)))
+
+
+def _closed(loader):
+    loader.close()
+    loader.close()  # idempotent
+    return loader
+
+
+# -- acceptance against the real ProducerPool --------------------------------------------------------
+
+import collections as _c  # noqa: E402
+
+Finished = _c.namedtuple("Finished", "key image finite")
+
+
+class _VariantCache:
+    def get(self, indices, load):
+        images = torch.stack([load(i) for i in indices])
+        return images, torch.zeros_like(images)
+
+
+class _VariantSampler:
+    def __init__(self, capacity):
+        self.capacity, self.queue = capacity, []
+
+    def submit(self, req):
+        self.queue.append(req)
+
+    def step(self):
+        done, self.queue = self.queue[: self.capacity], self.queue[self.capacity :]
+        time.sleep(0.002)
+        out = []
+        for req in done:
+            src = None if req.latent_mean is None else req.latent_mean
+            img = expected_variant(src, req.seed, req.strength) if src is not None else expected_variant(None, req.seed, None)
+            out.append(Finished(req.key, img, True))
+        return out
+
+
+class VariantSynth:
+    """Stand-in engine for the real ProducerPool (DEV ONLY until fusionloader.engine has a sampler)."""
+
+    device = "cpu"
+
+    def sampler(self, capacity=8):
+        return _VariantSampler(capacity)
+
+    def latent_cache(self, path=None, resolution=None):
+        return _VariantCache()
+
+
+def engine_ready():
+    try:
+        from fusionloader.engine import Synthesizer  # noqa: F401
+
+        return hasattr(Synthesizer, "sampler")
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def real_synth(tmp_path_factory):
+    """The tiny SD-1.x checkpoint path when the engine is in, else the stand-in engine."""
+    if engine_ready():
+        from fusionloader.testing import save_tiny_pipeline
+
+        return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd1-loader")), prediction_type="epsilon")
+    return VariantSynth()
+
+
+def real_fusion(ds, synth, **kw):
+    kw.setdefault("num_inference_steps", 4)
+    kw.setdefault("guidance_scale", 2.0)
+    kw.setdefault("seed", 0)
+    kw.setdefault("producer_timeout", 120.0)
+    return FusionLoader(ds, synthesizer=synth, **kw)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def test_real_pool_alpha_half_wait_and_shutdown(real_synth):
+    ds = TensorImages(n=24, size=32 if engine_ready() else R)
+    loader = real_fusion(ds, real_synth, batch_size=4, shuffle=True, alpha=0.5, late_policy="wait",
+                         return_meta=True, strengths="randomized", num_workers=2)
+    x, meta = run_epoch(loader)
+    assert torch.equal(meta["synthetic"], meta["planned"]) and torch.equal(meta["fresh"], meta["planned"])
+    n, k = len(meta["index"]), int(meta["synthetic"].sum())
+    assert abs(k - n / 2) <= 3 * (n / 4) ** 0.5 and sorted(meta["index"].tolist()) == list(range(24))
+    for p in range(n):
+        i = int(meta["index"][p])
+        if not meta["synthetic"][p]:
+            assert torch.equal(x[p], ds.images[i])
+        elif not engine_ready():  # the stand-in's output is known: a variant of the position's own index
+            assert not torch.equal(x[p], ds.images[i])
+    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    stats = loader.stats()
+    assert stats["current"]["fresh"] == k and stats["producer"]["images"] >= k
+    pids, shm = loader._pool.pids, loader._pool.shm_names
+    assert pids and all(alive(p) for p in pids)
+    t0 = time.monotonic()
+    del loader
+    while any(alive(p) for p in pids) and time.monotonic() - t0 < 5:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+    assert not any(os.path.exists(f"/dev/shm/{name}") for name in shm)

@@ -1,0 +1,331 @@
+"""ProducerPool: producer processes feeding the ring; faults (raise / restart / SIGKILL); shutdown paths.
+
+Orphans are checked by PID (``os.kill(pid, 0)`` and /proc, zombies count as gone) and shared memory by
+name under /dev/shm. Spawning a producer costs several seconds (torch + diffusers imports, model load,
+warm-up), so pools are shared within this module where a test does not need a fresh one.
+"""
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from fusionloader.producer import Job, ProducerError, ProducerPool
+
+STEPS = 3  # sampler steps per job: enough to exercise continuous batching, cheap on CPU
+SIZE = 32  # the tiny fixture's resolution
+
+
+class Source:
+    """A picklable stand-in dataset: seeded random images; one index can be NaN, one unreadable."""
+
+    def __init__(self, n=16, nan_index=None, bad_index=None):
+        self.n, self.nan_index, self.bad_index = n, nan_index, bad_index
+
+    def raw(self, index):
+        if index == self.bad_index:
+            raise OSError(f"cannot identify image file 'img_{index}.png' (dataset index {index})")
+        image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(index))
+        if index == self.nan_index:
+            image.fill_(float("nan"))
+        return image, index % 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _producers_use_torch_kernels():
+    # Producers inherit the environment. conftest sets TRITON_INTERPRET=1 for the kernel tests; a CPU
+    # producer in real use runs the torch reference kernels, so spawn them that way (and fast).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def synth(tiny_sd1_path):
+    return tiny_sd1_path
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def shm_exists(name):
+    return os.path.exists(os.path.join("/dev/shm", name))
+
+
+def wait_gone(pids, names, within=5.0):
+    """True when every pid has exited and every segment is unlinked within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not any(alive(p) for p in pids) and not any(shm_exists(n) for n in names):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def jobs(keys, index=lambda k: k % 8, strength=0.5, prompt="a photo of a cat"):
+    return [Job(k, index(k), prompt, strength, 2.0, STEPS, seed=1000 + k) for k in keys]
+
+
+def take_all(pool, keys, timeout=60.0):
+    return {k: pool.take(k, timeout=timeout) for k in keys}
+
+
+def make_pool(synth, **kw):
+    kw.setdefault("source", Source(nan_index=13))
+    kw.setdefault("capacity", 2)
+    kw.setdefault("image_size", SIZE)
+    kw.setdefault("timeout", 120.0)
+    return ProducerPool(synth, **kw)
+
+
+@pytest.fixture(scope="module")
+def pool(synth):
+    p = make_pool(synth, devices=("cpu", "cpu"), slots=4)
+    p.start()
+    yield p
+    p.close()
+
+
+# -- production ------------------------------------------------------------------------------------
+
+
+def test_produces_every_job_into_the_ring(pool):
+    keys = list(range(10))
+    pool.submit(jobs(keys[:6]) + jobs(keys[6:], strength=None))  # SDEdit and text-only
+    images = take_all(pool, keys)
+    for k, img in images.items():
+        assert img is not None, k
+        assert img.shape == (3, SIZE, SIZE) and img.dtype == torch.float32
+        assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    st = pool.stats()
+    assert st["images"] >= 10 and st["jobs_pending"] == 0 and st["ring"]["ready"] == 0
+    assert {p["device"] for p in st["producers"]} == {"cpu"} and len(st["producers"]) == 2
+    assert all(p["images"] > 0 for p in st["producers"]), "both producers should have served jobs"
+
+
+def test_slots_recycle_under_backpressure_and_cancel(pool):
+    # More jobs than slots: producers block on credits until the consumer takes or cancels.
+    keys = list(100 + k for k in range(12))
+    pool.submit(jobs(keys))
+    got = [pool.take(k, timeout=60.0) for k in keys[:6]]
+    assert all(g is not None for g in got)
+    pool.cancel(keys[6:])
+    deadline = time.monotonic() + 10
+    while pool.stats()["ring"]["ready"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = pool.stats()
+    assert st["jobs_pending"] == 0 and st["ring"]["ready"] == 0 and st["ring"]["reading"] == 0
+    assert pool.take(keys[-1]) is None and pool.state(keys[-1]) == "unknown"
+    # The ring still works after all that.
+    pool.submit(jobs([200]))
+    assert pool.take(200, timeout=60.0) is not None
+
+
+def test_taken_image_is_the_callers(pool):
+    pool.submit(jobs([300]))
+    a = pool.take(300, timeout=60.0)
+    kept = a.clone()
+    pool.submit(jobs(range(301, 309), strength=None))
+    take_all(pool, range(301, 309))  # every slot reused at least once
+    assert torch.equal(a, kept)
+
+
+def test_nonfinite_output_is_dropped_and_counted(pool):
+    before = pool.stats()["nonfinite_dropped"]
+    pool.submit(jobs([400, 401], index=lambda k: 13 if k == 400 else 1))
+    assert pool.take(401, timeout=60.0) is not None
+    deadline = time.monotonic() + 30
+    while pool.state(400) == "pending" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.state(400) == "dropped"
+    assert pool.take(400, timeout=5.0) is None
+    assert pool.stats()["nonfinite_dropped"] == before + 1
+
+
+def test_duplicate_key_rejected(pool):
+    pool.submit(jobs([500]))
+    with pytest.raises(ValueError, match="500"):
+        pool.submit(jobs([500]))
+    assert pool.take(500, timeout=60.0) is not None
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+
+def test_producer_exception_reraises_naming_producer_device_and_sample(synth):
+    with make_pool(synth, source=Source(bad_index=7)) as p:
+        pids, names = p.pids, p.shm_names
+        p.submit(jobs([1, 2, 3], index=lambda k: 7 if k == 2 else k))
+        with pytest.raises(ProducerError) as info:
+            for k in (1, 2, 3):
+                p.take(k, timeout=60.0)
+        msg = str(info.value)
+        assert "producer 0" in msg and "device cpu" in msg and "index=7" in msg and "key=2" in msg
+        assert "img_7.png" in msg  # the producer's own error and traceback come along
+        assert info.value.producer == 0 and info.value.device == "cpu" and info.value.indices == [7]
+        with pytest.raises(ProducerError):  # a failed pool stays failed
+            p.check()
+    # context-manager exit cleans up
+    assert wait_gone(pids, names)
+
+
+def test_sigkill_detected_and_raised(synth):
+    p = make_pool(synth)
+    p.start()
+    pids, names = p.pids, p.shm_names
+    p.submit(jobs(range(4)))
+    t0 = time.monotonic()
+    os.kill(pids[0], signal.SIGKILL)
+    with pytest.raises(ProducerError, match=r"producer 0 \(device cpu.*killed by signal 9"):
+        while time.monotonic() - t0 < 10:
+            p.check()
+            time.sleep(0.05)
+    assert time.monotonic() - t0 < 3.0
+    p.close()
+    p.close()  # idempotent
+    assert wait_gone(pids, names)
+
+
+def test_restart_after_exception_and_sigkill_then_give_up(synth):
+    p = make_pool(synth, source=Source(bad_index=7), on_error="restart", max_restarts=2)
+    p.start()
+    first = p.pids[0]
+    names = p.shm_names
+    # 1. an exception: warned, counted, its jobs reported lost, production goes on
+    p.submit(jobs([1], index=lambda k: 7))
+    with pytest.warns(RuntimeWarning, match="index=7.*restarting"):
+        deadline = time.monotonic() + 60
+        while p.stats()["restarts"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.check()
+    assert p.state(1) == "lost" and p.take(1) is None
+    assert p.stats()["lost"] >= 1
+    p.submit(jobs([2]))
+    assert p.take(2, timeout=60.0) is not None  # the replacement producer serves
+    second = p.pids[0]
+    assert second != first and not alive(first)
+    # 2. SIGKILL while holding jobs
+    p.submit(jobs(range(10, 14)))
+    os.kill(second, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="killed by signal 9.*restarting"):
+        while p.stats()["restarts"] < 2 and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        p.check()
+    assert time.monotonic() - t0 < 3.0
+    outcomes = {p.state(k) for k in range(10, 14)}
+    assert outcomes <= {"lost", "ready"} and "lost" in outcomes
+    # 3. restarts exhausted: the next failure raises
+    third = p.pids[0]
+    deadline = time.monotonic() + 60
+    while p.stats()["producers"][0]["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(third, signal.SIGKILL)
+    with pytest.raises(ProducerError, match="max_restarts=2 exhausted"):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            p.check()
+            time.sleep(0.05)
+    # garbage collection closes the pool
+    del p
+    gc.collect()
+    assert wait_gone([first, second, third], names)
+
+
+# -- shutdown --------------------------------------------------------------------------------------
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, {tests!r})
+    from fusionloader.producer import Job, ProducerPool
+    from test_producer import Source
+    synth = {synth!r}
+    mode = sys.argv[1]
+    pool = ProducerPool(synth, Source(), capacity=2, image_size={size})
+    pool.start()
+    print("PIDS", *pool.pids, flush=True)
+    print("SHM", *pool.shm_names, flush=True)
+    pool.submit([Job(k, k, "a cat", 0.5, 2.0, 2, k) for k in range(4)])
+    if mode == "exit":
+        sys.exit(0)  # no close(): atexit must clean up
+    if mode in ("sigint", "sigkill"):
+        print("WAITING", flush=True)
+        with pool:
+            pool.take(12345, timeout=600)  # blocks until signalled (key never submitted: loop on it)
+            time.sleep(600)
+    """
+)
+
+
+def run_script(synth, tmp_path, mode):
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT.format(tests=os.path.dirname(__file__), synth=synth, size=SIZE))
+    return subprocess.Popen([sys.executable, str(path), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_ids(proc, until):
+    pids, names = [], []
+    for line in proc.stdout:
+        if line.startswith("PIDS"):
+            pids = [int(x) for x in line.split()[1:]]
+        elif line.startswith("SHM"):
+            names = line.split()[1:]
+        if line.startswith(until):
+            break
+    return pids, names
+
+
+def test_interpreter_exit_leaves_nothing(synth, tmp_path):
+    proc = run_script(synth, tmp_path, "exit")
+    pids, names = read_ids(proc, "SHM")
+    assert pids and names
+    proc.wait(timeout=60)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert wait_gone(pids, names)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["keyboard-interrupt", "parent-sigkill"])
+def test_signalled_consumer_leaves_nothing(synth, tmp_path, sig):
+    proc = run_script(synth, tmp_path, "sigint" if sig == signal.SIGINT else "sigkill")
+    pids, names = read_ids(proc, "WAITING")
+    assert pids and names
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    if sig == signal.SIGINT:
+        assert "KeyboardInterrupt" in proc.stderr.read()
+    assert wait_gone(pids, names)
+
+
+def test_close_is_idempotent_and_complete(pool):
+    # Runs last on the shared pool: an explicit close() while jobs are queued and slots are full.
+    pids, names = pool.pids, pool.shm_names
+    pool.submit(jobs(range(600, 620)))
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    pool.close()
+    assert time.monotonic() - t0 < 5.0
+    assert wait_gone(pids, names, within=0.5)
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.take(600)
