@@ -187,67 +187,37 @@ def test_producer_exception_reraises_naming_producer_device_and_sample(synth):
     assert wait_gone(pids, names)
 
 
-def test_sigkill_detected_and_raised(synth):
-    p = make_pool(synth)
+def test_restart_after_sigkill_then_give_up(synth):
+    p = make_pool(synth, source=Source(bad_index=7), on_error="restart", max_restarts=1)
     p.start()
-    pids, names = p.pids, p.shm_names
-    p.submit(jobs(range(4)))
+    first, names = p.pids[0], p.shm_names
+    # 1. SIGKILL while holding jobs: seen within seconds, warned, counted, its jobs reported lost
+    p.submit(jobs(range(10, 14)))
+    os.kill(first, signal.SIGKILL)
     t0 = time.monotonic()
-    os.kill(pids[0], signal.SIGKILL)
-    with pytest.raises(ProducerError, match=r"producer 0 \(device cpu.*killed by signal 9"):
-        while time.monotonic() - t0 < 10:
-            p.check()
-            time.sleep(0.05)
-    assert time.monotonic() - t0 < 3.0
-    p.close()
-    p.close()  # idempotent
-    assert wait_gone(pids, names)
-
-
-def test_restart_after_exception_and_sigkill_then_give_up(synth):
-    p = make_pool(synth, source=Source(bad_index=7), on_error="restart", max_restarts=2)
-    p.start()
-    first = p.pids[0]
-    names = p.shm_names
-    # 1. an exception: warned, counted, its jobs reported lost, production goes on
-    p.submit(jobs([1], index=lambda k: 7))
-    with pytest.warns(RuntimeWarning, match="index=7.*restarting"):
-        deadline = time.monotonic() + 60
-        while p.stats()["restarts"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with pytest.warns(RuntimeWarning, match=r"producer 0 \(device cpu.*killed by signal 9.*restarting"):
+        while p.stats()["restarts"] < 1 and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
         p.check()
-    assert p.state(1) == "lost" and p.take(1) is None
-    assert p.stats()["lost"] >= 1
-    p.submit(jobs([2]))
-    assert p.take(2, timeout=60.0) is not None  # the replacement producer serves
+    assert time.monotonic() - t0 < 3.0
+    outcomes = {k: p.state(k) for k in range(10, 14)}
+    assert set(outcomes.values()) <= {"lost", "ready"} and "lost" in outcomes.values(), outcomes
+    lost = [k for k, o in outcomes.items() if o == "lost"]
+    assert p.take(lost[0], timeout=5.0) is None  # at once, not after the timeout
+    assert p.stats()["lost"] == len(lost)
+    # 2. the replacement serves new jobs
+    p.submit(jobs([20]))
+    assert p.take(20, timeout=60.0) is not None
     second = p.pids[0]
     assert second != first and not alive(first)
-    # 2. SIGKILL while holding jobs
-    p.submit(jobs(range(10, 14)))
-    os.kill(second, signal.SIGKILL)
-    t0 = time.monotonic()
-    with pytest.warns(RuntimeWarning, match="killed by signal 9.*restarting"):
-        while p.stats()["restarts"] < 2 and time.monotonic() - t0 < 10:
-            time.sleep(0.05)
-        p.check()
-    assert time.monotonic() - t0 < 3.0
-    outcomes = {p.state(k) for k in range(10, 14)}
-    assert outcomes <= {"lost", "ready"} and "lost" in outcomes
-    # 3. restarts exhausted: the next failure raises
-    third = p.pids[0]
-    deadline = time.monotonic() + 60
-    while p.stats()["producers"][0]["state"] != "ready" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(third, signal.SIGKILL)
-    with pytest.raises(ProducerError, match="max_restarts=2 exhausted"):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            p.check()
-            time.sleep(0.05)
+    # 3. restarts exhausted: the next failure (an unreadable image) raises, naming it
+    p.submit(jobs([21], index=lambda k: 7))
+    with pytest.raises(ProducerError, match=r"(?s)key=21 index=7.*img_7\.png.*max_restarts=1 exhausted"):
+        p.take(21, timeout=60.0)
     # garbage collection closes the pool
     del p
     gc.collect()
-    assert wait_gone([first, second, third], names)
+    assert wait_gone([first, second], names)
 
 
 # -- shutdown --------------------------------------------------------------------------------------
@@ -259,19 +229,19 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from fusionloader.producer import Job, ProducerPool
     from test_producer import Source
-    synth = {synth!r}
-    mode = sys.argv[1]
-    pool = ProducerPool(synth, Source(), capacity=2, image_size={size})
-    pool.start()
-    print("PIDS", *pool.pids, flush=True)
-    print("SHM", *pool.shm_names, flush=True)
-    pool.submit([Job(k, k, "a cat", 0.5, 2.0, 2, k) for k in range(4)])
-    if mode == "exit":
-        sys.exit(0)  # no close(): atexit must clean up
-    if mode in ("sigint", "sigkill"):
+
+    if __name__ == "__main__":
+        mode = sys.argv[1]
+        pool = ProducerPool({synth!r}, Source(), capacity=2, image_size={size})
+        pool.start()
+        print("PIDS", *pool.pids, flush=True)
+        print("SHM", *pool.shm_names, flush=True)
+        pool.submit([Job(k, k, "a cat", 0.5, 2.0, 2, k) for k in range(4)])
+        if mode == "exit":
+            sys.exit(0)  # no close(): the atexit path must clean up
         print("WAITING", flush=True)
-        with pool:
-            pool.take(12345, timeout=600)  # blocks until signalled (key never submitted: loop on it)
+        with pool:  # SIGINT: KeyboardInterrupt unwinds through __exit__; SIGKILL: nothing runs at all
+            pool.take(3, timeout=600)
             time.sleep(600)
     """
 )
@@ -292,6 +262,8 @@ def read_ids(proc, until):
             names = line.split()[1:]
         if line.startswith(until):
             break
+    else:
+        pytest.fail("script ended early:\n" + proc.stderr.read())
     return pids, names
 
 
@@ -306,7 +278,7 @@ def test_interpreter_exit_leaves_nothing(synth, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["keyboard-interrupt", "parent-sigkill"])
 def test_signalled_consumer_leaves_nothing(synth, tmp_path, sig):
-    proc = run_script(synth, tmp_path, "sigint" if sig == signal.SIGINT else "sigkill")
+    proc = run_script(synth, tmp_path, sig.name)
     pids, names = read_ids(proc, "WAITING")
     assert pids and names
     time.sleep(0.3)
@@ -317,15 +289,20 @@ def test_signalled_consumer_leaves_nothing(synth, tmp_path, sig):
     assert wait_gone(pids, names)
 
 
-def test_close_is_idempotent_and_complete(pool):
-    # Runs last on the shared pool: an explicit close() while jobs are queued and slots are full.
+def test_sigkill_raises_and_close_cleans_up(pool):
+    # Runs last, on the shared pool: kill one producer while the other has work queued; then close().
     pids, names = pool.pids, pool.shm_names
     pool.submit(jobs(range(600, 620)))
-    time.sleep(0.5)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    with pytest.raises(ProducerError, match=r"producer 1 \(device cpu, pid \d+\) failed on job key=\d+ index=\d+: .*signal 9"):
+        while time.monotonic() - t0 < 10:
+            pool.check()
+            time.sleep(0.02)
+    assert time.monotonic() - t0 < 3.0
     t0 = time.monotonic()
     pool.close()
     assert time.monotonic() - t0 < 5.0
     assert wait_gone(pids, names, within=0.5)
-    pool.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        pool.take(600)
+    pool.close()  # idempotent

@@ -1,0 +1,96 @@
+"""Run the engine, loader and kernel benchmarks in one process -> one JSON file plus PNG plots.
+
+    fusionloader bench --quick --json out/bench.json      # or: python -m fusionloader.benchmarks.run_all
+
+The JSON has one section per benchmark (``engine``, ``loader``, ``kernels``) with every figure from this
+run, plus ``environment`` and ``targets`` (each target of the issues, the measured ratio, and whether it
+is met).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from fusionloader.benchmarks.common import environment, write_json
+
+__all__ = ["run_all"]
+
+
+def _targets(engine: dict, loader: dict) -> dict:
+    """The speed targets of the engine and loader issues, evaluated on this run's figures."""
+    t = {}
+    if engine:
+        ratio = engine["fusion_ms_per_image"] / engine["model_compute_ms_per_image"]
+        t["engine_fusion_vs_model_compute"] = {"target": "<= 1.05", "value": ratio, "met": ratio <= 1.05}
+        for ref in ("diffusers_pipeline", "dafusion_style"):
+            r = engine[f"{ref}_ms_per_image"] / engine["fusion_ms_per_image"]
+            t[f"engine_speedup_vs_{ref}"] = {"target": "> 1", "value": r, "met": r > 1}
+    if loader:
+        r = loader["fusion_steps_per_s"] / loader["plain_steps_per_s"]
+        t["loader_fusion_vs_plain_steps"] = {"target": ">= 0.95", "value": r, "met": r >= 0.95}
+        t["loader_stall_fraction"] = {"target": "<= 0.05", "value": loader["stall_fraction"],
+                                      "met": loader["stall_fraction"] <= 0.05}  # fmt: skip
+        r = loader["fusion_steps_per_s"] / loader["inline_steps_per_s"]
+        t["loader_fusion_vs_inline_steps"] = {"target": ">= 5", "value": r, "met": r >= 5}
+        r = loader["fusion_time_to_first_step_s"] / loader["offline_time_to_first_step_s"]
+        t["loader_first_step_vs_offline"] = {"target": "<= 0.1", "value": r, "met": r <= 0.1}
+        t["loader_fusion_disk_bytes"] = {"target": "== 0", "value": loader["fusion_disk_bytes"],
+                                         "met": loader["fusion_disk_bytes"] == 0}  # fmt: skip
+    return t
+
+
+def _plots(result: dict, folder: str) -> list[str]:
+    from fusionloader.plots import bar_chart
+
+    paths = []
+    e, lo, k = result.get("engine", {}), result.get("loader", {}), result.get("kernels", {})
+    if e:
+        bars = {name: e[f"{key}_ms_per_image"] for name, key in (
+            ("fusionloader augment", "fusion"), ("model compute alone", "model_compute"),
+            ("diffusers img2img pipeline", "diffusers_pipeline"), ("DA-Fusion style (1 call/image)", "dafusion_style"))}  # fmt: skip
+        paths.append(bar_chart({"engine: ms per image (lower is better)": bars}, os.path.join(folder, "bench_engine.png")))
+    if lo:
+        steps = {n: lo[f"{key}_steps_per_s"] for n, key in (("DataLoader, no synthesis", "plain"),
+                 ("FusionLoader", "fusion"), ("inline pipeline in __getitem__", "inline"))}  # fmt: skip
+        first = {"offline (DA-Fusion)": lo["offline_time_to_first_step_s"], "FusionLoader": lo["fusion_time_to_first_step_s"]}
+        paths.append(bar_chart({"loader: train steps/s": steps, "time to first step (s)": first},
+                               os.path.join(folder, "bench_loader.png")))  # fmt: skip
+    if k:
+        per = {f"{name} {impl}": k[name][f"{impl}_ms_per_step"] for name in ("ddim", "euler", "dpmpp_2m")
+               for impl in ("fused", "diffusers") if name in k}  # fmt: skip
+        paths.append(bar_chart({"scheduler step, mixed-timestep batch (ms)": per}, os.path.join(folder, "bench_kernels.png")))
+    return paths
+
+
+def run_all(quick: bool = False, json_path: str = "out/bench.json", plots_dir: str | None = None, model: str | None = None,
+            device: str | None = None) -> dict:  # fmt: skip
+    """Run every benchmark; write ``json_path`` and the plots; return the result dict."""
+    from fusionloader.benchmarks import bench_engine, bench_kernels, bench_loader
+
+    started = time.perf_counter()
+    result = {"environment": environment(device or "cpu"), "quick": quick}
+    result["engine"] = bench_engine.run(quick=quick, model=model, device=device)
+    result["loader"] = bench_loader.run(quick=quick, model=model)
+    result["kernels"] = bench_kernels.run(quick=quick, device=device)
+    result["targets"] = _targets(result["engine"], result["loader"])
+    result["wall_s"] = time.perf_counter() - started
+    result["plots"] = _plots(result, plots_dir or os.path.dirname(os.path.abspath(json_path)))
+    write_json(json_path, result)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Run all fusionloader benchmarks.")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default="out/bench.json")
+    parser.add_argument("--plots", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    run_all(args.quick, args.json, args.plots, args.model, args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The ``fusionloader`` command: ``demo``, ``preview``, ``bench`` and ``cache``.
+
+    fusionloader demo                      # embedded model and data, CPU, a few minutes
+    fusionloader demo --model runwayml/stable-diffusion-v1-5 --images ~/data/train --devices cuda:1 cuda:2
+    fusionloader preview --model M --images DIR --out grid.png
+    fusionloader bench --quick --json out/bench.json
+    fusionloader cache --model M --images DIR --path latents.cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _strengths(text: str):
+    if text in ("randomized", "none"):
+        return None if text == "none" else text
+    values = [float(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def _demo(args) -> None:
+    from fusionloader.demo import DemoConfig, format_summary, run_demo
+
+    cfg = DemoConfig(
+        model=args.model, images=args.images, out=args.out, devices=tuple(args.devices), train_device=args.train_device,
+        epochs=args.epochs, per_class=args.per_class, batch_size=args.batch_size, alpha=args.alpha,
+        strengths=_strengths(args.strengths), guidance_scale=args.guidance, steps=args.steps, prompt=args.prompt,
+        late_policy=args.late_policy, image_size=args.image_size, seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    print(format_summary(run_demo(cfg)))
+
+
+def _image_paths(root: str) -> list[tuple[str, str | None]]:
+    """(path, class name or None) for an ImageFolder tree, or for a flat folder of images."""
+    from fusionloader.sources.folder import IMG_EXTENSIONS, ImageFolder
+
+    flat = sorted(f for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS))
+    if flat:
+        return [(os.path.join(root, f), None) for f in flat]
+    folder = ImageFolder(root)
+    return [(p, folder.classes[c]) for p, c in folder.samples]
+
+
+def _load_images(paths, resolution):
+    import numpy as np
+    import torch
+
+    from fusionloader.sources.folder import pil_loader
+
+    out = []
+    for p in paths:
+        image = pil_loader(p).resize((resolution[1], resolution[0]))
+        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def _preview(args) -> None:
+    from fusionloader import Synthesizer
+    from fusionloader.plots import image_grid
+
+    synth = Synthesizer.from_pretrained(args.model, device=args.device, scheduler=args.scheduler)
+    items = _image_paths(args.images)[: args.n]
+    images = _load_images([p for p, _ in items], synth.resolution)
+    strengths = [float(s) for s in args.strengths.split(",")]
+    columns, labels = [images], ["real"]
+    for template in args.prompts:
+        prompts = [template.format((name or "").replace("_", " ")) if "{}" in template else template for _, name in items]
+        for k, s in enumerate(strengths):
+            seeds = [args.seed + 1000 * k + i for i in range(len(items))]
+            columns.append(synth.augment(images, prompts, strengths=s, guidance_scale=args.guidance,
+                                         num_inference_steps=args.steps, seeds=seeds))  # fmt: skip
+            labels.append(f"s={s}" if len(args.prompts) == 1 else f"p{args.prompts.index(template)} s={s}")
+    rows = [[col[r] for col in columns] for r in range(len(items))]
+    print(image_grid(rows, args.out, cell=args.cell, labels=labels))
+
+
+def _bench(args) -> None:
+    from fusionloader.benchmarks.run_all import run_all
+
+    result = run_all(quick=args.quick, json_path=args.json, plots_dir=args.plots, model=args.model, device=args.device)
+    print(f"wrote {args.json}" + "".join(f"\n      {p}" for p in result.get("plots", [])))
+
+
+def _cache(args) -> None:
+    from fusionloader import Synthesizer
+
+    synth = Synthesizer.from_pretrained(args.model, device=args.device)
+    paths = [p for p, _ in _image_paths(args.images)]
+    cache = synth.latent_cache(path=args.path)
+    cache.build(len(paths), lambda i: _load_images([paths[i]], synth.resolution)[0], batch_size=args.batch_size)
+    print(f"{len(paths)} images cached in {args.path} (fingerprint {cache.fingerprint})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusionloader", description="On-the-fly diffusion augmentation for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small classifier with and without FusionLoader")
+    demo.add_argument("--model", help="diffusers checkpoint folder or hub id (default: the embedded digits model)")
+    demo.add_argument("--images", help="ImageFolder root root/<class>/<image> (default: the embedded digits)")
+    demo.add_argument("--devices", nargs="+", default=["cpu"], help="producer devices, e.g. cuda:1 cuda:2")
+    demo.add_argument("--train-device", default="cpu")
+    demo.add_argument("--out", default="fusionloader-demo")
+    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--per-class", type=int, default=10, help="few-shot training images per class")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--alpha", type=float, default=0.5)
+    demo.add_argument("--strengths", default="randomized", help="'randomized', a float, or comma-separated floats")
+    demo.add_argument("--guidance", type=float, default=3.0)
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--prompt", help="prompt template with {} for the class name")
+    demo.add_argument("--late-policy", default="reuse", choices=("reuse", "real", "wait"))
+    demo.add_argument("--image-size", type=int, default=32, help="classifier input size with --images")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(fn=_demo)
+
+    preview = sub.add_parser("preview", help="variants of given images at several strengths and prompts")
+    preview.add_argument("--model", required=True)
+    preview.add_argument("--images", required=True, help="a folder of images, or an ImageFolder tree")
+    preview.add_argument("--out", default="grid.png")
+    preview.add_argument("--prompts", nargs="+", default=["a photo of a {}"], help="templates; {} = class folder name")
+    preview.add_argument("--strengths", default="0.25,0.5,0.75,1.0")
+    preview.add_argument("--steps", type=int, default=50)
+    preview.add_argument("--guidance", type=float, default=7.5)
+    preview.add_argument("--scheduler", default=None, help="ddim, euler, dpmpp_2m (default: the checkpoint's)")
+    preview.add_argument("--n", type=int, default=8, help="number of images")
+    preview.add_argument("--cell", type=int, default=128, help="grid cell size in px")
+    preview.add_argument("--device", default="cpu")
+    preview.add_argument("--seed", type=int, default=0)
+    preview.set_defaults(fn=_preview)
+
+    bench = sub.add_parser("bench", help="engine, loader and kernel benchmarks -> one JSON + PNG plots")
+    bench.add_argument("--quick", action="store_true", help="small sizes (about 10 minutes on 2 CPU cores)")
+    bench.add_argument("--json", default="out/bench.json")
+    bench.add_argument("--plots", default=None, help="folder for PNG plots (default: beside the JSON)")
+    bench.add_argument("--model", default=None, help="diffusers folder (default: a tiny random SD-shaped model)")
+    bench.add_argument("--device", default=None)
+    bench.set_defaults(fn=_bench)
+
+    cache = sub.add_parser("cache", help="VAE-encode an image folder into a latent cache file")
+    cache.add_argument("--model", required=True)
+    cache.add_argument("--images", required=True)
+    cache.add_argument("--path", required=True)
+    cache.add_argument("--device", default="cpu")
+    cache.add_argument("--batch-size", type=int, default=16)
+    cache.set_defaults(fn=_cache)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
