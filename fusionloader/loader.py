@@ -50,6 +50,7 @@ fetches and replaces some samples afterwards.
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import math
 import random
@@ -76,6 +77,7 @@ logger = logging.getLogger("fusionloader")
 LATE_POLICIES = ("reuse", "real", "wait")
 _KEY_STRIDE = 1 << 32  # job keys: iteration serial * stride + position
 _LIVE: "weakref.WeakSet[FusionLoader]" = weakref.WeakSet()
+_HAS_IN_ORDER = "in_order" in inspect.signature(DataLoader.__init__).parameters  # torch >= 2.6
 
 
 @atexit.register
@@ -178,6 +180,8 @@ class _PlannedDataset(Dataset):
             return [self[k] for k in keys]
         try:
             samples = getitems([k.index for k in keys])
+        except DatasetError:
+            raise
         except Exception as e:
             raise DatasetError(keys[0].index, None, e) from e
         return [self._finish(k, s) for k, s in zip(keys, samples)]
@@ -314,7 +318,8 @@ class FusionLoader:
         self._dl = DataLoader(
             dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory, drop_last,
             timeout, worker_init_fn, multiprocessing_context, generator, prefetch_factor=prefetch_factor,
-            persistent_workers=persistent_workers, pin_memory_device=pin_memory_device, in_order=in_order,
+            persistent_workers=persistent_workers, pin_memory_device=pin_memory_device,
+            **({"in_order": in_order} if _HAS_IN_ORDER else {}),
         )
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
@@ -549,8 +554,10 @@ class FusionLoader:
                 num_workers=dl.num_workers, collate_fn=_WorkerCollate(dl.collate_fn, auto), pin_memory=dl.pin_memory,
                 timeout=dl.timeout, worker_init_fn=dl.worker_init_fn, multiprocessing_context=dl.multiprocessing_context,
                 prefetch_factor=dl.prefetch_factor if dl.num_workers > 0 else None, persistent_workers=dl.persistent_workers,
-                pin_memory_device=dl.pin_memory_device, in_order=dl.in_order,
+                pin_memory_device=dl.pin_memory_device,
             )
+            if _HAS_IN_ORDER:
+                kw["in_order"] = dl.in_order
             if auto:
                 self._runner = DataLoader(wrapped, batch_sampler=self._plan_sampler, **kw)
             else:

@@ -11,7 +11,8 @@ fork) one daemon process per device. Producer ``i`` has
   ``("jobs", [Job])``, ``("credit", [slot])``, ``("cancel", [key])``, ``("stop",)``.
 * a result pipe (producer -> consumer, one ``Pipe`` per producer, so a SIGKILLed producer can corrupt
   or block nobody else). Messages: ``("ready", info)``, ``("done", key, slot, busy_s)``,
-  ``("dropped", key, reason)``, ``("error", info)``.
+  ``("dropped", key, reason)``, ``("beat", busy_s)`` (after a sampler step when nothing was sent for
+  a second), ``("error", info)``.
 
 A collector thread in the consumer (the training process) waits on every result pipe *and* every
 process sentinel with ``multiprocessing.connection.wait`` (50 ms timeout), so results are taken in, jobs
@@ -21,17 +22,21 @@ kill) is seen at once, not at the next ``take``.
 Scheduling. The consumer keeps every submitted job in consumption order and hands each ready producer
 at most ``2 * capacity`` outstanding jobs, least-loaded first; a producer serves its jobs FIFO and keeps
 its continuous-batching sampler full (up to ``capacity`` in flight), so what is due next is made first.
-The consumer alone allocates ring slots: it credits each producer up to a few free slots (see NOTE
-[Slot protocol] in ring.py); a producer with finished images and no credit holds them and stops
-admitting new jobs (back-pressure). A key taken or cancelled frees its slot for new credits.
+The consumer alone allocates ring slots: it credits each producer up to ``capacity`` free slots (see
+NOTE [Slot protocol] in ring.py). A producer admits a job into its sampler only with a credit in hand,
+and that slot stays reserved for the job: the sampler's fused post-process writes the image straight
+into it when the ring lives on the producer's device (a CPU producer and a host ring), otherwise the
+finished image is copied in. No credit, no admission: when the trainer does not take results, the
+producers stop (back-pressure). A key taken or cancelled frees its slot for new credits.
 
 Outcomes. A finished image is checked for NaN/inf; a non-finite one is dropped and reported
 (``nonfinite_dropped`` in ``stats()``; ``take`` returns None at once so the consumer falls back to real).
 
 Faults. A producer that raises sends ``("error", info)`` naming its id, device, pid and the job(s) it
 was working on (key and dataset index), with the traceback, then exits. A producer that dies silently
-(SIGKILL) is noticed through its sentinel. A producer holding jobs that sends nothing for ``timeout``
-seconds is killed and treated the same. Then:
+(SIGKILL) is noticed through its sentinel. A producer holding jobs and slot credits that sends nothing
+(not even a heartbeat, which follows any sampler step after a second of silence) for ``timeout``
+seconds is hung: it is killed and treated the same. Then:
 
 * ``on_error="raise"``: the failure is stored and re-raised as ``ProducerError`` in the training
   process by the next ``check``/``take``/``submit``/``stats``, and by every one after (like torch's
@@ -49,7 +54,8 @@ Follows torch's DataLoader shutdown NOTE. Every blocking call has a timeout: pro
 request queue (0.1 s) and a shared stop event; the consumer waits on pipes with a timeout and ``take``
 waits at most its ``timeout``. ``close`` (idempotent, also run by ``__exit__``, by a
 ``weakref.finalize`` when the pool is garbage-collected, and at interpreter exit through the same
-finalizer's atexit hook, which runs before multiprocessing's own) does, within ~3.5 s in the worst case:
+finalizer's atexit hook; should multiprocessing's own exit hook run first, it terminates the daemonic
+producers and ``close`` only reaps and unlinks) does, within ~3.5 s in the worst case:
 
 1. stop the collector thread (join <= 1 s);
 2. set the stop event and send ``("stop",)`` to every producer; join all for up to 2 s in total;
@@ -83,7 +89,7 @@ from multiprocessing.connection import wait as wait_connections
 
 import torch
 
-from .ring import RingHandle, SlotRing
+from .ring import SlotRing
 
 __all__ = ["Job", "ProducerError", "ProducerPool"]
 
@@ -92,6 +98,7 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.05  # consumer: collector thread wake-up period
 _CHILD_POLL_S = 0.1  # producer: request-queue get timeout while idle
 _WATCHDOG_S = 0.5  # producer: parent-alive check period
+_HEARTBEAT_S = 1.0  # producer: longest silence while sampling (the consumer's hang check needs a pulse)
 _JOIN_S = 2.0  # close(): time all producers get to exit cleanly after "stop"
 _OUTCOMES_KEPT = 1 << 16  # remembered lost/dropped keys (for take() and state())
 
@@ -133,10 +140,9 @@ class ProducerError(RuntimeError):
 class _ChildConfig:
     producer: int
     device: str
-    synthesizer: object  # a Synthesizer (pickles as its load spec) or a checkpoint path
+    synthesizer: object  # a Synthesizer load spec (dict) or a checkpoint path
     source: object  # .raw(index) -> (image float [0,1] (3,H,W), label)
     capacity: int
-    image_size: int | None
     latent_cache_path: str | None
     parent_pid: int
     threads: int | None
@@ -179,6 +185,7 @@ class _Producer:
         self.cancelled: set[int] = set()
         self.current: list[Job] = []  # the job(s) being worked on, for error messages
         self.busy_s = 0.0
+        self.t_sent = time.monotonic()
         self._cache = None
 
     def load(self) -> None:
@@ -194,7 +201,7 @@ class _Producer:
                 pass
 
     def attach(self, handle) -> None:
-        self.ring = SlotRing.attach(handle)
+        self.ring = SlotRing.attach(handle, pin=torch.device(self.cfg.device).type == "cuda")
         fits = tuple(self.ring.shape) == (3, *self.resolution) and self.ring.dtype.is_floating_point
         self.direct = fits and torch.device(self.ring.device) == torch.device(self.cfg.device)
         if self.direct:
@@ -216,6 +223,7 @@ class _Producer:
 
     def send(self, *msg) -> None:
         self.results.send(msg)
+        self.t_sent = time.monotonic()
 
     def handle(self, msg) -> bool:
         kind = msg[0]
@@ -292,6 +300,8 @@ class _Producer:
             self.send("done", f.key, slot, self.busy_s + time.perf_counter() - t0)
         self.busy_s += time.perf_counter() - t0
         self.current = []
+        if time.monotonic() - self.t_sent > _HEARTBEAT_S:  # long samples: show we are alive, not hung
+            self.send("beat", self.busy_s)
 
 
 def _producer_main(cfg: _ChildConfig, requests, results, stop_event) -> None:
@@ -353,6 +363,20 @@ class _Handle:
         self.requests.put(msg)  # never blocks: the queue's feeder thread does the writing
 
 
+def _close_channels(h: _Handle) -> None:
+    """Release a (dead or stopped) producer's queue, pipe and process object; idempotent."""
+    for res in (h.requests, h.results):
+        try:
+            res.close()
+        except Exception:
+            pass
+    try:
+        h.process.close()
+        h.process = None
+    except ValueError:  # still running after SIGKILL (uninterruptible sleep): leave it to the OS
+        pass
+
+
 class _Core:
     """Everything a pool owns; separate from ProducerPool so a finalizer can close it after the pool is gone."""
 
@@ -383,7 +407,7 @@ class _Core:
     def spawn(self, h: _Handle) -> None:
         cfg = self.cfg
         child = _ChildConfig(h.producer, h.device, cfg["synthesizer"], cfg["source"], cfg["capacity"],
-                             cfg["image_size"], cfg["latent_cache_path"], os.getpid(), cfg["threads"], cfg["warmup"])
+                             cfg["latent_cache_path"], os.getpid(), cfg["threads"], cfg["warmup"])
         h.requests = self.ctx.Queue()
         h.requests.cancel_join_thread()  # never let a dead producer's full pipe hang our exit
         reader, writer = self.ctx.Pipe(duplex=False)
@@ -441,35 +465,45 @@ class _Core:
     # -- the collector thread -----------------------------------------------------------------------
 
     def collect(self) -> None:
-        while not self.thread_stop.is_set():
+        try:
+            while not self.thread_stop.is_set():
+                self.collect_once()
+        except BaseException as e:  # a bug here must not leave the trainer waiting on a silent pool
             with self.lock:
-                live = [h for h in self.handles if h.state != "dead"]
-                waitables = {}
-                for h in live:
-                    waitables[h.results] = h
-                    waitables[h.process.sentinel] = h
-            try:
-                ready = wait_connections(list(waitables), timeout=_POLL_S)
-            except OSError:  # a pipe closed under us by close(); loop and re-check the stop flag
-                continue
-            with self.lock:
-                if self.closed:
-                    return
-                dead = []
-                for obj in ready:
-                    h = waitables[obj]
-                    if obj is h.results:
-                        if not self.drain(h):
-                            dead.append(h)
-                    else:
+                if self.error is None and not self.closed:
+                    self.error = ProducerError(f"fusionloader collector thread failed: {type(e).__name__}: {e}\n\n"
+                                               + traceback.format_exc())
+                self.cv.notify_all()
+
+    def collect_once(self) -> None:
+        with self.lock:
+            waitables = {}  # snapshot: a restart may replace a handle's pipe and process meanwhile
+            for h in self.handles:
+                if h.state != "dead":
+                    waitables[h.results] = (h, h.results)
+                    waitables[h.process.sentinel] = (h, None)
+        try:
+            ready = wait_connections(list(waitables), timeout=_POLL_S)
+        except OSError:  # a pipe closed under us by close(); loop and re-check the stop flag
+            return
+        with self.lock:
+            if self.closed:
+                return
+            dead = []
+            for obj in ready:
+                h, pipe = waitables[obj]
+                if pipe is not h.results:  # a sentinel, or a pipe of an already replaced process
+                    if pipe is None and h.process is not None and obj == h.process.sentinel:
                         dead.append(h)
-                for h in dict.fromkeys(dead):
-                    if h.state != "dead":
-                        self.drain(h)
-                        self.on_death(h)
-                self.check_stalls()
-                if self.ring is not None and self.started:
-                    self.dispatch()
+                elif not self.drain(h):
+                    dead.append(h)
+            for h in dict.fromkeys(dead):
+                if h.state != "dead":
+                    self.drain(h)
+                    self.on_death(h)
+            self.check_stalls()
+            if self.ring is not None and self.started:
+                self.dispatch()
 
     def drain(self, h: _Handle) -> bool:
         """Take in every message waiting on ``h``'s pipe; False once it is closed (the producer is gone)."""
@@ -503,6 +537,8 @@ class _Core:
                 h.assigned.pop(key, None)
                 self.remember(key, "dropped")
             self.counters["nonfinite_dropped"] += 1
+        elif kind == "beat":
+            h.busy_s = msg[1]
         elif kind == "ready":
             h.state, h.pid, h.t_ready = "ready", msg[1]["pid"], time.monotonic()
             if self.cfg.get("resolution") is None:
@@ -532,6 +568,8 @@ class _Core:
         starting = h.state == "starting"
         h.state = "dead"
         h.process.join(timeout=1.0)
+        code = h.process.exitcode
+        _close_channels(h)
         for slot in h.credits:  # reclaim: a half-written slot is never READY (NOTE [Slot protocol])
             self.ring.release(slot)
             self.free.append(slot)
@@ -543,7 +581,6 @@ class _Core:
         info = h.error_info or {}
         keys = info.get("keys") or [j.key for j in lost[:1]]
         indices = info.get("indices") or [j.index for j in lost[:1]]
-        code = h.process.exitcode
         how = info.get("error") or (
             f"died unexpectedly (killed by signal {-code})" if code is not None and code < 0
             else f"died unexpectedly (exit code {code})"
@@ -585,10 +622,13 @@ class _Core:
             return
         budget = 2 * self.cfg["capacity"]
         batches = {h.producer: [] for h in ready}
+        now = time.monotonic()
         while self.pending:
             h = min(ready, key=lambda h: len(h.assigned))
             if len(h.assigned) >= budget:
                 break
+            if not h.assigned:
+                h.t_heard = now  # the hang clock starts with work: an idle producer has nothing to say
             key, job = self.pending.popitem(last=False)
             h.assigned[key] = job
             self.owner[key] = h.producer
@@ -600,7 +640,7 @@ class _Core:
                 h.send("jobs", batches[h.producer])
             grant = []
             if not h.credits and self.free:
-                h.t_heard = time.monotonic()  # its silence so far was back-pressure
+                h.t_heard = now  # its silence so far was back-pressure
             while self.free and len(h.credits) < target:
                 slot = self.free.popleft()
                 self.ring.assign(slot, h.producer)
@@ -638,15 +678,7 @@ class _Core:
             for h in alive:
                 h.process.join(timeout=0.5)
         for h in procs:
-            for res in (h.requests, h.results):
-                try:
-                    res.close()
-                except Exception:
-                    pass
-            try:
-                h.process.close()
-            except ValueError:  # still running after SIGKILL (uninterruptible sleep): leave it to the OS
-                pass
+            _close_channels(h)
         if self.ring is not None:
             self.ring.unlink()
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import torch
+import torch.multiprocessing  # noqa: F401  (registers the CUDA IPC reductions a device ring's handle needs)
 
 __all__ = ["FREE", "WRITING", "READY", "READING", "RingHandle", "SlotRing", "SlotStateError"]
 
@@ -104,20 +105,30 @@ class SlotRing:
             data = torch.empty((self.capacity, *self.shape), dtype=dtype, device=device)
             self._data = data
             self.handle = RingHandle(name, self.capacity, self.shape, dtype, device, cuda_data=data)
-        elif (torch.cuda.is_available() if pin is None else pin) and self._data.numel():
-            # Pinned host slots make slot -> GPU copies asynchronous (untested here: no GPU in CI).
-            err = torch.cuda.cudart().cudaHostRegister(self._data.data_ptr(), self._data.numel() * self._data.element_size(), 0)
-            self._pinned = int(err) == 0
+        elif torch.cuda.is_available() if pin is None else pin:
+            self._pin()
 
     @classmethod
-    def attach(cls, handle: RingHandle) -> "SlotRing":
-        """Open an existing ring in another process (a producer). Attached rings never unlink."""
+    def attach(cls, handle: RingHandle, pin: bool = False) -> "SlotRing":
+        """Open an existing ring in another process (a producer). Attached rings never unlink.
+
+        ``pin``: page-lock this process's mapping of a host ring (a GPU producer's device -> slot copies).
+        """
         ring = cls.__new__(cls)
         ring._open(handle, create=False)
         if handle.device.startswith("cuda"):
             assert handle.cuda_data is not None, "device ring handle without its CUDA tensor"
             ring._data = handle.cuda_data
+        elif pin:
+            ring._pin()
         return ring
+
+    def _pin(self) -> None:
+        # Page-lock the whole mapping (from its page-aligned base: the state array is at offset 0) so
+        # copies between slots and a GPU are asynchronous DMA. Pinning is per process and per mapping.
+        # Not exercised by the CPU-only test suite.
+        err = torch.cuda.cudart().cudaHostRegister(self._state.data_ptr(), self._shm.size, 0)
+        self._pinned = int(err) == 0
 
     def _open(self, handle: RingHandle, create: bool) -> None:
         self.capacity, self.shape, self.dtype, self.device = handle.capacity, handle.shape, handle.dtype, handle.device
@@ -187,8 +198,10 @@ class SlotRing:
         if tuple(image.shape) != tuple(dst.shape):
             raise ValueError(f"image of shape {tuple(image.shape)} does not fit a slot of shape {tuple(dst.shape)}")
         dst.copy_(image)
-        if dst.is_cuda or image.is_cuda:
-            torch.cuda.current_stream(dst.device if dst.is_cuda else image.device).synchronize()
+        # The copy must be complete before READY is visible to the consumer (a pinned D2H or a peer copy
+        # is asynchronous): wait on every device involved.
+        for dev in {t.device for t in (dst, image) if t.is_cuda}:
+            torch.cuda.current_stream(dev).synchronize()
         self._key[slot] = key
         self._state[slot] = READY  # last: data, then key, then state (see NOTE)
 
@@ -213,7 +226,7 @@ class SlotRing:
         if self._state is None:
             return
         if self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._data.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(self._state.data_ptr())
             self._pinned = False
         # Views into the mapping must go before the mapping can be closed.
         self._state = self._owner = self._key = self._data = None

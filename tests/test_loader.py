@@ -473,13 +473,11 @@ def engine_ready():
         return False
 
 
-@pytest.fixture(scope="module")
-def real_synth(tmp_path_factory):
-    """The tiny SD-1.x checkpoint path when the engine is in, else the stand-in engine."""
+@pytest.fixture
+def real_synth(request):
+    """The tiny SD-1.x checkpoint (conftest's session fixture) when the engine is in, else the stand-in."""
     if engine_ready():
-        from fusionloader.testing import save_tiny_pipeline
-
-        return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd1-loader")), prediction_type="epsilon")
+        return request.getfixturevalue("tiny_sd1_path")
     return VariantSynth()
 
 
@@ -528,3 +526,17 @@ def test_real_pool_alpha_half_wait_and_shutdown(real_synth):
         time.sleep(0.05)
     assert not any(alive(p) for p in pids)
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in shm)
+
+
+def test_producer_failure_reraises_in_the_training_loop():
+    class Failing(InlinePool):
+        def check(self):
+            if self.taken >= 2:
+                raise RuntimeError("producer 0 on cpu failed on job 7 (dataset index 3)")
+
+    loader = FusionLoader(TensorImages(n=12), batch_size=2, alpha=1.0, late_policy="wait", seed=0,
+                          synthesizer="stand-in", pool_factory=lambda s, src, devices, **kw: Failing(s, src, devices))
+    with pytest.raises(RuntimeError, match="producer 0 on cpu"):
+        list(loader)
+    loader.close()
+    assert Failing.instances[-1].closed

@@ -158,6 +158,10 @@ def test_make_schedule_rejects_bad_input():
             make_schedule(proto, 10, strength)
     with pytest.raises(ValueError, match="no denoising step"):
         make_schedule(proto, 10, 0.05)
+    zero_snr = {**SD_CONFIG, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    with pytest.raises(ValueError, match="v_prediction"):
+        make_schedule(get_scheduler("ddim", zero_snr), 10, 1.0)
+    make_schedule(get_scheduler("ddim", {**zero_snr, "prediction_type": "v_prediction"}), 10, 1.0)
 
 
 def test_make_schedule_unfused_scheduler_gets_timesteps_only():

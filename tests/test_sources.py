@@ -135,3 +135,43 @@ def test_corrupt_image_error_names_index_and_path(folder):
         loader = FusionLoader(ds, batch_size=2, num_workers=workers, alpha=0)
         with pytest.raises(Exception, match=r"dataset index 4 \(path '.*dog/1\.png'\)"):
             list(loader)
+
+
+def test_image_folder_end_to_end_synthetic_gets_the_folder_transform(folder):
+    from test_loader import inline
+
+    seen = []
+
+    def transform(img):
+        seen.append(img.size)
+        return to_tensor(img.resize((16, 16)))
+
+    ds = Folder(folder, transform=transform)
+    loader = FusionLoader(ds, batch_size=3, alpha=1.0, late_policy="wait", return_meta=True, seed=0,
+                          synthesizer="stand-in", pool_factory=inline())
+    batches = list(loader)
+    assert all(m["synthetic"].all() for _, m in batches)
+    assert sorted(seen) == sorted(Image.open(p).size for p, _ in ds.samples for _ in range(2))  # real + synthetic
+    assert torch.cat([y for (_, y), _ in batches]).tolist() == ds.targets
+    assert loader._prompt(4, 0.0) == "a photo of a dog"
+
+
+def test_dali_image_folder(folder):
+    from fusionloader.sources.dali import DaliImageFolder, dali_available
+
+    if not dali_available():
+        pytest.skip("nvidia-dali not installed")
+    ds = DaliImageFolder(str(folder), transform=lambda img: to_tensor(img.resize((16, 16))))
+    ref = Folder(folder, transform=lambda img: to_tensor(img.resize((16, 16))))
+    assert ds.samples == ref.samples and ds.classes == ref.classes
+    for i in range(len(ds)):
+        assert torch.equal(ds[i][0], ref[i][0]) and ds[i][1] == ref[i][1]
+    image, label = ImageSource(ds).raw(3)
+    assert torch.equal(image, ImageSource(ref).raw(3)[0]) and label == 1
+    for workers in (0, 2):
+        a = list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers))
+        b = list(FusionLoader(ds, batch_size=4, num_workers=workers, alpha=0))
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    (folder / "dog" / "2.png").write_bytes(b"broken")
+    with pytest.raises(Exception, match=r"dataset index 5 \(path '.*dog/2\.png'\)"):
+        list(FusionLoader(ds, batch_size=3, alpha=0))

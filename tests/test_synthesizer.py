@@ -17,7 +17,14 @@ from fusionloader.engine import MissingComponentError, NonFiniteOutputError, Pro
 from fusionloader.engine.schedules import get_scheduler
 
 STEPS = 8
-TOL = 1e-4
+TOL = 1e-4  # images in [0, 1]: the acceptance bound
+
+
+def _close(a, b):
+    """Latents: 1e-4 absolute, relative to the latents' scale (Euler starts at sigma ~ 15: ulp ~ 2e-6 there)."""
+    err = (a - b).abs().max().item()
+    scale = max(1.0, b.abs().max().item())
+    assert err <= TOL * scale, f"max abs diff {err:.3g} at scale {scale:.3g}"
 SCHEDULERS = [("ddim", 0.0), ("ddim", 0.5), ("euler", 0.0), ("dpmpp_2m", 0.0)]
 STRENGTHS = [0.25, 0.5, 0.75, 1.0]
 GUIDANCE = [1.0, 7.5]
@@ -44,6 +51,15 @@ def test_cases_cover_every_pair():
     for a, b in itertools.combinations(range(len(axes)), 2):
         have = {(c[a], c[b]) for c in _CASES}
         assert have == set(itertools.product(axes[a], axes[b])), (a, b)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny UNet is ~15x slower with 2 intra-op threads on a loaded 2-core box than with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 _PIPES = {}
@@ -90,10 +106,9 @@ def test_oracle_single_strength(case, tiny_sd1_path, tiny_sd2_path):
     images = _images()
     ref_lat, ref_img = _pipeline_call(pipe, images, PROMPTS, strength, guidance, torch.Generator().manual_seed(7), eta)
     kw = dict(strengths=strength, guidance_scale=guidance, num_inference_steps=STEPS, eta=eta)
-    lat = synth.augment(images, PROMPTS, generator=torch.Generator().manual_seed(7), output_type="latent", **kw)
-    img = synth.augment(images, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    img, lat = synth.augment(images, PROMPTS, generator=torch.Generator().manual_seed(7), return_latents=True, **kw)
     assert ref_lat.abs().max() > 0.1  # not vacuous
-    assert (lat - ref_lat).abs().max().item() <= TOL
+    _close(lat, ref_lat)
     assert (img - ref_img).abs().max().item() <= TOL
     assert img.shape == (2, 3, 32, 32) and img.dtype == torch.float32
 
@@ -114,7 +129,7 @@ def test_mixed_strengths_equal_separate_pipeline_calls(name, eta, tiny_sd1_path)
     for i in range(4):
         ref, _ = _pipeline_call(pipe, images[i : i + 1], prompts[i : i + 1], strengths[i], guidance[i],
                                 [torch.Generator().manual_seed(100 + i)], eta)  # fmt: skip
-        assert (lat[i] - ref[0]).abs().max().item() <= TOL, i
+        _close(lat[i], ref[0])
 
 
 def test_single_generator_mixed_strengths_equal_consecutive_group_calls(tiny_sd1_path):
@@ -129,8 +144,8 @@ def test_single_generator_mixed_strengths_equal_consecutive_group_calls(tiny_sd1
     g = torch.Generator().manual_seed(5)
     ref_a, _ = _pipeline_call(pipe, images[[0, 2]], ["a cat", "a bird"], 0.5, 7.5, g, 0.5)
     ref_b, _ = _pipeline_call(pipe, images[[1]], ["a dog"], 1.0, 7.5, g, 0.5)
-    assert (lat[[0, 2]] - ref_a).abs().max().item() <= TOL
-    assert (lat[[1]] - ref_b).abs().max().item() <= TOL
+    _close(lat[[0, 2]], ref_a)
+    _close(lat[[1]], ref_b)
 
 
 @pytest.mark.parametrize("scheduler_cls", ["EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"])
@@ -152,7 +167,7 @@ def test_unfused_scheduler_equals_pipeline(scheduler_cls, tiny_sd1_path):
         with torch.no_grad():
             ref = pipe(prompts[i], image=images[i : i + 1], strength=strengths[i], guidance_scale=7.5,
                        num_inference_steps=4, generator=[torch.Generator().manual_seed(i)], output_type="latent").images  # fmt: skip
-        assert (lat[i] - ref[0]).abs().max().item() <= TOL, i
+        _close(lat[i], ref[0])
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
@@ -169,7 +184,7 @@ def test_text_only_equals_txt2img_pipeline(name, tiny_sd2_path):
                    output_type="latent", height=32, width=32).images  # fmt: skip
     lat = synth.generate(PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5,
                          generator=torch.Generator().manual_seed(9), output_type="latent")  # fmt: skip
-    assert (lat - ref).abs().max().item() <= TOL
+    _close(lat, ref)
 
 
 def test_seeded_batch_invariance(tiny_sd1_path):
@@ -183,9 +198,9 @@ def test_seeded_batch_invariance(tiny_sd1_path):
     for i in range(4):
         one = {k: (v[i : i + 1] if isinstance(v, list) else v) for k, v in kw.items()}
         alone = synth.augment(images[i : i + 1], prompts[i : i + 1], strengths=strengths[i], seeds=[11 + i], **one)
-        assert (batch[i] - alone[0]).abs().max().item() <= TOL, i
+        _close(batch[i], alone[0])
     other = synth.augment(images, prompts, strengths=strengths, seeds=[11, 99, 98, 97], **kw)
-    assert (other[0] - batch[0]).abs().max().item() <= TOL
+    _close(other[0], batch[0])
     assert (other[1] - batch[1]).abs().max().item() > 1e-2  # a different seed is a different sample
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Finished", "Request", "Sampler"]
+__all__ = ["Finished", "Request", "Sampler", "fused_step"]
 
 
 @dataclass(eq=False)
@@ -126,6 +126,31 @@ class _Group:
     accepts_generator: bool = False
 
 
+def fused_step(unet, x, cond, uncond, rows, cfg_rows, uncond_index, guidance, t_table, c_in_table, coef_table,
+               prev_x0=None, noise=None, seeds=None, streams=None, out=None, x0_out=None):  # fmt: skip
+    """One fused denoising step for B slots: pure tensor code, no host reads (capturable as one graph).
+
+    ``x`` (B, C, h, w) fp32 latents; ``cond`` (B, L, D) their prompt embeddings; ``uncond`` (>= B, L, D) the
+    negative ones; ``rows`` (B,) each slot's row in the schedule tables (``t_table``, ``c_in_table``,
+    ``coef_table``); ``cfg_rows`` (K,) the slots with guidance > 1 (or None), whose unconditional predictions
+    are UNet rows B..B+K-1 (``uncond_index``). Returns ``(x_next, x0)`` from ``cfg_step``.
+    """
+    from fusionloader.kernels import cfg_step
+
+    t = t_table[rows]
+    xin = (x * c_in_table[rows].view(-1, *[1] * (x.dim() - 1))).to(unet.dtype)
+    emb = cond
+    if cfg_rows is not None:
+        xin = torch.cat([xin, xin[cfg_rows]])
+        t = torch.cat([t, t[cfg_rows]])
+        emb = torch.cat([cond, uncond[cfg_rows]])
+    model_out = unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+    return cfg_step(
+        model_out, x, guidance, uncond_index, coef_table[rows], prev_x0=prev_x0, noise=noise, seeds=seeds,
+        streams=streams, out=out, x0_out=x0_out,
+    )  # fmt: skip
+
+
 class Sampler:
     """Continuous-batching SDEdit sampler over one model (see the module docstring).
 
@@ -164,6 +189,7 @@ class Sampler:
         self._c_in = torch.zeros(0, device=self.device)
         self._coefs = torch.zeros(0, 7, device=self.device)
         self.steps_run = 0  # UNet calls so far
+        self.trace: list | None = None  # set to a list to record ("unet", rows) / ("decode", n) (benchmarks)
         self.unet_rows = 0  # UNet rows evaluated so far (CFG rows included)
 
     # -- queue ------------------------------------------------------------------------------------------
@@ -252,35 +278,35 @@ class Sampler:
         return joins
 
     def _initial_latents(self, joins: list[Request]) -> torch.Tensor:
-        """x0 = scaling_factor * (mean + std * z) per join (z: stream 0 / the generator's first draw)."""
+        """x0 = scaling_factor * (mean + std * z) per join (z: Philox stream 0 / the generator's first draw)."""
         dev, shape, sf = self.device, self.latent_shape, self.c.scaling_factor
-        vae_dtype = self.c.vae_dtype
         x0 = torch.zeros((len(joins), *shape), device=dev)
-        cohort_z: dict[int, torch.Tensor] = {}
-        seeds = [(k, r) for k, r in enumerate(joins) if r.strength is not None and r.latents is None and r.latent_std is not None and r.cohort is None and r.generator is None]  # noqa: E501
-        if seeds:
+        sampled = [k for k, r in enumerate(joins) if r.strength is not None and r.latents is None and r.latent_std is not None]
+        philox = [k for k in sampled if joins[k].cohort is None and joins[k].generator is None]
+        z = torch.empty((len(joins), *shape), device=dev)
+        if philox:
             from fusionloader.kernels import philox_randn
 
-            z = philox_randn(torch.tensor([r.seed for _, r in seeds], device=dev), 0, self.numel).view(-1, *shape)
+            seeds = torch.tensor([joins[k].seed for k in philox], dtype=torch.int64, device=dev)
+            z[philox] = philox_randn(seeds, 0, self.numel).view(-1, *shape)
+        cohort_z: dict[int, torch.Tensor] = {}
+        for k in sampled:
+            r = joins[k]
+            if r.cohort is not None:  # one batch-shaped draw per cohort, as vae.encode(batch).latent_dist.sample(g)
+                if id(r.cohort) not in cohort_z:
+                    cohort_z[id(r.cohort)] = r.cohort.draw(shape, dev, self.c.vae_dtype)
+                z[k] = cohort_z[id(r.cohort)][self._member[id(r)]]
+            elif r.generator is not None:
+                z[k] = _randn((1, *shape), r.generator, dev, self.c.vae_dtype)[0]
         for k, r in enumerate(joins):
             if r.strength is None:
-                continue
+                continue  # text-only: x0 unused (coef_x = 0)
             if r.latents is not None:
                 x0[k] = r.latents.to(dev, torch.float32)
-                continue
-            mean = r.latent_mean.to(dev, torch.float32)
-            if r.latent_std is None:
-                x0[k] = sf * mean
-                continue
-            if r.cohort is not None:
-                if id(r.cohort) not in cohort_z:
-                    cohort_z[id(r.cohort)] = r.cohort.draw(shape, dev, vae_dtype)
-                zk = cohort_z[id(r.cohort)][self._member[id(r)]]
-            elif r.generator is not None:
-                zk = _randn((1, *shape), r.generator, dev, vae_dtype)[0]
+            elif r.latent_std is None:
+                x0[k] = sf * r.latent_mean.to(dev, torch.float32)
             else:
-                zk = z[[j for j, _ in seeds].index(k)]
-            x0[k] = sf * (mean + r.latent_std.to(dev, torch.float32) * zk)
+                x0[k] = sf * (r.latent_mean.to(dev, torch.float32) + r.latent_std.to(dev, torch.float32) * z[k])
         return x0
 
     def _admit(self) -> None:
@@ -470,32 +496,31 @@ class Sampler:
             uncond_index[b] = B + k
         if self.kind is not None:
             rows = torch.tensor([s.base + s.i for s in self._slots], device=dev)
-            t = self._t[rows]
-            xin = (x * self._c_in[rows].view(-1, *[1] * len(self.latent_shape))).to(self.c.dtype)
-        else:
-            xin, t = self._unfused_inputs(x)
-        emb = self._cond[:B]
-        if cfg:
-            ci = torch.tensor(cfg, device=dev)
-            xin, t, emb = torch.cat([xin, xin[ci]]), torch.cat([t, t[ci]]), torch.cat([emb, self._uncond[ci]])
-        model_out = self.c.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
-        self.steps_run += 1
-        self.unet_rows += xin.shape[0]
-        if self.kind is not None:
-            from fusionloader.kernels import cfg_step
-
+            ci = torch.tensor(cfg, dtype=torch.int64, device=dev) if cfg else None
             guidance = torch.tensor([float(s.req.guidance_scale) for s in self._slots], device=dev)
             noise, seeds, streams = self._step_noise(B)
             nxt = 1 - cur
-            cfg_step(
-                model_out, x, guidance, torch.tensor(uncond_index, device=dev), self._coefs[rows],
+            fused_step(
+                self.c.unet, x, self._cond[:B], self._uncond, rows, ci,
+                torch.tensor(uncond_index, device=dev), guidance, self._t, self._c_in, self._coefs,
                 prev_x0=self._prev[cur][:B] if self._prev is not None else None,
                 noise=noise, seeds=seeds, streams=streams,
                 out=self._x[nxt][:B], x0_out=self._prev[nxt][:B] if self._prev is not None else None,
             )  # fmt: skip
             self._cur = nxt
+            self.unet_rows += B + len(cfg)
         else:
+            xin, t = self._unfused_inputs(x)
+            emb = self._cond[:B]
+            if cfg:
+                ci = torch.tensor(cfg, device=dev)
+                xin, t, emb = torch.cat([xin, xin[ci]]), torch.cat([t, t[ci]]), torch.cat([emb, self._uncond[ci]])
+            model_out = self.c.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+            self.unet_rows += xin.shape[0]
             self._unfused_update(x, model_out, uncond_index)
+        self.steps_run += 1
+        if self.trace is not None:
+            self.trace.append(("unet", B + len(cfg)))
         for s in self._slots:
             s.i += 1
         done = [b for b, s in enumerate(self._slots) if s.i >= s.n]
@@ -509,12 +534,14 @@ class Sampler:
         lat = self._x[cur][idx]
         dec = self.c.decoder
         images = dec.decode((lat / self.c.decoder_scaling_factor).to(dec.dtype), return_dict=False)[0]
+        if self.trace is not None:
+            self.trace.append(("decode", len(done)))
         finite = torch.isfinite(images).flatten(1).all(1).tolist()  # the one read-back, after decoding
         reqs = [self._slots[b].req for b in done]
         out_rows = [r.out_row for r in reqs]
         if self.out is not None and all(o is not None for o in out_rows):
             rows = torch.tensor(out_rows, dtype=torch.int64, device=self.out.device)
-            postprocess(images.to(self.out.device), self.out, rows=rows, mean=self.out_mean, std=self.out_std)
+            postprocess(images.to(self.out.device).contiguous(), self.out, rows=rows, mean=self.out_mean, std=self.out_std)
             imgs = [self.out[o] for o in out_rows]
         else:
             buf = torch.empty(images.shape, dtype=torch.float32, device=dev)

@@ -155,6 +155,9 @@ def _ddim_rows(sched, timesteps, eta: float, pred: str) -> list[list[float]]:
         prev = t - stride
         a = float(ac[t])
         a_prev = float(ac[prev]) if prev >= 0 else final
+        if a == 0.0 and pred == "epsilon":
+            # Zero terminal SNR (rescale_betas_zero_snr) at t = T: x0 = (x - eps)/0, NaN in diffusers too.
+            raise ValueError(f"epsilon prediction is undefined at timestep {t} (alphas_cumprod = 0); use v_prediction")
         b = 1.0 - a
         variance = (1.0 - a_prev) / b * (1.0 - a / a_prev)
         std = eta * math.sqrt(variance)

@@ -40,6 +40,8 @@ from .sampler import Finished, Request, Sampler, _Cohort
 __all__ = ["Synthesizer"]
 
 _TEMP_DIRS: list[str] = []
+# augment's default UNet batch (slots) when ``capacity`` is not given: all images, up to this many.
+DEFAULT_MAX_CAPACITY = 64
 
 
 def _cleanup_temp_dirs() -> None:
@@ -183,15 +185,17 @@ class Synthesizer:
     def augment(self, images, prompts, strengths=0.5, guidance_scale=7.5, num_inference_steps: int = 50,
                 generator=None, seeds=None, eta: float = 0.0, capacity: int | None = None, negative_prompt="",
                 prompt_policy: PromptPolicy | None = None, latent_mode: str = "sample",
-                output_type: str = "pt") -> torch.Tensor:  # fmt: skip
+                output_type: str = "pt", return_latents: bool = False):  # fmt: skip
         """Augment ``images`` (float [0, 1], (N, 3, H, W) at the generation resolution) -> float [0, 1] images.
 
         ``images`` may also be cached latents: ``(mean, std)`` from :meth:`LatentCache.get` (``std=None`` or
         ``latent_mode="mean"``: use the mean), or a (N, 4, h, w) tensor of already-scaled latents (diffusers'
         meaning of a 4-channel ``image``). ``prompts``: strings, or class ids mapped by ``prompt_policy``.
         ``strengths``, ``guidance_scale``: one value or one per image (strength None = text-only).
-        ``generator`` / ``seeds``: see the module NOTE. ``capacity``: UNet batch slots (default: all images).
-        ``output_type="latent"`` returns the final scaled latents instead. Raises
+        ``generator`` / ``seeds``: see the module NOTE. ``capacity``: UNet batch slots (default: all images, at
+        most 64; a shared generator's strength group always fits whole).
+        ``output_type="latent"`` returns the final scaled latents instead; ``return_latents=True`` returns
+        ``(images, latents)``. Raises
         :class:`~fusionloader.engine.errors.NonFiniteOutputError` naming the images that came out NaN/inf.
         """
         if output_type not in ("pt", "latent"):
@@ -200,11 +204,14 @@ class Synthesizer:
             images, prompts, strengths, guidance_scale, num_inference_steps, generator, seeds, eta,
             negative_prompt, prompt_policy, latent_mode, None,
         )  # fmt: skip
-        results = self._run(reqs, phases, capacity, None, None, None, output_type == "latent")
+        want_latents = output_type == "latent" or return_latents
+        results = self._run(reqs, phases, capacity, None, None, None, want_latents)
         self._raise_nonfinite(results)
+        latents = torch.stack([results[i].latents for i in range(len(reqs))]) if want_latents else None
         if output_type == "latent":
-            return torch.stack([results[i].latents for i in range(len(reqs))])
-        return torch.stack([results[i].image for i in range(len(reqs))])
+            return latents
+        images = torch.stack([results[i].image for i in range(len(reqs))])
+        return (images, latents) if return_latents else images
 
     def augment_into(self, out: torch.Tensor, images, prompts, strengths=0.5, guidance_scale=7.5,
                      num_inference_steps: int = 50, generator=None, seeds=None, eta: float = 0.0,
@@ -245,6 +252,8 @@ class Synthesizer:
             raise ValueError(f"out must be a (N, 3, {self.resolution[0]}, {self.resolution[1]}) tensor, got {shape}")
         if out.dtype != torch.uint8 and not out.is_floating_point():
             raise ValueError(f"out must be uint8 or float, got {out.dtype}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous (the post-process kernel writes whole rows)")
         if rows_needed is not None and out.shape[0] < rows_needed:
             raise ValueError(f"out has {out.shape[0]} rows, needs {rows_needed}")
 
@@ -361,7 +370,7 @@ class Synthesizer:
     def _run(self, reqs, phases, capacity, out, mean, std, return_latents) -> dict[int, Finished]:
         results: dict[int, Finished] = {}
         for members in phases:
-            cap = capacity or len(members)
+            cap = capacity or min(len(members), DEFAULT_MAX_CAPACITY)
             if reqs[members[0]].cohort is not None:
                 cap = max(cap, len(members))
             sampler = Sampler(self.components, self.prompt_cache, cap, self.resolution, out, mean, std, return_latents)

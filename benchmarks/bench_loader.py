@@ -1,0 +1,228 @@
+"""Loader benchmark (issue 3): a small CPU classifier trained from
+
+(a) ``plain``   — torch DataLoader, no synthesis;
+(b) ``inline``  — the diffusers img2img pipeline called inside ``__getitem__`` (with probability alpha);
+(c) ``offline`` — DA-Fusion's way: M variants per image generated and written as PNG first, then
+                  training reads real + variant images (time to first step includes generation);
+(d) ``fusion``  — FusionLoader at alpha = 0.5 with producers (spawned processes) on ``--device``.
+
+Two regimes: ``ample`` (producer capacity >= demand: few sampler steps, a heavier training step) and
+``scarce`` (capacity < demand: more sampler steps, a light step; ``late_policy="reuse"``). Every step
+is timed; steps/s is 1 / median step time after a burn-in. The model is the tiny random SD-shaped
+pipeline of ``fusionloader.testing`` (no download), so absolute numbers say nothing about SD-1.5; the
+ratios are what the issue's targets are about.
+
+    python benchmarks/bench_loader.py [--quick] [--device cuda] [--model PATH] [--out benchmarks/results/bench_loader.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+RES = 32  # tiny pipeline resolution
+
+
+class Images(Dataset):
+    """Seeded random uint8 images, as a decoded dataset would hand them over; ``transform`` to float."""
+
+    classes = ["cat", "dog", "bird", "car"]
+
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (n, 3, RES, RES), dtype=torch.uint8, generator=g)
+        self.targets = [i % len(self.classes) for i in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i].float() / 255, self.targets[i]
+
+
+class InlineSynthesis(Dataset):
+    """(b): generation inside ``__getitem__``: the way to do it online without fusionloader."""
+
+    def __init__(self, base: Images, pipe, alpha: float, steps: int):
+        self.base, self.pipe, self.alpha, self.steps = base, pipe, alpha, steps
+        self.device = pipe.device
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        if np.random.default_rng(i + 7919 * int(time.time_ns() % 1000)).random() < self.alpha:
+            with torch.no_grad():
+                x = self.pipe(f"a photo of a {self.base.classes[y]}", image=x[None].to(self.device), strength=0.5,
+                              guidance_scale=7.5, num_inference_steps=self.steps, output_type="pt",
+                              generator=torch.Generator().manual_seed(i)).images[0].float().cpu()
+        return x, y
+
+
+class PNGFolder(Dataset):
+    """(c): real images plus M written variants per image; a variant replaces the real with prob. alpha."""
+
+    def __init__(self, base: Images, root: str, m: int, alpha: float):
+        self.base, self.root, self.m, self.alpha = base, root, m, alpha
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        x, y = self.base[i]
+        if self.rng.random() < self.alpha:
+            k = int(self.rng.integers(self.m))
+            x = torch.from_numpy(np.array(Image.open(os.path.join(self.root, f"{i}_{k}.png")))).permute(2, 0, 1).float() / 255
+        return x, y
+
+
+def model_for(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * width, 4),
+    )
+
+
+def train(loader, steps: int, width: int, burn_in: int = 3, t_start: float | None = None) -> dict:
+    """Train ``steps`` steps (cycling epochs); per-step times include waiting for the batch."""
+    torch.manual_seed(0)
+    model = model_for(width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    times, first = [], None
+    t_start = time.perf_counter() if t_start is None else t_start
+    done = 0
+    while done < steps:
+        t0 = time.perf_counter()
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            now = time.perf_counter()
+            if first is None:
+                first = now - t_start
+            times.append(now - t0)
+            t0 = now
+            done += 1
+            if done >= steps:
+                break
+    timed = times[burn_in:] or times
+    return {"steps_per_s": 1.0 / statistics.median(timed), "time_to_first_step_s": first, "total_s": sum(times)}
+
+
+def regime(name: str, *, quick: bool, device: str, pipe_path: str) -> dict:
+    from fusionloader.loader import FusionLoader
+    from fusionloader.engine import Synthesizer  # noqa: F401  (fail early if the engine is missing)
+
+    n = 16 if quick else 128
+    bs = 8 if quick else 16
+    steps = 8 if quick else 40
+    m = 2 if quick else 10  # DA-Fusion's M
+    # ample: 2 sampler steps + heavier training step; scarce: 8 sampler steps + light step
+    sampler_steps, width = (2, 64) if name == "ample" else (8, 16)
+    alpha = 0.5
+    base = Images(n)
+    out: dict = {"sampler_steps": sampler_steps, "model_width": width, "images": n, "batch_size": bs}
+
+    out["plain"] = train(DataLoader(base, batch_size=bs, shuffle=True), steps, width)
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(pipe_path, safety_checker=None, requires_safety_checker=False)
+    pipe = pipe.to(device)  # (b) and (c) generate on the producers' device: same hardware for every way
+    pipe.set_progress_bar_config(disable=True)
+    out["inline"] = train(DataLoader(InlineSynthesis(base, pipe, alpha, sampler_steps), batch_size=bs, shuffle=True),
+                          max(3, steps // 4), width, burn_in=1)
+
+    with tempfile.TemporaryDirectory() as root:
+        t0 = time.perf_counter()
+        from PIL import Image
+
+        for i in range(n):
+            x, y = base[i]
+            for k in range(m):
+                with torch.no_grad():
+                    img = pipe(f"a photo of a {base.classes[y]}", image=x[None].to(device), strength=0.5, guidance_scale=7.5,
+                               num_inference_steps=sampler_steps, output_type="np",
+                               generator=torch.Generator().manual_seed(i * m + k)).images[0]
+                Image.fromarray((img * 255).round().astype(np.uint8)).save(os.path.join(root, f"{i}_{k}.png"))
+        written = sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root))
+        offline = train(DataLoader(PNGFolder(base, root, m, alpha), batch_size=bs, shuffle=True), steps, width, t_start=t0)
+        offline["disk_bytes"] = written
+        out["offline"] = offline
+
+    t0 = time.perf_counter()
+    with FusionLoader(base, batch_size=bs, shuffle=True, synthesizer=pipe_path, alpha=alpha, strengths=0.5,
+                      guidance_scale=7.5, num_inference_steps=sampler_steps, producer_devices=(device,),
+                      late_policy="reuse", seed=0) as loader:
+        fusion = train(loader, steps, width, t_start=t0)
+        s = loader.stats()
+        fusion.update(
+            disk_bytes=0,  # nothing synthetic is written: the store and the ring live in memory
+            achieved_alpha=s["cumulative"]["achieved_alpha"], fresh_fraction=s["cumulative"]["fresh_fraction"],
+            stall_fraction=s["cumulative"]["stall_fraction"], stall_s=s["cumulative"]["stall_s"],
+            producer_images_per_s=s["producer"].get("images_per_s", 0.0),
+            counts={k: s["cumulative"][k] for k in ("real", "fresh", "reused", "fallback")},
+        )
+        out["fusion"] = fusion
+    return out
+
+
+def run(quick: bool = False, model: str | None = None, device: str | None = None) -> dict:
+    """Both regimes; the top-level keys summarise the ``ample`` regime (the issue's first targets).
+
+    ``model``: a diffusers img2img checkpoint (default: the tiny random pipeline, 32 px); ``device``: the
+    producers' device (default: CUDA when available — the spare device — else CPU, where producers and
+    the trainer share the cores, which caps what (d) can reach).
+    """
+    from fusionloader.benchmarks.common import environment
+    from fusionloader.testing import save_tiny_pipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model or save_tiny_pipeline(os.path.join(tmp, "tiny"), prediction_type="epsilon")
+        regimes = {name: regime(name, quick=quick, device=device, pipe_path=path) for name in ("ample", "scarce")}
+    a = regimes["ample"]
+    return {
+        "plain_steps_per_s": a["plain"]["steps_per_s"],
+        "fusion_steps_per_s": a["fusion"]["steps_per_s"],
+        "inline_steps_per_s": a["inline"]["steps_per_s"],
+        "offline_time_to_first_step_s": a["offline"]["time_to_first_step_s"],
+        "fusion_time_to_first_step_s": a["fusion"]["time_to_first_step_s"],
+        "offline_disk_bytes": a["offline"]["disk_bytes"],
+        "fusion_disk_bytes": a["fusion"]["disk_bytes"],
+        "achieved_alpha": a["fusion"]["achieved_alpha"],
+        "fresh_fraction": a["fusion"]["fresh_fraction"],
+        "stall_fraction": a["fusion"]["stall_fraction"],
+        "quick": quick,
+        "producer_device": device,
+        "environment": environment(device),
+        "regimes": regimes,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default=None, help="producer device (default: cuda if available, else cpu)")
+    parser.add_argument("--model", default=None, help="diffusers checkpoint (default: tiny random pipeline)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_loader.json"))
+    args = parser.parse_args()
+    result = run(quick=args.quick, model=args.model, device=args.device)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: v for k, v in result.items() if k != "regimes"}, indent=2))

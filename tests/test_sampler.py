@@ -1,0 +1,201 @@
+"""The continuous-batching sampler: joins/leaves every step, CFG rows only where needed, batch invariance,
+no host syncs inside the denoising loop, per-sample non-finite flags."""
+
+import pytest
+import torch
+
+from fusionloader.engine import Request, Synthesizer
+
+STEPS = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny UNet is far faster single-threaded on a loaded box
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth(tiny_sd1_path):
+    return Synthesizer.from_pretrained(tiny_sd1_path, scheduler="ddim")
+
+
+def _posterior(synth, n, seed=0):
+    images = torch.rand((n, 3, 32, 32), generator=torch.Generator().manual_seed(seed))
+    return synth.latent_cache().encode(images)
+
+
+def _requests(synth, n=5):
+    mean, std = _posterior(synth, n)
+    strengths = [0.5, 1.0, None, 0.75, 0.5][:n]
+    guidance = [7.5, 1.0, 7.5, 3.0, 1.0][:n]
+    return [
+        Request(key=i, prompt=["a cat", "a dog", "a bird", "a frog", "a horse"][i], strength=strengths[i],
+                guidance_scale=guidance[i], num_inference_steps=STEPS, seed=100 + i, eta=0.5,
+                latent_mean=mean[i], latent_std=std[i])  # fmt: skip
+        for i in range(n)
+    ]
+
+
+def test_continuous_batching_equals_each_sample_alone(synth):
+    sampler = synth.sampler(capacity=2, return_latents=True)
+    for r in _requests(synth):
+        sampler.submit(r)
+    assert sampler.pending == 5 and sampler.active == 0
+    sampler.step()
+    assert sampler.active == 2 and sampler.pending == 5
+    batched = {}
+    while not sampler.idle:
+        assert sampler.active <= 2
+        for f in sampler.step():
+            batched[f.key] = f
+    assert sorted(batched) == [0, 1, 2, 3, 4]
+    for r in _requests(synth):
+        alone = synth.sampler(capacity=1, return_latents=True)
+        alone.submit(r)
+        (f,) = list(alone.drain())
+        assert (f.latents - batched[r.key].latents).abs().max().item() <= 1e-4 * max(1.0, f.latents.abs().max().item())
+        assert f.finite and f.image.shape == (3, 32, 32) and 0 <= f.image.min() and f.image.max() <= 1
+
+
+def test_cfg_rows_only_for_guided_slots(synth):
+    sampler = synth.sampler(capacity=4)
+    reqs = _requests(synth, 2)  # guidance 7.5 and 1.0
+    for r in reqs:
+        sampler.submit(r)
+    sampler.step()
+    assert sampler.steps_run == 1 and sampler.unet_rows == 3  # 2 conditional rows + 1 unconditional
+
+
+def test_finished_leave_and_queued_join_each_step(synth):
+    mean, std = _posterior(synth, 3)
+    sampler = synth.sampler(capacity=2)
+    # strength 0.5 of 6 steps = 3 denoising steps; 1.0 = 6 steps.
+    for i, s in enumerate([0.5, 1.0, 0.5]):
+        sampler.submit(Request(i, "a cat", s, 7.5, STEPS, seed=i, latent_mean=mean[i], latent_std=std[i]))
+    finished_at = {}
+    step = 0
+    while not sampler.idle:
+        step += 1
+        for f in sampler.step():
+            finished_at[f.key] = step
+    # 0 leaves after step 3, 2 joins at step 4 and leaves after step 6, alongside 1.
+    assert finished_at == {0: 3, 1: 6, 2: 6}
+    assert sampler.steps_run == 6
+
+
+def test_no_host_sync_inside_the_loop(synth, monkeypatch):
+    sampler = synth.sampler(capacity=4)
+    for r in _requests(synth, 4):
+        r.num_inference_steps = 20
+        sampler.submit(r)
+    # The first step admits: it builds schedule tables from the diffusers scheduler on the host (CPU math,
+    # once per setting). The loop after it must not read anything back.
+    sampler.step()
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync inside the denoising loop")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for _ in range(4):  # no sample finishes in these steps (the shortest has 10)
+        assert sampler.step() == []
+    monkeypatch.undo()
+    assert len(list(sampler.drain())) == 4
+
+
+def test_text_only_and_img2img_share_a_batch(synth):
+    reqs = _requests(synth, 3)
+    assert reqs[2].strength is None
+    sampler = synth.sampler(capacity=3)
+    for r in reqs:
+        sampler.submit(r)
+    done = {f.key: f for f in sampler.drain()}
+    alone = synth.sampler(capacity=1)
+    alone.submit(_requests(synth, 3)[2])
+    (f,) = list(alone.drain())
+    assert (f.image - done[2].image).abs().max().item() <= 1e-4
+
+
+def test_nonfinite_flagged_per_sample(synth):
+    mean, std = _posterior(synth, 2)
+    mean[1, 0, 0, 0] = float("inf")
+    sampler = synth.sampler(capacity=2)
+    for i in range(2):
+        sampler.submit(Request(i, "a cat", 0.5, 7.5, STEPS, seed=i, latent_mean=mean[i], latent_std=std[i]))
+    flags = {f.key: f.finite for f in sampler.drain()}
+    assert flags == {0: True, 1: False}
+
+
+def test_out_buffer_rows(synth):
+    out = torch.zeros((4, 3, 32, 32), dtype=torch.uint8)
+    sampler = synth.sampler(capacity=2, out=out)
+    reqs = _requests(synth, 2)
+    for r, row in zip(reqs, [3, 1]):
+        r.out_row = row
+        sampler.submit(r)
+    done = {f.key: f for f in sampler.drain()}
+    assert done[0].image.data_ptr() == out[3].data_ptr()
+    assert out[[0, 2]].sum() == 0 and out[3].float().sum() > 0
+
+
+def test_request_validation(synth):
+    sampler = synth.sampler(capacity=2)
+    mean, std = _posterior(synth, 1)
+    with pytest.raises(ValueError, match="needs latent_mean"):
+        sampler.submit(Request(0, "a cat", 0.5))
+    with pytest.raises(ValueError, match="strength must be in"):
+        sampler.submit(Request(0, "a cat", 1.5, latent_mean=mean[0]))
+    with pytest.raises(ValueError, match="latents of shape"):
+        sampler.submit(Request(0, "a cat", 0.5, latent_mean=torch.zeros(4, 8, 8)))
+    with pytest.raises(ValueError, match="no denoising step"):
+        sampler.submit(Request(0, "a cat", 0.1, num_inference_steps=5, latent_mean=mean[0]))
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        sampler.submit(Request(0, 3, None))
+
+
+def test_unfused_path_is_batch_invariant_with_seeds(tiny_sd1_path):
+    from diffusers import EulerAncestralDiscreteScheduler  # stochastic, no fused kernel
+
+    synth = Synthesizer.from_pretrained(tiny_sd1_path, scheduler=EulerAncestralDiscreteScheduler)
+    reqs = _requests(synth, 3)
+    sampler = synth.sampler(capacity=3, return_latents=True)
+    assert sampler.kind is None
+    for r in reqs:
+        sampler.submit(r)
+    batched = {f.key: f.latents for f in sampler.drain()}
+    for r in _requests(synth, 3):
+        alone = synth.sampler(capacity=1, return_latents=True)
+        alone.submit(r)
+        (f,) = list(alone.drain())
+        assert (f.latents - batched[r.key]).abs().max().item() <= 1e-4 * max(1.0, f.latents.abs().max().item())
+
+
+def test_fused_step_compiles_as_one_graph(synth):
+    """The loop body has no host syncs: dynamo traces it whole (fullgraph=True raises on any graph break)."""
+    from fusionloader.engine.sampler import fused_step
+    from fusionloader.kernels import backend
+
+    sampler = synth.sampler(capacity=3)
+    for r in _requests(synth, 3):
+        sampler.submit(r)
+    sampler.step()  # admit, fill the schedule tables
+    B = sampler.active
+    x = sampler._x[sampler._cur][:B].clone()
+    rows = torch.tensor([s.base + s.i for s in sampler._slots])
+    cfg = torch.tensor([b for b, s in enumerate(sampler._slots) if s.req.guidance_scale > 1])
+    uncond_index = torch.full((B,), -1, dtype=torch.int64)
+    uncond_index[cfg] = B + torch.arange(len(cfg))
+    guidance = torch.tensor([s.req.guidance_scale for s in sampler._slots])
+    seeds = torch.tensor([s.seed for s in sampler._slots])
+    streams = torch.tensor([2 + s.i for s in sampler._slots])
+    args = (synth.components.unet, x, sampler._cond[:B], sampler._uncond, rows, cfg, uncond_index, guidance,
+            sampler._t, sampler._c_in, sampler._coefs)  # fmt: skip
+    torch._dynamo.reset()
+    with backend("torch"):
+        eager = fused_step(*args, seeds=seeds, streams=streams)
+        compiled = torch.compile(fused_step, fullgraph=True, backend="eager")(*args, seeds=seeds, streams=streams)
+    for a, b in zip(eager, compiled):
+        assert (a - b).abs().max().item() <= 1e-5
