@@ -769,10 +769,14 @@ class ProducerPool:
     def submit(self, jobs) -> None:
         """Queue jobs in consumption order (what is submitted first is made first). Keys must be unique."""
         core = self._live()
+        jobs = list(jobs)
         with core.lock:
-            for job in jobs:
-                if job.key in core.pending or job.key in core.owner or job.key in core.ready:
+            seen = set()
+            for job in jobs:  # all or nothing
+                if job.key in seen or job.key in core.pending or job.key in core.owner or job.key in core.ready:
                     raise ValueError(f"job key {job.key} is already queued")
+                seen.add(job.key)
+            for job in jobs:
                 core.outcomes.pop(job.key, None)
                 core.pending[job.key] = job
             core.counters["submitted"] += len(jobs)

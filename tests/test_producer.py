@@ -186,7 +186,8 @@ def test_nonfinite_output_is_dropped_and_counted(pool):
 def test_duplicate_key_rejected(pool):
     pool.submit(jobs([500]))
     with pytest.raises(ValueError, match="500"):
-        pool.submit(jobs([500]))
+        pool.submit(jobs([501, 500]))
+    assert pool.state(501) == "unknown"  # all or nothing
     assert pool.take(500, timeout=60.0) is not None
 
 
@@ -194,8 +195,12 @@ def test_duplicate_key_rejected(pool):
 
 
 def test_producer_exception_reraises_naming_producer_device_and_sample(synth):
-    with make_pool(synth, source=Source(bad_index=7)) as p:
+    # (This pool's slots are smaller than the model's 32 px: results are resized into them.)
+    with make_pool(synth, source=Source(bad_index=7), image_size=16) as p:
         pids, names = p.pids, p.shm_names
+        p.submit(jobs([0]))
+        image = p.take(0, timeout=60.0)
+        assert image.shape == (3, 16, 16) and 0 <= float(image.min()) and float(image.max()) <= 1
         p.submit(jobs([1, 2, 3], index=lambda k: 7 if k == 2 else k))
         with pytest.raises(ProducerError) as info:
             for k in (1, 2, 3):

@@ -66,3 +66,24 @@ def test_multivector_learned_tokens_expand(pipe):
 
     assert _convert_multivector("a photo of a <cat>", tok) == "a photo of a <cat> <cat>_1 <cat>_2"
     assert _convert_multivector("a photo of a dog", tok) == "a photo of a dog"
+
+
+def test_textual_inversion_tokens_match_diffusers(tiny_sd1_path):
+    import pickle
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from fusionloader.engine import Synthesizer
+
+    learned = {"<cat>": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}  # 2 vectors, DA-Fusion-style
+    synth = Synthesizer.from_pretrained(tiny_sd1_path, textual_inversion=[(learned, None)])
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd1_path, safety_checker=None)
+    pipe.load_textual_inversion(learned)
+    with torch.no_grad():
+        ref, _ = pipe.encode_prompt("a photo of a <cat>", "cpu", 1, False)
+    got = synth.prompt_cache["a photo of a <cat>"]
+    assert (got - ref[0]).abs().max().item() <= 1e-5
+    plain = synth.prompt_cache["a photo of a cat"]
+    assert (got - plain).abs().max().item() > 1e-3
+    clone = pickle.loads(pickle.dumps(synth))  # the learned tokens travel with the load spec
+    assert (clone.prompt_cache["a photo of a <cat>"] - got).abs().max().item() <= 1e-6

@@ -89,7 +89,8 @@ def vae_fingerprint(vae: torch.nn.Module, resolution, resize: str) -> str:
             w = p.detach().to(device="cpu", dtype=torch.float64)
             h.update(name.encode())
             h.update(np.asarray([w.sum().item(), w.abs().sum().item(), (w * w).sum().item()]).tobytes())
-    h.update(json.dumps({"resolution": list(resolution), "resize": resize, "input": "[0,1]->[-1,1]", "format": FORMAT}).encode())
+    pre = {"resolution": list(resolution), "resize": resize, "input": "[0,1]->[-1,1]", "format": FORMAT}
+    h.update(json.dumps(pre).encode())
     return h.hexdigest()[:32]
 
 
@@ -265,7 +266,8 @@ class LatentCache:
             raise ValueError(f"load({index}) must return a float [0, 1] tensor of shape (3, H, W), got {shape}")
         return image.float() if image.is_floating_point() else image.float() / 255.0
 
-    def build(self, num_items: int, load: Callable[[int], torch.Tensor], batch_size: int | None = None, progress: bool = True) -> None:
+    def build(self, num_items: int, load: Callable[[int], torch.Tensor], batch_size: int | None = None,
+              progress: bool = True) -> None:  # fmt: skip
         """Encode every item in ``range(num_items)`` not yet cached, with a progress bar."""
         from tqdm.auto import tqdm
 

@@ -216,8 +216,9 @@ def load_components(
     unet = _load_one(path_or_id, "unet", *classes["unet"], **common, torch_dtype=dtype)
     vae = _load_one(path_or_id, "vae", *classes["vae"], **common, torch_dtype=vae_dtype or dtype)
     text_encoder = _load_one(path_or_id, "text_encoder", *classes["text_encoder"], **common, torch_dtype=dtype)
-    tokenizer = _load_one(path_or_id, "tokenizer", *classes["tokenizer"], local_only=local_only, revision=revision, variant=None)
-    base_scheduler = _load_one(path_or_id, "scheduler", *classes["scheduler"], local_only=local_only, revision=revision, variant=None)
+    plain = dict(local_only=local_only, revision=revision, variant=None)
+    tokenizer = _load_one(path_or_id, "tokenizer", *classes["tokenizer"], **plain)
+    base_scheduler = _load_one(path_or_id, "scheduler", *classes["scheduler"], **plain)
     tiny = _load_tiny(tiny_vae, local_only, device, vae_dtype or dtype)
     return _finish(
         unet, vae, text_encoder, tokenizer, _resolve_scheduler(base_scheduler, scheduler),

@@ -80,6 +80,17 @@ class Finished:
     latents: torch.Tensor | None = None
 
 
+def _h2d(values, dtype, device) -> torch.Tensor:
+    """Host list -> device tensor without a host sync: on CUDA a pinned staging copy, ``non_blocking``.
+
+    (A plain ``torch.tensor(list, device="cuda")`` copies from pageable memory and waits for the stream.)
+    """
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _randn(shape, generator, device, dtype) -> torch.Tensor:
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -281,13 +292,14 @@ class Sampler:
         """x0 = scaling_factor * (mean + std * z) per join (z: Philox stream 0 / the generator's first draw)."""
         dev, shape, sf = self.device, self.latent_shape, self.c.scaling_factor
         x0 = torch.zeros((len(joins), *shape), device=dev)
-        sampled = [k for k, r in enumerate(joins) if r.strength is not None and r.latents is None and r.latent_std is not None]
+        sampled = [k for k, r in enumerate(joins) if r.strength is not None and r.latents is None
+                   and r.latent_std is not None]  # fmt: skip
         philox = [k for k in sampled if joins[k].cohort is None and joins[k].generator is None]
         z = torch.empty((len(joins), *shape), device=dev)
         if philox:
             from fusionloader.kernels import philox_randn
 
-            seeds = torch.tensor([joins[k].seed for k in philox], dtype=torch.int64, device=dev)
+            seeds = _h2d([joins[k].seed for k in philox], torch.int64, dev)
             z[philox] = philox_randn(seeds, 0, self.numel).view(-1, *shape)
         cohort_z: dict[int, torch.Tensor] = {}
         for k in sampled:
@@ -326,12 +338,11 @@ class Sampler:
         x0 = self._initial_latents(joins)
         slots = [self._new_slot(r) for r in joins]
         # Start: x_T = coef_x * x0 + coef_noise * z (stream 1 / the generator's next draw).
-        coef_x = torch.tensor([s.start[0] for s in slots], dtype=torch.float32, device=dev)
-        coef_n = torch.tensor([s.start[1] for s in slots], dtype=torch.float32, device=dev)
+        coef_x, coef_n = _h2d([[s.start[0] for s in slots], [s.start[1] for s in slots]], torch.float32, dev)
         b0 = len(self._slots)
         out = self._x[self._cur][b0 : b0 + len(joins)]
         if all(r.cohort is None and r.generator is None for r in joins):
-            seeds = torch.tensor([s.seed for s in slots], dtype=torch.int64, device=dev)
+            seeds = _h2d([s.seed for s in slots], torch.int64, dev)
             add_noise(x0, coef_x, coef_n, seeds=seeds, streams=1, out=out)
         else:
             z = torch.empty((len(joins), *shape), device=dev)
@@ -341,7 +352,7 @@ class Sampler:
             if philox:
                 from fusionloader.kernels import philox_randn
 
-                seeds = torch.tensor([slots[k].seed for k in philox], dtype=torch.int64, device=dev)
+                seeds = _h2d([slots[k].seed for k in philox], torch.int64, dev)
                 z[philox] = philox_randn(seeds, 1, self.numel).view(-1, *shape)
             for k, r in enumerate(joins):
                 if r.cohort is not None:
@@ -461,16 +472,14 @@ class Sampler:
         if not any(s.draws for s in slots):
             return None, None, None
         if all(s.req.cohort is None and s.req.generator is None for s in slots):
-            seeds = torch.tensor([s.seed for s in slots], dtype=torch.int64, device=dev)
-            streams = torch.tensor([2 + s.i for s in slots], dtype=torch.int64, device=dev)
+            seeds, streams = _h2d([[s.seed for s in slots], [2 + s.i for s in slots]], torch.int64, dev)
             return None, seeds, streams
         from fusionloader.kernels import philox_randn
 
         noise = torch.zeros((B, *self.latent_shape), device=dev)
         philox = [b for b, s in enumerate(slots) if s.draws and s.req.cohort is None and s.req.generator is None]
         if philox:
-            seeds = torch.tensor([slots[b].seed for b in philox], dtype=torch.int64, device=dev)
-            streams = torch.tensor([2 + slots[b].i for b in philox], dtype=torch.int64, device=dev)
+            seeds, streams = _h2d([[slots[b].seed for b in philox], [2 + slots[b].i for b in philox]], torch.int64, dev)
             noise[philox] = philox_randn(seeds, streams, self.numel).view(-1, *self.latent_shape)
         for b, s in enumerate(slots):
             if not s.draws:
@@ -495,14 +504,15 @@ class Sampler:
         for k, b in enumerate(cfg):
             uncond_index[b] = B + k
         if self.kind is not None:
-            rows = torch.tensor([s.base + s.i for s in self._slots], device=dev)
-            ci = torch.tensor(cfg, dtype=torch.int64, device=dev) if cfg else None
-            guidance = torch.tensor([float(s.req.guidance_scale) for s in self._slots], device=dev)
+            # One staging copy for every per-slot integer of this step: [rows | uncond_index | cfg rows].
+            ints = _h2d([s.base + s.i for s in self._slots] + uncond_index + cfg, torch.int64, dev)
+            rows, uncond_idx, ci = ints[:B], ints[B : 2 * B], (ints[2 * B :] if cfg else None)
+            guidance = _h2d([float(s.req.guidance_scale) for s in self._slots], torch.float32, dev)
             noise, seeds, streams = self._step_noise(B)
             nxt = 1 - cur
             fused_step(
                 self.c.unet, x, self._cond[:B], self._uncond, rows, ci,
-                torch.tensor(uncond_index, device=dev), guidance, self._t, self._c_in, self._coefs,
+                uncond_idx, guidance, self._t, self._c_in, self._coefs,
                 prev_x0=self._prev[cur][:B] if self._prev is not None else None,
                 noise=noise, seeds=seeds, streams=streams,
                 out=self._x[nxt][:B], x0_out=self._prev[nxt][:B] if self._prev is not None else None,
@@ -530,7 +540,7 @@ class Sampler:
         from fusionloader.kernels import postprocess
 
         dev, cur = self.device, self._cur
-        idx = torch.tensor(done, device=dev)
+        idx = _h2d(done, torch.int64, dev)
         lat = self._x[cur][idx]
         dec = self.c.decoder
         images = dec.decode((lat / self.c.decoder_scaling_factor).to(dec.dtype), return_dict=False)[0]
@@ -540,7 +550,7 @@ class Sampler:
         reqs = [self._slots[b].req for b in done]
         out_rows = [r.out_row for r in reqs]
         if self.out is not None and all(o is not None for o in out_rows):
-            rows = torch.tensor(out_rows, dtype=torch.int64, device=self.out.device)
+            rows = _h2d(out_rows, torch.int64, self.out.device)
             postprocess(images.to(self.out.device).contiguous(), self.out, rows=rows, mean=self.out_mean, std=self.out_std)
             imgs = [self.out[o] for o in out_rows]
         else:
@@ -561,7 +571,7 @@ class Sampler:
             if s.group is not None:
                 s.group.slots.remove(s)
         if keep and keep != list(range(len(keep))):  # compact: live slots stay in rows 0..B'-1
-            idx = torch.tensor(keep, device=self.device)
+            idx = _h2d(keep, torch.int64, self.device)
             bufs = [self._x[self._cur], self._cond, self._uncond]
             if self._prev is not None:
                 bufs.append(self._prev[self._cur])

@@ -101,17 +101,49 @@ class Synthesizer:
     @classmethod
     def from_pretrained(cls, path_or_id, device="cpu", dtype=torch.float32, vae_dtype=None, scheduler=None,
                         tiny_vae=None, attention="sdpa", variant=None, revision=None, local_files_only=None,
-                        resolution=None, prompt_policy: PromptPolicy | None = None) -> Synthesizer:  # fmt: skip
-        """Load a Stable-Diffusion checkpoint (folder or hub id); see :func:`~fusionloader.engine.models.load_components`."""
+                        resolution=None, prompt_policy: PromptPolicy | None = None,
+                        textual_inversion=None) -> Synthesizer:  # fmt: skip
+        """Load a Stable-Diffusion checkpoint (folder or hub id); see :func:`~fusionloader.engine.models.load_components`.
+
+        ``textual_inversion``: a list of ``(source, token)`` pairs applied with :meth:`load_textual_inversion`.
+        """
         spec = dict(
             path_or_id=os.fspath(path_or_id), device=str(device), dtype=dtype, vae_dtype=vae_dtype,
             scheduler=scheduler, tiny_vae=tiny_vae, attention=attention, variant=variant, revision=revision,
             local_files_only=local_files_only, resolution=resolution, prompt_policy=prompt_policy,
+            textual_inversion=[],
         )  # fmt: skip
         comps = load_components(
             path_or_id, device, dtype, vae_dtype, scheduler, tiny_vae, attention, variant, revision, local_files_only
         )
-        return cls(_components=comps, _spec=spec, resolution=resolution, prompt_policy=prompt_policy)
+        synth = cls(_components=comps, _spec=spec, resolution=resolution, prompt_policy=prompt_policy)
+        for source, token in textual_inversion or ():
+            synth.load_textual_inversion(source, token)
+        return synth
+
+    def load_textual_inversion(self, source, token: str | None = None, **kwargs) -> None:
+        """Add learned token embeddings (DA-Fusion's class tokens) to the tokenizer and text encoder.
+
+        ``source``: what diffusers' ``load_textual_inversion`` takes -- a file/folder/hub id in the diffusers or
+        A1111 format, or a ``{token: tensor}`` dict. A token learned with k vectors becomes ``<t>``, ``<t>_1``, ...,
+        and prompts mentioning ``<t>`` use all k, as diffusers does. Clears the prompt cache. A Synthesizer built
+        from a pipeline shares that pipeline's tokenizer and text encoder, so the pipeline sees the tokens too.
+        """
+        from diffusers.loaders import TextualInversionLoaderMixin
+
+        class _Holder(TextualInversionLoaderMixin):  # the mixin only needs these attributes
+            hf_device_map = None
+
+            def __init__(self, tokenizer, text_encoder):
+                self.tokenizer, self.text_encoder = tokenizer, text_encoder
+                self.components = {"text_encoder": text_encoder}
+
+        c = self.components
+        _Holder(c.tokenizer, c.text_encoder).load_textual_inversion(source, token=token, **kwargs)
+        c.text_encoder.requires_grad_(False)
+        self.prompt_cache.clear()
+        if self._spec is not None and "textual_inversion" in self._spec:
+            self._spec["textual_inversion"] = self._spec["textual_inversion"] + [(source, token)]
 
     # -- pickling: as the load spec ---------------------------------------------------------------------
 
@@ -202,7 +234,7 @@ class Synthesizer:
             raise ValueError(f"output_type must be 'pt' or 'latent', got {output_type!r}")
         reqs, phases = self._requests(
             images, prompts, strengths, guidance_scale, num_inference_steps, generator, seeds, eta,
-            negative_prompt, prompt_policy, latent_mode, None,
+            negative_prompt, prompt_policy, latent_mode,
         )  # fmt: skip
         want_latents = output_type == "latent" or return_latents
         results = self._run(reqs, phases, capacity, None, None, None, want_latents)
@@ -223,7 +255,7 @@ class Synthesizer:
         """
         reqs, phases = self._requests(
             images, prompts, strengths, guidance_scale, num_inference_steps, generator, seeds, eta,
-            negative_prompt, prompt_policy, latent_mode, None,
+            negative_prompt, prompt_policy, latent_mode,
         )  # fmt: skip
         rows = list(range(len(reqs))) if rows is None else [int(r) for r in rows]
         if len(rows) != len(reqs):
@@ -287,7 +319,8 @@ class Synthesizer:
             return [{} for _ in strengths]
         if latent_mode not in ("sample", "mean"):
             raise ValueError(f"latent_mode must be 'sample' or 'mean', got {latent_mode!r}")
-        if isinstance(images, (tuple, list)) and len(images) == 2 and isinstance(images[0], torch.Tensor) and images[0].dim() == 4:
+        is_posterior = isinstance(images, (tuple, list)) and len(images) == 2 and isinstance(images[0], torch.Tensor)
+        if is_posterior and images[0].dim() == 4:
             mean, std = images
             if tuple(mean.shape[1:]) != self.latent_shape:
                 raise ValueError(f"cached latents of shape {tuple(mean.shape[1:])}, expected {self.latent_shape}")
@@ -298,7 +331,7 @@ class Synthesizer:
         if images.shape[1] == self.latent_shape[0] and tuple(images.shape[2:]) == self.latent_shape[1:]:
             return [dict(latents=images[i]) for i in range(len(images))]
         if images.shape[1] != 3:
-            raise ValueError(f"images must have 3 channels (N, 3, H, W), got {images.shape[1]} (shape {tuple(images.shape)})")
+            raise ValueError(f"images must have 3 channels (N, 3, H, W), got {images.shape[1]} ({tuple(images.shape)})")
         if tuple(images.shape[2:]) != self.resolution:
             raise ValueError(
                 f"images are {tuple(images.shape[2:])} but the generation resolution is {self.resolution}; "
@@ -318,7 +351,7 @@ class Synthesizer:
         return result
 
     def _requests(self, images, prompts, strengths, guidance_scale, steps, generator, seeds, eta, negative_prompt,
-                  policy, latent_mode, _unused):  # fmt: skip
+                  policy, latent_mode):  # fmt: skip
         n = None
         if images is not None:
             n = len(images[0]) if isinstance(images, (tuple, list)) else len(images)
