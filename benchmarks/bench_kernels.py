@@ -64,13 +64,13 @@ def _diffusers_step(owned, timesteps, x, model_out, guidance: float):
     return torch.cat(outs)
 
 
-def run(quick: bool = False, device: str | None = None) -> dict:
+def run(quick: bool = False, device: str | None = None, repeats: int | None = None) -> dict:
     """Median ms per step (all slots) for diffusers' per-timestep stepping and the fused kernel."""
     from fusionloader.kernels import cfg_step
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch, latent, steps = (8, (4, 64, 64), 50)  # SD-1.x at 512 px, a UNet batch of 8
-    repeats = 5 if quick else 20
+    repeats = repeats or (5 if quick else 20)
     result = {"environment": environment(device), "batch": batch, "latent_shape": list(latent)}
     for name in ("ddim", "euler", "dpmpp_2m"):
         sched, n, timesteps, coefs, x, model_out = _setup(name, batch, latent, steps, device)

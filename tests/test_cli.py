@@ -1,0 +1,78 @@
+"""The ``fusionloader`` command (preview, cache), the ImageFolder it reads, and the plot writers."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusionloader import ImageFolder
+from fusionloader.cli import _parser, main
+from fusionloader.plots import bar_chart, image_grid, save_loader_plot
+
+
+def _write_folder(root, classes=("cat", "dog"), per_class=2, size=20):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(os.path.join(root, name, f"{i}.png"))
+    return root
+
+
+def test_image_folder_layout(tmp_path):
+    root = _write_folder(str(tmp_path / "data"))
+    open(os.path.join(root, "cat", "notes.txt"), "w").write("not an image")
+    ds = ImageFolder(root)
+    assert ds.classes == ["cat", "dog"] and ds.class_to_idx == {"cat": 0, "dog": 1}
+    assert len(ds) == 4 and ds.targets == [0, 0, 1, 1]
+    image, label = ds[2]
+    assert image.size == (23, 20) and label == 1
+
+
+def test_image_folder_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no class sub-folders"):
+        ImageFolder(str(tmp_path / "empty"))
+    root = _write_folder(str(tmp_path / "data"), per_class=1)
+    bad = os.path.join(root, "cat", "broken.png")
+    open(bad, "wb").write(b"not a png")
+    ds = ImageFolder(root)
+    with pytest.raises(OSError, match="broken.png"):
+        ds[ds.samples.index((bad, 0))]
+
+
+def test_preview_writes_a_grid(tiny_sd1_path, tmp_path):
+    root = _write_folder(str(tmp_path / "data"))
+    out = str(tmp_path / "grid.png")
+    main(["preview", "--model", tiny_sd1_path, "--images", root, "--out", out, "--steps", "2",
+          "--strengths", "0.5,1.0", "--prompts", "a photo of a {}", "a drawing of a {}", "--n", "3", "--cell", "32"])
+    grid = Image.open(out)
+    # 3 rows of 32 px plus a 16 px header; 1 real + 2 prompts x 2 strengths columns
+    assert grid.size == (5 * 32, 3 * 32 + 16)
+
+
+def test_cache_command_builds_a_cache(tiny_sd1_path, tmp_path, capsys):
+    root = _write_folder(str(tmp_path / "data"))
+    path = str(tmp_path / "latents.cache")
+    main(["cache", "--model", tiny_sd1_path, "--images", root, "--path", path, "--batch-size", "3"])
+    assert "4 images cached" in capsys.readouterr().out
+    assert any(name.startswith("latents.cache") for name in os.listdir(tmp_path))
+
+
+def test_parser_rejects_unknown_command():
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train"])
+
+
+def test_plots(tmp_path):
+    images = [[torch.rand(3, 8, 8), torch.rand(3, 8, 8)], [torch.rand(3, 8, 8), torch.rand(3, 8, 8)]]
+    grid = Image.open(image_grid(images, str(tmp_path / "g.png"), cell=10, labels=["a", "b"]))
+    assert grid.size == (20, 36)
+    per_epoch = {e: {"real": 10, "fresh": 4, "reused": 1, "fallback": 1, "stall_fraction": 0.01} for e in range(3)}
+    assert os.path.getsize(save_loader_plot(per_epoch, {"x": [0.1, 0.5, 0.7]}, str(tmp_path / "s.png"))) > 0
+    assert os.path.getsize(bar_chart({"p": {"a": 1.0, "b": 2.0}}, str(tmp_path / "b.png"))) > 0
