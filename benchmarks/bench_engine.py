@@ -8,8 +8,9 @@ One batch of N images, each at its own strength drawn from DA-Fusion's randomize
   strength, so one call per strength group (the best a pipeline user can do).
 - ``dafusion_style``: DA-Fusion's way -- one pipeline call per image, prompt and image encoded every call.
 - ``model_compute``: the same UNet evaluations (the same batch sizes step by step: 2 rows per active
-  sample for CFG, samples leave as their strength's steps run out), the VAE encode and decode, and the
-  prompt encoding, timed alone: the floor any implementation pays.
+  sample for CFG, samples leave as their strength's steps run out), the same VAE encode and decodes,
+  timed alone: the floor any implementation pays (prompts are encoded once, outside, as the engine's
+  prompt cache does).
 
     python -m fusionloader.benchmarks.bench_engine --json out/bench_engine.json [--model DIR]
 
@@ -32,31 +33,36 @@ __all__ = ["run"]
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)  # DA-Fusion's randomized intensity
 
 
-def _model_compute(synth, images, prompts, strengths, steps, guidance):
-    """The engine's unavoidable model work, in the engine's batch shapes, with no scheduling around it."""
+def _model_compute(synth, images, emb, strengths, steps, guidance):
+    """The engine's unavoidable model work, call for call, with nothing around it.
+
+    The same calls ``augment`` makes when every sample fits in the UNet batch: one VAE encode of the batch,
+    then per step one UNet call on the active samples (x2 rows with CFG), and one decode per group of
+    samples finishing together (strength s runs ``int(s * steps)`` steps). ``emb`` holds the prompt
+    embeddings (cond rows, then the negative prompt's), encoded once as the engine's prompt cache does.
+    """
     c = synth.components
     n_i = [min(int(steps * s), steps) for s in strengths]
-    cond = synth.prompt_cache.embeddings(prompts) if hasattr(synth.prompt_cache, "embeddings") else None
     with torch.no_grad():
-        emb = _encode_prompts(c, prompts + [""])
         posterior = c.vae.encode((images * 2 - 1).to(c.device, c.vae.dtype)).latent_dist
-        x = posterior.sample() * c.vae.config.scaling_factor
-        x = x.to(c.unet.dtype)
+        x = (posterior.sample() * c.vae.config.scaling_factor).to(c.unet.dtype)
         for k in range(max(n_i)):
             active = [i for i, n in enumerate(n_i) if n > k]
-            rows = x[active]
-            rows = torch.cat([rows, rows]) if guidance > 1 else rows
-            hidden = torch.cat([emb[active], emb[-1:].expand(len(active), -1, -1)]) if guidance > 1 else emb[active]
+            rows, hidden = x[active], emb[active]
+            if guidance > 1:
+                rows, hidden = torch.cat([rows, rows]), torch.cat([hidden, emb[-1:].expand(len(active), -1, -1)])
             t = torch.full((rows.shape[0],), 500, device=c.device)
             c.unet(rows, t, encoder_hidden_states=hidden).sample
-        c.vae.decode(x.to(c.vae.dtype) / c.vae.config.scaling_factor).sample
-    del cond
+            done = [i for i, n in enumerate(n_i) if n == k + 1]
+            if done:
+                c.vae.decode(x[done].to(c.vae.dtype) / c.vae.config.scaling_factor).sample
 
 
 def _encode_prompts(c, prompts):
     ids = c.tokenizer(prompts, padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(c.device)  # fmt: skip
-    return c.text_encoder(ids)[0].to(c.unet.dtype)
+    with torch.no_grad():
+        return c.text_encoder(ids)[0].to(c.unet.dtype)
 
 
 def _default_model(folder: str) -> str:
@@ -107,8 +113,10 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
             pipe(prompts[i], image=images[i : i + 1], strength=strengths[i], guidance_scale=guidance,
                  num_inference_steps=steps, generator=torch.Generator().manual_seed(i), output_type="pt")  # fmt: skip
 
+    emb = _encode_prompts(synth.components, prompts + [""])
+
     def compute():
-        _model_compute(synth, images, prompts, strengths, steps, guidance)
+        _model_compute(synth, images, emb, strengths, steps, guidance)
 
     timings = {}
     # Interleave the four so drift in machine load hits them alike; median per method.

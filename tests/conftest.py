@@ -37,6 +37,11 @@ def tiny_path(request, tiny_sd1_path, tiny_sd2_path):
     return tiny_sd1_path if request.param == "epsilon" else tiny_sd2_path
 
 
+# Tiny models on a 2-core machine: one intra-op thread is several times faster than two when other
+# processes (producers, DataLoader workers) share the cores. Producers set their own thread counts.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
