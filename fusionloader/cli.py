@@ -5,6 +5,7 @@
     fusionloader preview --model M --images DIR --out grid.png
     fusionloader bench --quick --json out/bench.json
     fusionloader cache --model M --images DIR --path latents.cache
+    fusionloader invert --model M --images DIR --out tokens/      # DA-Fusion textual inversion
 """
 
 from __future__ import annotations
@@ -150,10 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("--device", default="cpu")
     cache.add_argument("--batch-size", type=int, default=16)
     cache.set_defaults(fn=_cache)
+
+    sub.add_parser("invert", help="learn one token per class by textual inversion (see --help)", add_help=False)
     return parser
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["invert"]:  # textual inversion parses its own (long) argument list
+        from fusionloader.methods.inversion import invert_main
+
+        return invert_main(argv[1:])
     args = _parser().parse_args(argv)
     args.fn(args)
 

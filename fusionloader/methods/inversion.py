@@ -19,9 +19,10 @@ and all k vectors train -- the authors' multi-token script only ever updated the
 
 The caller's pipeline is never modified: training runs on private copies of the tokenizer and text encoder.
 
-Differences from the original, all exact in distribution: each image's VAE posterior (and its mirror image's) is
-encoded once and sampled every step instead of re-encoding; the images are resized with antialiased bicubic
-on tensors rather than PIL.
+Differences from the original: each image's VAE posterior (and its mirror image's) is encoded once and sampled
+every step instead of re-encoding the image (the same distribution, a fraction of the VAE work); tensors are
+resized with antialiased bicubic interpolation rather than PIL's (the CLI loads files with PIL's bicubic).
+Stable Diffusion 1.x/2.x only (one text encoder; SDXL's two are not handled).
 """
 
 from __future__ import annotations
@@ -189,12 +190,15 @@ def _train_class(
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # only the new rows train: put every other row back exactly
             weight[keep] = original[keep]
+        if callback is None and bar is None:
+            continue
+        loss = float(loss.detach())  # a host sync: only when someone reads it
         if callback is not None:
-            callback({"class": class_name, "token": placeholder.split()[0], "step": step, "loss": float(loss.detach()),
+            callback({"class": class_name, "token": placeholder.split()[0], "step": step, "loss": loss,
                       "text_encoder": text_encoder, "tokenizer": tokenizer, "token_ids": list(token_ids)})  # fmt: skip
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
     if bar is not None:
         bar.close()
     weight.requires_grad_(False)
@@ -263,7 +267,10 @@ def learn_tokens(
         raise ValueError(f"class names {names} map to duplicate tokens")
     for toks in placeholders.values():
         tokenizer.add_tokens(toks)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    try:  # rows are set from the init word below; skip transformers' mean-resizing (and its log line)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    except TypeError:  # transformers < 4.46
+        text_encoder.resize_token_embeddings(len(tokenizer))
     weight = text_encoder.get_input_embeddings().weight
     token_ids = {n: tokenizer.convert_tokens_to_ids(toks) for n, toks in placeholders.items()}
     with torch.no_grad():
