@@ -85,7 +85,8 @@ class PNGFolder(Dataset):
         x, y = self.base[i]
         if self.rng.random() < self.alpha:
             k = int(self.rng.integers(self.m))
-            x = torch.from_numpy(np.array(Image.open(os.path.join(self.root, f"{i}_{k}.png")))).permute(2, 0, 1).float() / 255
+            png = np.array(Image.open(os.path.join(self.root, f"{i}_{k}.png")))
+            x = torch.from_numpy(png).permute(2, 0, 1).float() / 255
         return x, y
 
 
@@ -96,8 +97,11 @@ def model_for(width: int) -> nn.Module:
     )
 
 
-def train(loader, steps: int, width: int, burn_in: int = 3, t_start: float | None = None) -> dict:
-    """Train ``steps`` steps (cycling epochs); per-step times include waiting for the batch."""
+def train(loader, steps: int, width: int, sim_step_s: float = 0.0, burn_in: int = 3, t_start: float | None = None) -> dict:
+    """Train ``steps`` steps (cycling epochs); per-step times include waiting for the batch.
+
+    ``sim_step_s``: host time the step waits for a (simulated) accelerator, during which the CPU is free —
+    what a GPU trainer looks like to its data pipeline; 0 means a purely CPU-bound step."""
     torch.manual_seed(0)
     model = model_for(width)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -111,6 +115,8 @@ def train(loader, steps: int, width: int, burn_in: int = 3, t_start: float | Non
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sim_step_s:
+                time.sleep(sim_step_s)
             now = time.perf_counter()
             if first is None:
                 first = now - t_start
@@ -127,17 +133,19 @@ def regime(name: str, *, quick: bool, device: str, pipe_path: str) -> dict:
     from fusionloader.loader import FusionLoader
     from fusionloader.engine import Synthesizer  # noqa: F401  (fail early if the engine is missing)
 
-    n = 16 if quick else 128
+    n = 32 if quick else 128
     bs = 8 if quick else 16
-    steps = 8 if quick else 40
+    steps = 48 if quick else 200
     m = 2 if quick else 10  # DA-Fusion's M
-    # ample: 2 sampler steps + heavier training step; scarce: 8 sampler steps + light step
-    sampler_steps, width = (2, 64) if name == "ample" else (8, 16)
+    # ample: 2 sampler steps, a long (simulated accelerator) step; scarce: 8 sampler steps, a short step
+    sampler_steps, width, sim_step_s = (2, 32, 0.4) if name == "ample" else (8, 16, 0.01)
+    burn_in = 2 * (n // bs)  # two epochs: producers warm, the store filled
     alpha = 0.5
     base = Images(n)
-    out: dict = {"sampler_steps": sampler_steps, "model_width": width, "images": n, "batch_size": bs}
+    out: dict = {"sampler_steps": sampler_steps, "model_width": width, "sim_step_s": sim_step_s, "images": n,
+                 "batch_size": bs, "steps": steps, "burn_in": burn_in}
 
-    out["plain"] = train(DataLoader(base, batch_size=bs, shuffle=True), steps, width)
+    out["plain"] = train(DataLoader(base, batch_size=bs, shuffle=True), steps, width, sim_step_s, burn_in)
 
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -145,7 +153,7 @@ def regime(name: str, *, quick: bool, device: str, pipe_path: str) -> dict:
     pipe = pipe.to(device)  # (b) and (c) generate on the producers' device: same hardware for every way
     pipe.set_progress_bar_config(disable=True)
     out["inline"] = train(DataLoader(InlineSynthesis(base, pipe, alpha, sampler_steps), batch_size=bs, shuffle=True),
-                          max(3, steps // 4), width, burn_in=1)
+                          max(4, steps // 8), width, sim_step_s, burn_in=1)
 
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
@@ -160,7 +168,8 @@ def regime(name: str, *, quick: bool, device: str, pipe_path: str) -> dict:
                                generator=torch.Generator().manual_seed(i * m + k)).images[0]
                 Image.fromarray((img * 255).round().astype(np.uint8)).save(os.path.join(root, f"{i}_{k}.png"))
         written = sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root))
-        offline = train(DataLoader(PNGFolder(base, root, m, alpha), batch_size=bs, shuffle=True), steps, width, t_start=t0)
+        offline = train(DataLoader(PNGFolder(base, root, m, alpha), batch_size=bs, shuffle=True), steps, width,
+                        sim_step_s, burn_in, t_start=t0)
         offline["disk_bytes"] = written
         out["offline"] = offline
 
@@ -168,7 +177,7 @@ def regime(name: str, *, quick: bool, device: str, pipe_path: str) -> dict:
     with FusionLoader(base, batch_size=bs, shuffle=True, synthesizer=pipe_path, alpha=alpha, strengths=0.5,
                       guidance_scale=7.5, num_inference_steps=sampler_steps, producer_devices=(device,),
                       late_policy="reuse", seed=0) as loader:
-        fusion = train(loader, steps, width, t_start=t0)
+        fusion = train(loader, steps, width, sim_step_s, burn_in, t_start=t0)
         s = loader.stats()
         fusion.update(
             disk_bytes=0,  # nothing synthetic is written: the store and the ring live in memory
@@ -177,6 +186,11 @@ def regime(name: str, *, quick: bool, device: str, pipe_path: str) -> dict:
             producer_images_per_s=s["producer"].get("images_per_s", 0.0),
             counts={k: s["cumulative"][k] for k in ("real", "fresh", "reused", "fallback")},
         )
+        # after the burn-in epochs (producers warm): the steady state the targets are about
+        steady = [e for k, e in s["per_epoch"].items() if int(k) >= 2]
+        fresh, synthetic = sum(e["fresh"] for e in steady), sum(e["fresh"] + e["reused"] for e in steady)
+        fusion["fresh_fraction_steady"] = fresh / synthetic if synthetic else 1.0
+        fusion["achieved_alpha_steady"] = synthetic / max(1, sum(e["samples"] for e in steady))
         out["fusion"] = fusion
     return out
 

@@ -33,7 +33,11 @@ fetches and replaces some samples afterwards.
   user's ``collate_fn``. The real sample of a synthetic position is fetched anyway: it costs what the
   DataLoader would have cost, carries the label, and makes fallback free.
 * Requests. Before each batch, synthetic positions up to ``lookahead`` samples ahead are submitted to
-  the ``ProducerPool`` in consumption order (job key = epoch-iteration base + position).
+  the ``ProducerPool`` in consumption order (job key = iteration base + position). When the window runs
+  past the epoch's end and the next epoch's order is a pure function of it (``seed=`` given, or
+  distributed default sampling), the next epoch is planned early and its first positions requested, so
+  producers never idle at an epoch boundary (few-shot datasets have many); the next ``iter()`` adopts
+  those requests, or cancels them if it turns out to be another epoch.
 * Lifetime. Nothing is started before the first ``iter()``. ``close()`` (also ``__exit__``, ``__del__``
   and interpreter exit) cancels outstanding jobs, stops the runner's workers and closes the pool, whose
   own shutdown protocol (NOTE in producer.py) bounds it to a few seconds. A new ``iter()`` abandons the
@@ -55,7 +59,6 @@ import logging
 import math
 import random
 import time
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NamedTuple
@@ -330,7 +333,8 @@ class FusionLoader:
         normalize_strengths(strengths)  # validate now, not at the first iter()
         self._passthrough = isinstance(dataset, IterableDataset)
         if self._passthrough and alpha > 0:
-            raise ValueError("synthesis needs a map-style dataset (an index per sample); IterableDataset works only with alpha=0")
+            raise ValueError("synthesis needs a map-style dataset (an index per sample); "
+                             "an IterableDataset works only with alpha=0")
         if alpha > 0 and synthesizer is None and pool_factory is None:
             raise ValueError("alpha > 0 needs a synthesizer (a Synthesizer, a checkpoint path or a spec)")
         if transform is not None and getattr(dataset, "transform", None) is not None:
@@ -376,6 +380,7 @@ class FusionLoader:
         self._plan_sampler: _PlanSampler | None = None
         self._active = None  # weakref to the live epoch iterator
         self._outstanding: set[int] = set()  # its submitted, not yet taken job keys
+        self._ahead: dict | None = None  # requests already made for the next epoch (see _plan_ahead)
         self._dist_sampler = None
         self._closed = False
 
@@ -464,8 +469,6 @@ class FusionLoader:
         return self.seed if self._seed_given else 0
 
     def _distributed_sampler(self):
-        from torch.utils.data import DistributedSampler
-
         rank, world = dist_info()
         ds = self._dist_sampler
         if ds is None or (ds.rank, ds.num_replicas) != (rank, world):
@@ -528,7 +531,8 @@ class FusionLoader:
             gen.manual_seed(mix_seed(self.seed, epoch, rank, 0xD2))
         else:
             batches, gen, recorded = self._epoch_batches(epoch, fresh_runner_iter=not persistent)
-        plan = plan_epoch(batches, seed=self.seed, epoch=epoch, alpha=self.alpha, strengths=self.strengths, rank=rank, world_size=world)
+        plan = plan_epoch(batches, seed=self.seed, epoch=epoch, alpha=self.alpha, strengths=self.strengths,
+                          rank=rank, world_size=world)
         start = min(start, len(plan.batches))
         self._cur = {
             "epoch": epoch, "batch": start, "num_batches": len(plan.batches),
@@ -538,11 +542,55 @@ class FusionLoader:
         if self.alpha > 0:
             self._start_pool()
         runner_iter = self._runner_iter(plan, start, gen)
-        self._iter_serial += 1
-        it = _EpochIterator(self, plan, start, runner_iter, self._iter_serial * _KEY_STRIDE)
+        ahead, self._ahead = self._ahead, None
+        if (ahead is not None and resume is None and ahead["epoch"] == epoch
+                and np.array_equal(ahead["plan"].indices, plan.indices)
+                and np.array_equal(ahead["plan"].synthetic, plan.synthetic)):
+            key_base, submitted = ahead["key_base"], ahead["submitted"]  # adopt what was requested ahead
+            self._outstanding |= ahead["keys"]
+        else:
+            self._ahead = ahead
+            self._drop_ahead()
+            self._iter_serial += 1
+            key_base, submitted = self._iter_serial * _KEY_STRIDE, None
+        it = _EpochIterator(self, plan, start, runner_iter, key_base, submitted)
         self._active = weakref.ref(it)
         self._stats.begin(epoch)
         return it
+
+    def _plan_ahead(self, epoch: int, positions: int) -> None:
+        """Request the first ``positions`` samples of ``epoch`` while the current epoch ends, so producers
+        do not idle at the boundary — only where that epoch's order is a pure function of it (``seed=``
+        given, or distributed default sampling) and nobody has pinned the next epoch."""
+        if self._pool is None or self._epoch_pinned or self._order_mode() not in ("seeded", "distributed"):
+            return
+        ahead = self._ahead
+        if ahead is None or ahead["epoch"] != epoch:
+            self._drop_ahead()
+            rank, world = dist_info() if self._order_mode() == "distributed" else (0, 1)
+            batches, _, _ = self._epoch_batches(epoch, fresh_runner_iter=False)
+            plan = plan_epoch(batches, seed=self.seed, epoch=epoch, alpha=self.alpha, strengths=self.strengths,
+                              rank=rank, world_size=world)
+            self._iter_serial += 1
+            ahead = self._ahead = {"epoch": epoch, "plan": plan, "key_base": self._iter_serial * _KEY_STRIDE,
+                                   "submitted": 0, "keys": set()}
+        plan, done = ahead["plan"], ahead["submitted"]
+        end = min(positions, plan.num_positions)
+        if end > done:
+            picked = np.flatnonzero(plan.synthetic[done:end]) + done
+            jobs = [self._make_job(ahead["key_base"] + int(p), plan, int(p)) for p in picked]
+            if jobs:
+                self._pool.submit(jobs)
+                ahead["keys"].update(j.key for j in jobs)
+            ahead["submitted"] = end
+
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        if ahead is not None and ahead["keys"] and self._pool is not None:
+            try:
+                self._pool.cancel(list(ahead["keys"]))
+            except Exception:  # a failed pool has nothing left to cancel
+                pass
 
     def _runner_iter(self, plan, start: int, gen):
         if self._runner is None:
@@ -680,6 +728,7 @@ class FusionLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
+        self._drop_ahead()
         self._next_epoch = int(state["next_epoch"])
         if state.get("rng") is not None:
             self._load_order_rng_state(state["rng"])
@@ -723,6 +772,7 @@ class FusionLoader:
             return
         self._closed = True
         self._abandon_active()
+        self._drop_ahead()
         runner = self._runner
         it = getattr(runner, "_iterator", None) if runner is not None else None
         if it is not None and hasattr(it, "_shutdown_workers"):
@@ -747,7 +797,8 @@ class FusionLoader:
     def __getstate__(self):
         # Pickled to spawned trainer processes (Lightning's ddp_spawn): runtime state stays behind.
         state = self.__dict__.copy()
-        for key in ("_source", "_store", "_pool", "_runner", "_plan_sampler", "_active", "_outstanding", "_dist_sampler", "_closed"):
+        for key in ("_source", "_store", "_pool", "_runner", "_plan_sampler", "_active", "_outstanding", "_ahead", "_dist_sampler",
+                    "_closed"):
             state.pop(key, None)
         return state
 
@@ -763,14 +814,16 @@ class FusionLoader:
 class _EpochIterator:
     """One epoch: submits requests ahead, takes batches from the runner, mixes, counts."""
 
-    def __init__(self, loader: FusionLoader, plan, start: int, runner_iter, key_base: int):
+    def __init__(self, loader: FusionLoader, plan, start: int, runner_iter, key_base: int, submitted: int | None = None):
         self.loader, self.plan, self.runner_iter, self.key_base = loader, plan, runner_iter, key_base
         self.starts = plan.batch_starts.tolist()
         self.batch = start
-        self.submitted = self.starts[start]
+        self.submitted = self.starts[start] if submitted is None else submitted
         self.outstanding = loader._outstanding  # shared, so close() can cancel after this is dropped
         self.done = False
         self.t_last = time.perf_counter()
+        if loader._pool is not None:  # producers start on the first look-ahead window at once
+            self._submit_upto(self.submitted + loader.lookahead)
 
     def __iter__(self):
         return self
@@ -788,7 +841,10 @@ class _EpochIterator:
         pool = L._pool
         if pool is not None:
             pool.check()
-            self._submit_upto(self.starts[min(self.batch + 1, len(self.starts) - 1)] + L.lookahead)
+            horizon = self.starts[min(self.batch + 1, len(self.starts) - 1)] + L.lookahead
+            self._submit_upto(horizon)
+            if horizon > self.plan.num_positions:  # the window reaches into the next epoch
+                L._plan_ahead(self.plan.epoch + 1, horizon - self.plan.num_positions)
         t0 = time.perf_counter()
         try:
             batch = next(self.runner_iter)

@@ -62,7 +62,8 @@ def random_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def distributed_order(n: int, rank: int, world_size: int, shuffle: bool, seed: int, epoch: int, drop_last: bool) -> list[int]:
+def distributed_order(n: int, rank: int, world_size: int, shuffle: bool, seed: int, epoch: int,
+                      drop_last: bool) -> list[int]:
     """What ``DistributedSampler`` yields on ``rank`` after ``set_epoch(epoch)`` (torch's rules)."""
     if shuffle:
         g = torch.Generator()

@@ -29,6 +29,15 @@ into it when the ring lives on the producer's device (a CPU producer and a host 
 finished image is copied in. No credit, no admission: when the trainer does not take results, the
 producers stop (back-pressure). A key taken or cancelled frees its slot for new credits.
 
+NOTE [Deadlines]. Serving strictly in order is wrong when producers are slower than the trainer: the
+job due next would be finished after the trainer has passed it, and so would every job after it, so
+no fresh image would ever arrive in time. The pool therefore estimates the consumption rate R (jobs
+taken or cancelled per second) and the job latency L (dispatch to done), and dispatches first the
+pending jobs that are at least R*L jobs away from the trainer; the nearer ones are made only if a
+producer has nothing else to do, and a ``take`` waiting on a job makes it urgent (dispatched first).
+Keys must therefore increase in consumption order (the loader's do). When producers keep up, R*L is
+smaller than what is already in flight and the order is plain FIFO.
+
 Outcomes. A finished image is checked for NaN/inf; a non-finite one is dropped and reported
 (``nonfinite_dropped`` in ``stats()``; ``take`` returns None at once so the consumer falls back to real).
 
@@ -401,6 +410,11 @@ class _Core:
         self.warnings: list[str] = []
         self.counters = collections.Counter()
         self.t_start = None
+        self.urgent: set[int] = set()  # pending keys a take() is waiting for: dispatched first, never skipped
+        self.t_dispatched: dict[int, float] = {}  # key -> when it went to a producer (for the latency estimate)
+        self.latency_s = 0.0  # EMA of dispatch -> done, per job
+        self.consume_rate = 0.0  # EMA of jobs the consumer takes or cancels per second
+        self._consumed, self._t_rate = 0, time.monotonic()
 
     # -- processes ----------------------------------------------------------------------------------
 
@@ -527,11 +541,16 @@ class _Core:
                 self.ready[key] = slot
                 h.images += 1
                 self.counters["produced"] += 1
+                t0 = self.t_dispatched.pop(key, None)
+                if t0 is not None:
+                    lat = time.monotonic() - t0
+                    self.latency_s = lat if self.latency_s == 0.0 else 0.8 * self.latency_s + 0.2 * lat
             else:  # cancelled while being made
                 self.ring.release(slot)
                 self.free.append(slot)
         elif kind == "dropped":
             _, key, reason = msg
+            self.t_dispatched.pop(key, None)
             if self.owner.get(key) == h.producer:
                 del self.owner[key]
                 h.assigned.pop(key, None)
@@ -578,6 +597,7 @@ class _Core:
         h.assigned = {}
         for job in lost:
             self.owner.pop(job.key, None)
+            self.t_dispatched.pop(job.key, None)
         info = h.error_info or {}
         keys = info.get("keys") or [j.key for j in lost[:1]]
         indices = info.get("indices") or [j.index for j in lost[:1]]
@@ -615,23 +635,46 @@ class _Core:
 
     # -- scheduling ---------------------------------------------------------------------------------
 
+    def consumed(self, n: int = 1) -> None:
+        """Count jobs the consumer took or cancelled; refresh the consumption-rate estimate twice a second."""
+        self._consumed += n
+        now = time.monotonic()
+        dt = now - self._t_rate
+        if dt >= 0.5:
+            rate = self._consumed / dt
+            self.consume_rate = rate if self.consume_rate == 0.0 else 0.7 * self.consume_rate + 0.3 * rate
+            self._consumed, self._t_rate = 0, now
+
+    def _due_order(self) -> list[int]:
+        """Pending keys in the order to dispatch them: NOTE [Deadlines]."""
+        keys = list(self.pending)
+        late = int(self.consume_rate * self.latency_s) - len(self.owner) - len(self.ready)
+        if late > 0:
+            # The first `late` pending jobs would come out after the consumer has passed them: make the
+            # ones after first (the consumer falls back for those it passes), unless a take() waits on them.
+            keys = keys[late:] + keys[:late]
+        urgent = [k for k in keys if k in self.urgent]
+        return urgent + [k for k in keys if k not in self.urgent] if urgent else keys
+
     def dispatch(self) -> None:
-        """Hand pending jobs (in order) to the least-loaded ready producers; top up slot credits."""
+        """Hand pending jobs (in due order) to the least-loaded ready producers; top up slot credits."""
         ready = [h for h in self.handles if h.state == "ready"]
         if not ready or self.ring is None:
             return
         budget = 2 * self.cfg["capacity"]
         batches = {h.producer: [] for h in ready}
         now = time.monotonic()
-        while self.pending:
+        for key in self._due_order() if self.pending else ():
             h = min(ready, key=lambda h: len(h.assigned))
             if len(h.assigned) >= budget:
                 break
             if not h.assigned:
                 h.t_heard = now  # the hang clock starts with work: an idle producer has nothing to say
-            key, job = self.pending.popitem(last=False)
+            job = self.pending.pop(key)
+            self.urgent.discard(key)
             h.assigned[key] = job
             self.owner[key] = h.producer
+            self.t_dispatched[key] = now
             batches[h.producer].append(job)
         # Enough credits to keep each sampler full; the rest of the ring holds results awaiting take().
         target = max(1, min(self.cfg["capacity"], self.ring.capacity // max(1, len(self.handles))))
@@ -806,11 +849,15 @@ class ProducerPool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
+                if key in core.pending and key not in core.urgent:
+                    core.urgent.add(key)  # somebody waits for it: no deadline skipping
+                    core.dispatch()
                 core.cv.wait(remaining)
         image = core.ring.read(slot, key)  # outside the lock: the slot is in no list, nobody else touches it
         with core.lock:
             core.free.append(slot)
             core.counters["taken"] += 1
+            core.consumed()
             core.dispatch()
         return image
 
@@ -823,6 +870,8 @@ class ProducerPool:
             per_producer = collections.defaultdict(list)
             for key in keys:
                 core.outcomes.pop(key, None)
+                core.urgent.discard(key)
+                core.t_dispatched.pop(key, None)
                 if core.pending.pop(key, None) is not None:
                     pass
                 elif key in core.owner:
@@ -836,6 +885,7 @@ class ProducerPool:
                 else:
                     continue
                 core.counters["cancelled"] += 1
+                core.consumed()
             for producer, ks in per_producer.items():
                 core.handles[producer].send("cancel", ks)
             core.dispatch()

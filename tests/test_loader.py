@@ -18,7 +18,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from fusionloader.loader import FusionLoader
-from fusionloader.plan import TEXT_ONLY
 
 R = 16  # stand-in synthesis resolution (= the test images' size, so no resize muddles exact checks)
 
@@ -423,9 +422,7 @@ def _closed(loader):
 
 # -- acceptance against the real ProducerPool --------------------------------------------------------
 
-import collections as _c  # noqa: E402
-
-Finished = _c.namedtuple("Finished", "key image finite")
+Finished = collections.namedtuple("Finished", "key image finite")
 
 
 class _VariantCache:
@@ -446,8 +443,7 @@ class _VariantSampler:
         time.sleep(0.002)
         out = []
         for req in done:
-            src = None if req.latent_mean is None else req.latent_mean
-            img = expected_variant(src, req.seed, req.strength) if src is not None else expected_variant(None, req.seed, None)
+            img = expected_variant(req.latent_mean, req.seed, req.strength)
             out.append(Finished(req.key, img, True))
         return out
 
@@ -540,3 +536,23 @@ def test_producer_failure_reraises_in_the_training_loop():
         list(loader)
     loader.close()
     assert Failing.instances[-1].closed
+
+
+def test_requests_cross_the_epoch_boundary():
+    from fusionloader.plan import batch_order, plan_epoch, random_order
+
+    ds = TensorImages(n=12)
+    loader = fusion(ds, batch_size=4, shuffle=True, alpha=1.0, late_policy="wait", return_meta=True, lookahead=8)
+    run_epoch(loader)
+    pool = InlinePool.instances[-1]
+    ahead = sorted(pool.jobs.values(), key=lambda j: j.key)
+    plan1 = plan_epoch(batch_order(random_order(12, 0, 1), 4, False), seed=0, epoch=1, alpha=1.0)
+    assert [j.index for j in ahead] == plan1.indices[: len(ahead)].tolist() and len(ahead) >= 4  # epoch 1 queued
+    x, meta = run_epoch(loader)  # adopted: epoch 1 consumes exactly those jobs, all fresh
+    assert meta["fresh"].all() and torch.equal(meta["index"], torch.from_numpy(plan1.indices))
+    for p in range(12):
+        torch.testing.assert_close(x[p], expected_variant(ds.images[int(plan1.indices[p])], plan1.sample_seed[p], 0.5))
+    cancelled = len(pool.cancelled)
+    loader.set_epoch(5)  # epoch 2 was requested ahead; a different epoch drops those requests
+    x, meta = run_epoch(loader)
+    assert len(pool.cancelled) > cancelled and meta["fresh"].all()

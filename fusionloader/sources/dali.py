@@ -16,6 +16,7 @@ Requires ``nvidia-dali-cuda120`` (optional dependency ``fusionloader[dali]``); i
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,6 +25,8 @@ from torch.utils.data import Dataset
 from .dataset import DatasetError
 
 __all__ = ["DaliImageFolder", "dali_available"]
+
+_DALI_PID: int | None = None  # the process whose DALI runtime is live (see DaliImageFolder._pipeline)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -85,7 +88,17 @@ class DaliImageFolder(Dataset):
     # -- DALI -------------------------------------------------------------------------------------
 
     def _pipeline(self):
-        if self._pipe is None or self._pipe_pid != os.getpid():  # rebuilt in forked workers too
+        """This process's pipeline, or None in a fork of a process that already ran DALI (DALI's
+        threads do not survive fork: such workers decode with PIL; use multiprocessing_context="spawn"
+        or "forkserver" to decode with DALI in DataLoader workers)."""
+        global _DALI_PID
+        if _DALI_PID is not None and _DALI_PID != os.getpid():
+            if not getattr(self, "_warned", False):
+                warnings.warn("DALI was initialised before this process forked; decoding with PIL here "
+                              "(use multiprocessing_context='spawn' to decode with DALI in workers)", RuntimeWarning)
+                self._warned = True
+            return None
+        if self._pipe is None or self._pipe_pid != os.getpid():
             from nvidia.dali import fn, pipeline_def, types
 
             feed = _Feed()
@@ -97,6 +110,7 @@ class DaliImageFolder(Dataset):
                 encoded = fn.external_source(source=feed, dtype=types.UINT8, batch=True, no_copy=False)
                 return fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
 
+            _DALI_PID = os.getpid()
             pipe = decode()
             pipe.build()
             self._pipe, self._feed, self._pipe_pid = pipe, feed, os.getpid()
@@ -105,6 +119,13 @@ class DaliImageFolder(Dataset):
     def decode(self, paths: Sequence[str]) -> list[np.ndarray]:
         """HWC uint8 RGB arrays of ``paths``, decoded in one pipeline run per ``max_batch`` files."""
         pipe, out = self._pipeline(), []
+        if pipe is None:
+            from PIL import Image
+
+            for p in paths:
+                with Image.open(p) as im:
+                    out.append(np.array(im.convert("RGB")))
+            return out
         for s in range(0, len(paths), self.max_batch):
             chunk = paths[s : s + self.max_batch]
             self._feed.batch = [np.fromfile(p, dtype=np.uint8) for p in chunk]
