@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--devices", nargs="+", default=["cpu"], help="producer devices, e.g. cuda:1 cuda:2")
     demo.add_argument("--train-device", default="cpu")
     demo.add_argument("--out", default="fusionloader-demo")
-    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--per-class", type=int, default=10, help="few-shot training images per class")
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--alpha", type=float, default=0.5)

@@ -53,10 +53,10 @@ def save_loader_plot(per_epoch: dict, accuracy: dict[str, Sequence[float]], path
         values = np.array([per_epoch[e][kind] for e in epochs], dtype=float)
         left.bar(epochs, values, bottom=bottom, label=kind, color=color)
         bottom += values
-    stall = [100 * per_epoch[e]["stall_fraction"] for e in epochs]
+    stall = max(100 * per_epoch[e]["stall_fraction"] for e in epochs)
     left.set_xlabel("epoch")
     left.set_ylabel("samples")
-    left.set_title("delivered samples per epoch (stall %: " + ", ".join(f"{s:.1f}" for s in stall) + ")", fontsize=9)
+    left.set_title(f"delivered samples per epoch (worst stall {stall:.1f}% of epoch time)", fontsize=9)
     left.legend(fontsize=8)
     for name, values in accuracy.items():
         right.plot(range(len(values)), [100 * v for v in values], marker="o", label=name)
