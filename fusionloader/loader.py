@@ -545,7 +545,9 @@ class FusionLoader:
         ahead, self._ahead = self._ahead, None
         if (ahead is not None and resume is None and ahead["epoch"] == epoch
                 and np.array_equal(ahead["plan"].indices, plan.indices)
-                and np.array_equal(ahead["plan"].synthetic, plan.synthetic)):
+                and np.array_equal(ahead["plan"].synthetic, plan.synthetic)
+                # a curriculum may have changed alpha/strengths since the requests were made
+                and np.array_equal(ahead["plan"].strength, plan.strength, equal_nan=True)):
             key_base, submitted = ahead["key_base"], ahead["submitted"]  # adopt what was requested ahead
             self._outstanding |= ahead["keys"]
         else:
@@ -822,6 +824,9 @@ class _EpochIterator:
         self.outstanding = loader._outstanding  # shared, so close() can cancel after this is dropped
         self.done = False
         self.t_last = time.perf_counter()
+        # strengths a reused variant may have this epoch (the current curriculum stage's)
+        choices = normalize_strengths(loader.strengths)
+        self.allowed = {None} if choices is None else {float(np.float32(c)) for c in choices}
         if loader._pool is not None:  # producers start on the first look-ahead window at once
             self._submit_upto(self.submitted + loader.lookahead)
 
@@ -938,7 +943,7 @@ class _EpochIterator:
             L._store.put(item.index, image, strength)
             return image, strength, "fresh"
         if L.late_policy == "reuse":
-            chosen = L._store.choose(item.index, int(self.plan.sample_seed[item.position]))
+            chosen = L._store.choose(item.index, int(self.plan.sample_seed[item.position]), self.allowed)
             if chosen is not None:
                 return chosen[0], chosen[1], "reused"
         return None, None, "fallback"

@@ -56,10 +56,13 @@ class VariantStore:
         while self.nbytes > self.max_bytes:
             self._drop(next(iter(self._by_index)))
 
-    def choose(self, index: int, seed: int) -> tuple[torch.Tensor, float | None] | None:
+    def choose(self, index: int, seed: int, allowed=None) -> tuple[torch.Tensor, float | None] | None:
         """A variant of ``index`` chosen uniformly with ``seed`` as float (3, R, R), and its strength;
-        ``None`` when the store has none."""
+        ``None`` when the store has none. ``allowed``: a set of strengths (``None`` in it = text-only)
+        to choose among, so a curriculum stage never gets an earlier stage's variants; default: any."""
         variants = self._by_index.get(index)
+        if variants and allowed is not None:
+            variants = [v for v in variants if v[1] in allowed]
         if not variants:
             return None
         self._by_index.move_to_end(index)

@@ -53,3 +53,14 @@ def test_uint8_storage_round_trip_and_zero_capacity():
     off = VariantStore(variants_per_index=0)
     off.put(0, x)
     assert off.choose(0, 0) is None and len(off) == 0
+
+
+def test_choose_only_among_allowed_strengths():
+    store = VariantStore(variants_per_index=4)
+    for s in (0.25, 0.75, None):
+        store.put(3, torch.full((3, 2, 2), 0.5), s)
+    for seed in range(20):
+        assert store.choose(3, seed, allowed={0.75})[1] == 0.75
+        assert store.choose(3, seed, allowed={None})[1] is None
+    assert store.choose(3, 0, allowed={0.5}) is None
+    assert {store.choose(3, seed)[1] for seed in range(50)} == {0.25, 0.75, None}
