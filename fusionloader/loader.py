@@ -24,9 +24,12 @@ fetches and replaces some samples afterwards.
   synthetic position — so ``alpha=0`` is bit-exact DataLoader output. Batches with synthetic positions
   come back uncollated; for those positions the worker also reports the raw image's form and size.
 * Mix (main process). For a synthetic position the producer's image is taken from the pool (``take``
-  with the late policy's timeout): fresh images go into the variant store; late ones are cancelled and
-  replaced by a stored variant of the same index (``reuse``) or by the real sample already fetched
-  (``real``/``wait`` after its timeout; counted as fallback). The synthetic image is resized back to the
+  with the late policy's timeout): fresh images go into the variant store. A late position gets a stored
+  variant of the same index (``reuse``) or the real sample already fetched (``real``/``wait`` after its
+  timeout; counted as fallback). Under ``real``/``wait`` the late job is cancelled; under ``reuse`` it
+  keeps running and is *harvested* into the store when done (across epochs, bounded): cancelling every
+  late job livelocks producers slower than the trainer (each would be cancelled in flight, nothing
+  would finish, the store would stay empty). The synthetic image is resized back to the
   real image's size and form (PIL/array/tensor) and passed through the *same* train transform
   (``dataset.transform`` for ImageFolder/VisionDataset-style datasets, else ``transform=``) under an
   RNG seeded by the position's seed (so a resumed run reproduces it), then the batch is collated with the
@@ -54,6 +57,7 @@ fetches and replaces some samples afterwards.
 from __future__ import annotations
 
 import atexit
+import collections
 import inspect
 import logging
 import math
@@ -263,7 +267,8 @@ class FusionLoader:
     late_policy: what a synthetic position gets when its image is not ready: ``"reuse"`` a stored variant
         of the same index (real if none), ``"real"``, or ``"wait"`` up to ``wait_timeout`` s, then real.
     variants_per_index, store_bytes: bounds of the in-memory variant store.
-    lookahead: how many samples ahead requests are submitted (default ``max(64, 8 * batch_size)``).
+    lookahead: how many samples ahead requests are submitted (default: adaptive, at least
+        ``max(64, 8 * batch_size)`` and 1.5x what the trainer consumes during one producer job's latency).
     seed: one seed for coins, strengths, sample seeds and (when given, with default sampling) the order.
         Default: ``torch.initial_seed()``.
     return_meta: yield ``(batch, meta)`` with ``meta`` a dict of tensors ``index``, ``planned``
@@ -349,6 +354,7 @@ class FusionLoader:
         self.late_policy = late_policy
         self.variants_per_index = variants_per_index
         self.lookahead = lookahead if lookahead is not None else max(64, 8 * (self._dl.batch_size or 1))
+        self._adaptive_lookahead = lookahead is None
         self.return_meta = return_meta
         self.guidance_scale = float(guidance_scale)
         self.num_inference_steps = int(num_inference_steps)
@@ -381,6 +387,8 @@ class FusionLoader:
         self._active = None  # weakref to the live epoch iterator
         self._outstanding: set[int] = set()  # its submitted, not yet taken job keys
         self._ahead: dict | None = None  # requests already made for the next epoch (see _plan_ahead)
+        self._harvested = 0
+        self._late: collections.deque = collections.deque()  # (key, index, strength): late jobs left running
         self._dist_sampler = None
         self._closed = False
 
@@ -559,6 +567,20 @@ class FusionLoader:
         self._active = weakref.ref(it)
         self._stats.begin(epoch)
         return it
+
+    def _horizon(self) -> int:
+        """How many samples ahead to request. A fixed ``lookahead`` when given; by default at least 1.5x
+        the samples the trainer consumes while a producer makes one job (pool latency), so that when
+        producers are slower than the trainer they make images for positions they can still reach in
+        time (NOTE [Deadlines] in producer.py) instead of chasing the trainer and always arriving late."""
+        if not self._adaptive_lookahead or self._pool is None:
+            return self.lookahead
+        cur = self._stats.current
+        latency = getattr(self._pool, "latency_s", 0.0)
+        if cur is None or cur.wall_s <= 0 or latency <= 0:
+            return self.lookahead
+        rate = cur.samples / cur.wall_s  # samples per second this epoch
+        return int(min(max(self.lookahead, math.ceil(1.5 * rate * latency)), 1 << 16))
 
     def _plan_ahead(self, epoch: int, positions: int) -> None:
         """Request the first ``positions`` samples of ``epoch`` while the current epoch ends, so producers
@@ -751,7 +773,8 @@ class FusionLoader:
             except Exception as e:  # a failed pool still lets the user read the loader's counts
                 producer = {"error": str(e)}
         out = self._stats.as_dict(producer)
-        out["store"] = {"variants": len(self._store), "bytes": self._store.nbytes, "evicted": self._store.evicted}
+        out["store"] = {"variants": len(self._store), "bytes": self._store.nbytes, "evicted": self._store.evicted,
+                        "harvested": self._harvested}  # late jobs finished after their position: stored only
         return out
 
     # -- lifetime -----------------------------------------------------------------------------------
@@ -775,6 +798,12 @@ class FusionLoader:
         self._closed = True
         self._abandon_active()
         self._drop_ahead()
+        late, self._late = self._late, collections.deque()
+        if late and self._pool is not None:
+            try:
+                self._pool.cancel([entry[0] for entry in late])
+            except Exception:  # a failed pool has nothing left to cancel
+                pass
         runner = self._runner
         it = getattr(runner, "_iterator", None) if runner is not None else None
         if it is not None and hasattr(it, "_shutdown_workers"):
@@ -799,8 +828,8 @@ class FusionLoader:
     def __getstate__(self):
         # Pickled to spawned trainer processes (Lightning's ddp_spawn): runtime state stays behind.
         state = self.__dict__.copy()
-        for key in ("_source", "_store", "_pool", "_runner", "_plan_sampler", "_active", "_outstanding", "_ahead", "_dist_sampler",
-                    "_closed"):
+        for key in ("_source", "_store", "_pool", "_runner", "_plan_sampler", "_active", "_outstanding", "_ahead", "_late",
+                    "_dist_sampler", "_closed"):
             state.pop(key, None)
         return state
 
@@ -828,7 +857,7 @@ class _EpochIterator:
         choices = normalize_strengths(loader.strengths)
         self.allowed = {None} if choices is None else {float(np.float32(c)) for c in choices}
         if loader._pool is not None:  # producers start on the first look-ahead window at once
-            self._submit_upto(self.submitted + loader.lookahead)
+            self._submit_upto(self.submitted + loader._horizon())
 
     def __iter__(self):
         return self
@@ -846,7 +875,9 @@ class _EpochIterator:
         pool = L._pool
         if pool is not None:
             pool.check()
-            horizon = self.starts[min(self.batch + 1, len(self.starts) - 1)] + L.lookahead
+            if L._late:
+                self._harvest()
+            horizon = self.starts[min(self.batch + 1, len(self.starts) - 1)] + L._horizon()
             self._submit_upto(horizon)
             if horizon > self.plan.num_positions:  # the window reaches into the next epoch
                 L._plan_ahead(self.plan.epoch + 1, horizon - self.plan.num_positions)
@@ -937,7 +968,13 @@ class _EpochIterator:
             L._stats.add_time("stall_s", time.perf_counter() - t0)
             self.outstanding.discard(key)
             if image is None:
-                pool.cancel([key])
+                if L.late_policy == "reuse":
+                    # Keep it: when it is done it becomes a stored variant (see _harvest). Cancelling every
+                    # late job livelocks producers that are slower than the trainer: each job would be
+                    # cancelled in flight, nothing would ever finish, and the store would stay empty.
+                    L._late.append((key, item.index, self.plan.job_strength(item.position)))
+                else:
+                    pool.cancel([key])
         strength = self.plan.job_strength(item.position)
         if image is not None:
             L._store.put(item.index, image, strength)
@@ -947,6 +984,26 @@ class _EpochIterator:
             if chosen is not None:
                 return chosen[0], chosen[1], "reused"
         return None, None, "fallback"
+
+    def _harvest(self, scan: int = 256, keep: int = 4096) -> None:
+        """Move finished late jobs into the variant store (freeing their ring slots); forget lost ones;
+        cancel the oldest beyond ``keep``. Looks at most ``scan`` keys per batch."""
+        L, pool = self.loader, self.loader._pool
+        late = L._late  # across epochs: a few-shot epoch can be shorter than one job's latency
+        if len(late) > keep:
+            pool.cancel([late.popleft()[0] for _ in range(len(late) - keep)])
+        kept = collections.deque()
+        for _ in range(min(scan, len(late))):
+            key, index, strength = entry = late.popleft()
+            image = pool.take(key, 0.0)
+            if image is not None:
+                L._store.put(index, image, strength)
+                L._harvested += 1
+            elif pool.state(key) == "pending":
+                kept.append(entry)
+            # else: lost, dropped (NaN/inf) or unknown: nothing will come
+        kept.extend(late)
+        L._late = kept
 
     def _cancel_outstanding(self) -> None:
         pool = self.loader._pool

@@ -920,6 +920,8 @@ class ProducerPool:
                 "producers": producers,
                 "images": sum(p["images"] for p in producers),
                 "images_per_s": sum(p["images_per_s"] for p in producers),
+                "latency_s": core.latency_s,
+                "consume_rate": core.consume_rate,
                 "ring": {"slots": slots, **ring, "occupancy": len(core.ready) / slots},
                 "jobs_pending": len(core.pending) + len(core.owner),
                 "jobs_ready": len(core.ready),
@@ -932,6 +934,11 @@ class ProducerPool:
             }
 
     # -- for tests and tools ------------------------------------------------------------------------
+
+    @property
+    def latency_s(self) -> float:
+        """Running estimate of one job's latency, dispatch to done (0.0 before the first result)."""
+        return self._core.latency_s
 
     @property
     def pids(self) -> list[int]:
