@@ -973,6 +973,9 @@ class _EpochIterator:
                     # late job livelocks producers that are slower than the trainer: each job would be
                     # cancelled in flight, nothing would ever finish, and the store would stay empty.
                     L._late.append((key, item.index, self.plan.job_strength(item.position)))
+                    passed = getattr(pool, "passed", None)  # optional in the pool protocol (test stand-ins)
+                    if passed is not None:
+                        passed([key])
                 else:
                     pool.cancel([key])
         strength = self.plan.job_strength(item.position)

@@ -411,6 +411,7 @@ class _Core:
         self.counters = collections.Counter()
         self.t_start = None
         self.urgent: set[int] = set()  # pending keys a take() is waiting for: dispatched first, never skipped
+        self.passed: set[int] = set()  # pending keys the consumer has gone past (made last, for the store)
         self.t_dispatched: dict[int, float] = {}  # key -> when it went to a producer (for the latency estimate)
         self.latency_s = 0.0  # EMA of dispatch -> done, per job
         self.consume_rate = 0.0  # EMA of jobs the consumer takes or cancels per second
@@ -647,12 +648,14 @@ class _Core:
 
     def _due_order(self) -> list[int]:
         """Pending keys in the order to dispatch them: NOTE [Deadlines]."""
-        keys = list(self.pending)
+        keys = [k for k in self.pending if k not in self.passed] if self.passed else list(self.pending)
         late = int(self.consume_rate * self.latency_s) - len(self.owner) - len(self.ready)
         if late > 0:
             # The first `late` pending jobs would come out after the consumer has passed them: make the
             # ones after first (the consumer falls back for those it passes), unless a take() waits on them.
             keys = keys[late:] + keys[:late]
+        if self.passed:
+            keys += [k for k in self.pending if k in self.passed]
         urgent = [k for k in keys if k in self.urgent]
         return urgent + [k for k in keys if k not in self.urgent] if urgent else keys
 
@@ -672,6 +675,7 @@ class _Core:
                 h.t_heard = now  # the hang clock starts with work: an idle producer has nothing to say
             job = self.pending.pop(key)
             self.urgent.discard(key)
+            self.passed.discard(key)
             h.assigned[key] = job
             self.owner[key] = h.producer
             self.t_dispatched[key] = now
@@ -871,6 +875,7 @@ class ProducerPool:
             for key in keys:
                 core.outcomes.pop(key, None)
                 core.urgent.discard(key)
+                core.passed.discard(key)
                 core.t_dispatched.pop(key, None)
                 if core.pending.pop(key, None) is not None:
                     pass
@@ -888,6 +893,17 @@ class ProducerPool:
                 core.consumed()
             for producer, ks in per_producer.items():
                 core.handles[producer].send("cancel", ks)
+            core.dispatch()
+
+    def passed(self, keys) -> None:
+        """The consumer went past these jobs without them (it fell back): keep them, but make them only
+        when no job that can still arrive in time is waiting (their images can still fill the variant
+        store). Counts towards the consumption rate (NOTE [Deadlines])."""
+        core = self._live()
+        with core.lock:
+            keys = [k for k in keys if k in core.pending or k in core.owner]
+            core.passed.update(k for k in keys if k in core.pending)
+            core.consumed(len(keys))
             core.dispatch()
 
     def state(self, key: int) -> str:
