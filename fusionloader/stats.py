@@ -43,7 +43,8 @@ class EpochStats:
         n = max(self.samples, 1)
         d["achieved_alpha"] = self.synthetic / n if self.samples else 0.0
         d["planned_alpha"] = self.planned_synthetic / n if self.samples else 0.0
-        d["fresh_fraction"] = self.fresh / self.synthetic if self.synthetic else 1.0
+        # undefined (NaN) while nothing synthetic has been delivered: never a flattering 1.0
+        d["fresh_fraction"] = self.fresh / self.synthetic if self.synthetic else float("nan")
         d["stall_fraction"] = self.stall_s / self.wall_s if self.wall_s > 0 else 0.0
         return d
 

@@ -81,6 +81,7 @@ class InlinePool:
     def __init__(self, synthesizer, source, devices=("cpu",), behavior="ready", **kwargs):
         self.source, self.devices, self.behavior, self.kwargs = source, devices, behavior, kwargs
         self.jobs, self.started, self.closed, self.cancelled, self.taken = {}, False, False, [], 0
+        self.asked = set()
         InlinePool.instances.append(self)
 
     def start(self):
@@ -96,7 +97,8 @@ class InlinePool:
         job = self.jobs.pop(key, None)
         if job is None:
             return None
-        if self.behavior == "never":
+        if self.behavior == "never" or (self.behavior == "late" and key not in self.asked):
+            self.asked.add(key)  # "late": not ready when its position comes up, ready at the next take
             time.sleep(timeout)
             self.jobs[key] = job
             return None
@@ -110,6 +112,9 @@ class InlinePool:
 
     def check(self):
         pass
+
+    def state(self, key):
+        return "pending" if key in self.jobs else "unknown"
 
     def stats(self):
         return {"images_per_s": 0.0, "ring": {"occupancy": 0.0}}
@@ -294,7 +299,11 @@ def test_late_policies_reuse_real_wait():
         assert any((x1[p] - v).abs().max() <= 1 / 255 for v in variants[i])
     st = loader.stats()
     assert st["per_epoch"][1]["reused"] == 12 and st["cumulative"]["fresh"] == 12
-    assert InlinePool.instances[-1].cancelled  # late jobs are cancelled, not left to producers
+    pool = InlinePool.instances[-1]
+    late = {key for key, _, _ in loader._late}
+    assert len(late) == 12 and not late & set(pool.cancelled)  # late jobs keep running, to be stored when done
+    loader.close()
+    assert late <= set(pool.cancelled) and pool.closed
 
     # real: late positions are delivered real and counted as fallback
     loader = fusion(ds, "never", batch_size=4, return_meta=True, alpha=1.0, late_policy="real")
@@ -556,3 +565,17 @@ def test_requests_cross_the_epoch_boundary():
     loader.set_epoch(5)  # epoch 2 was requested ahead; a different epoch drops those requests
     x, meta = run_epoch(loader)
     assert len(pool.cancelled) > cancelled and meta["fresh"].all()
+
+
+def test_late_jobs_are_harvested_into_the_store():
+    ds = TensorImages(n=8)
+    loader = fusion(ds, "late", batch_size=4, alpha=1.0, return_meta=True, seed=2)
+    _, m0 = run_epoch(loader)  # every job late at its position: nothing stored yet, all real
+    assert not m0["synthetic"].any() and loader.stats()["current"]["fallback"] == 8
+    x1, m1 = run_epoch(loader)  # epoch 0's jobs finished meanwhile and were stored: reused now
+    st = loader.stats()
+    assert st["store"]["harvested"] >= 4 and m1["synthetic"].sum() >= 4 and not m1["fresh"].any()
+    for p in range(8):
+        if m1["synthetic"][p]:
+            assert not torch.equal(x1[p], ds.images[int(m1["index"][p])])
+    loader.close()

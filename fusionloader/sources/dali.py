@@ -23,12 +23,12 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .dataset import DatasetError
+from .folder import IMG_EXTENSIONS
 
 __all__ = ["DaliImageFolder", "dali_available"]
 
 _DALI_PID: int | None = None  # the process whose DALI runtime is live (see DaliImageFolder._pipeline)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def dali_available() -> bool:
