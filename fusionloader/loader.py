@@ -367,6 +367,9 @@ class FusionLoader:
         self._pool_kwargs = dict(
             on_error=on_producer_error, max_restarts=max_restarts, latent_cache_path=latent_cache_path,
             capacity=producer_capacity, image_size=image_size, slots=producer_slots, timeout=producer_timeout,
+            # Training does not wait for producers to load and warm up, except under late_policy="wait",
+            # whose promise is that every planned position gets its own fresh image.
+            wait_ready=late_policy == "wait",
         )
         self._pool_factory = pool_factory
         self._store_bytes = store_bytes

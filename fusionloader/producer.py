@@ -453,6 +453,8 @@ class _Core:
                 self.spawn(h)
             self.thread = threading.Thread(target=self.collect, name="fusionloader-collector", daemon=True)
             self.thread.start()
+            if not self.cfg["wait_ready"]:
+                return  # the collector makes the ring and dispatches as producers report ready (check_stalls times out)
             deadline = time.monotonic() + self.cfg["timeout"]
             while not all(h.state == "ready" for h in self.handles):
                 if self.error is not None:
@@ -563,6 +565,8 @@ class _Core:
             h.state, h.pid, h.t_ready = "ready", msg[1]["pid"], time.monotonic()
             if self.cfg.get("resolution") is None:
                 self.cfg["resolution"] = msg[1].get("resolution")
+            if self.ring is None and not self.cfg["wait_ready"]:
+                self.make_ring()  # start() did not wait: the first ready producer tells the resolution
         elif kind == "error":
             h.error_info = msg[1]
         self.cv.notify_all()
@@ -575,6 +579,12 @@ class _Core:
     def check_stalls(self) -> None:
         now = time.monotonic()
         for h in self.handles:
+            if h.state == "starting" and self.t_start is not None and now - self.t_start > self.cfg["timeout"]:
+                # only reachable when start() did not wait (wait_ready=False): the same limit, in the background
+                h.error_info = {"pid": h.pid, "keys": [], "indices": [], "traceback": "",
+                                "error": f"not ready after {self.cfg['timeout']:.0f} s"}
+                h.process.kill()
+                continue
             # Silence only counts while the producer could make progress: holding jobs *and* slot credits
             # (without credits it is waiting for the trainer, which is back-pressure, not a fault).
             if h.state == "ready" and h.assigned and h.credits and now - h.t_heard > self.cfg["timeout"]:
@@ -749,7 +759,7 @@ class ProducerPool:
     def __init__(self, synthesizer, source, devices=("cpu",), slots: int | None = None, image_size: int | None = None,
                  on_error: str = "raise", max_restarts: int = 3, latent_cache_path: str | None = None,
                  capacity: int = 8, timeout: float = 120.0, *, ring_device="cpu", threads: int | None = None,
-                 warmup: bool = True):
+                 warmup: bool = True, wait_ready: bool = True):
         if on_error not in ("raise", "restart"):
             raise ValueError(f"on_error must be 'raise' or 'restart', got {on_error!r}")
         devices = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
@@ -767,14 +777,17 @@ class ProducerPool:
             image_size=image_size, on_error=on_error, max_restarts=int(max_restarts),
             latent_cache_path=None if latent_cache_path is None else os.fspath(latent_cache_path),
             capacity=int(capacity), timeout=float(timeout), ring_device=str(torch.device(ring_device)),
-            threads=threads, warmup=bool(warmup),
+            threads=threads, warmup=bool(warmup), wait_ready=bool(wait_ready),
         ))
         self._finalizer = weakref.finalize(self, self._core.close)
 
     # -- lifetime -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn one producer per device; return when each has loaded its model and warmed up (or raise)."""
+        """Spawn one producer per device; return when each has loaded its model and warmed up (or raise).
+
+        With ``wait_ready=False`` return at once: jobs queue until producers are ready, ``take`` returns None
+        meanwhile, and a start-up failure re-raises at the next ``check``/``take``/``submit``/``stats``."""
         try:
             self._core.start()
         except BaseException:

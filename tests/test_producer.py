@@ -357,3 +357,27 @@ def test_sigkill_raises_and_close_cleans_up(pool):
     assert time.monotonic() - t0 < 5.0
     assert wait_gone(pids, names, within=0.5)
     pool.close()  # idempotent
+
+
+def test_start_without_waiting_serves_jobs_queued_while_producers_load(synth):
+    pool = ProducerPool(synth, Source(), devices=["cpu"], capacity=2, timeout=60, wait_ready=False)
+    t0 = time.monotonic()
+    pool.start()
+    assert time.monotonic() - t0 < 2.0  # spawn only; loading happens in the background
+    pool.submit(jobs(range(3)))
+    assert pool.take(0, timeout=0.0) is None  # nothing can be ready yet: the trainer falls back, no stall
+    images = [pool.take(k, timeout=60) for k in range(3)]
+    assert all(img is not None and img.shape == (3, SIZE, SIZE) for img in images)
+    assert pool.stats()["latency_s"] > 0
+    pool.close()
+    assert not any(alive(p) for p in pool.pids)
+
+
+def test_passed_jobs_are_made_after_due_ones(synth):
+    with ProducerPool(synth, Source(), devices=["cpu"], capacity=1, timeout=60) as pool:
+        pool.submit(jobs(range(6)))
+        pool.passed([2, 3])  # the trainer went past these: they go to the back of the queue
+        assert pool.take(5, timeout=60) is not None
+        assert pool.state(3) == "pending"  # made one job at a time, in the order 0 1 4 5 2 3
+        for k in (0, 1, 4, 2, 3):
+            assert pool.take(k, timeout=60) is not None
