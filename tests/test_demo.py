@@ -9,7 +9,7 @@ from fusionloader.demo import DemoConfig, format_summary, run_demo
 
 
 def test_demo_runs_and_writes_its_files(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), epochs=2, per_class=2, batch_size=8, steps=2, progress=False)
+    cfg = DemoConfig(out=str(tmp_path / "demo"), epochs=2, per_class=2, batch_size=8, steps=4, progress=False)
     summary = run_demo(cfg)
     for key in ("accuracy_real_only", "accuracy_fusion", "achieved_alpha", "fresh_fraction", "stall_fraction",
                 "images_per_s_fusion", "counts"):
