@@ -140,7 +140,9 @@ def regime(name: str, *, quick: bool, device: str, pipe_path: str) -> dict:
     # ample: 2 sampler steps, a long (simulated accelerator) step; scarce: 8 sampler steps, a short step
     sampler_steps, width, sim_step_s = (2, 32, 0.4) if name == "ample" else (8, 16, 0.01)
     if name == "scarce":
-        steps *= 6  # short steps: run about as long as the ample regime so producers reach a steady state
+        # short steps: run long enough (~15 s) for producers to start in the background (the trainer does
+        # not wait for them) and reach a steady state
+        steps *= 30 if quick else 6
     burn_in = 2 * (n // bs)  # two epochs: producers warm, the store filled
     alpha = 0.5
     base = Images(n)
@@ -155,7 +157,7 @@ def regime(name: str, *, quick: bool, device: str, pipe_path: str) -> dict:
     pipe = pipe.to(device)  # (b) and (c) generate on the producers' device: same hardware for every way
     pipe.set_progress_bar_config(disable=True)
     out["inline"] = train(DataLoader(InlineSynthesis(base, pipe, alpha, sampler_steps), batch_size=bs, shuffle=True),
-                          max(4, steps // 8), width, sim_step_s, burn_in=1)
+                          min(max(4, steps // 8), 48), width, sim_step_s, burn_in=1)
 
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()

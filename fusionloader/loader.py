@@ -998,6 +998,20 @@ class _EpochIterator:
         late = L._late  # across epochs: a few-shot epoch can be shorter than one job's latency
         if len(late) > keep:
             pool.cancel([late.popleft()[0] for _ in range(len(late) - keep)])
+        ready = getattr(pool, "ready_keys", lambda: ())()  # optional in the pool protocol (test stand-ins)
+        if ready:
+            # Whatever is finished, wherever it sits: producers make passed jobs out of order (NOTE
+            # [Deadlines] in producer.py), and an unharvested result holds a ring slot.
+            remaining = collections.deque()
+            for entry in late:
+                key, index, strength = entry
+                image = pool.take(key, 0.0) if key in ready else None
+                if image is not None:
+                    L._store.put(index, image, strength)
+                    L._harvested += 1
+                else:
+                    remaining.append(entry)
+            late = L._late = remaining
         kept = collections.deque()
         for _ in range(min(scan, len(late))):
             key, index, strength = entry = late.popleft()

@@ -908,6 +908,12 @@ class ProducerPool:
                 core.handles[producer].send("cancel", ks)
             core.dispatch()
 
+    def ready_keys(self) -> set[int]:
+        """Keys whose images are finished and waiting for ``take``."""
+        core = self._live()
+        with core.lock:
+            return set(core.ready)
+
     def passed(self, keys) -> None:
         """The consumer went past these jobs without them (it fell back): keep them, but make them only
         when no job that can still arrive in time is waiting (their images can still fill the variant
