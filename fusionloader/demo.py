@@ -40,9 +40,11 @@ class DemoConfig:
     alpha: float = 0.5  # DA-Fusion's default
     strengths: object = "randomized"  # DA-Fusion's randomized intensity {0.25, 0.5, 0.75, 1.0}
     guidance_scale: float = 3.0  # the embedded model is small; 7.5 is SD's default (--guidance)
-    steps: int = 20  # scheduler steps (strength s runs int(s * steps) of them)
+    steps: int = 10  # scheduler steps (strength s runs int(s * steps) of them)
     prompt: str | None = None  # template with {} for the class name; default: the model's own
-    late_policy: str = "reuse"
+    # "wait": every synthetic position gets its own fresh variant. A CPU producer is slower than this
+    # small trainer, so the demo shows the stall that costs; "reuse" trades freshness for no stall.
+    late_policy: str = "wait"
     image_size: int = 32  # classifier input size for --images
     seed: int = 0
     lr: float = 1e-3

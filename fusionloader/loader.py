@@ -370,6 +370,9 @@ class FusionLoader:
             # Training does not wait for producers to load and warm up, except under late_policy="wait",
             # whose promise is that every planned position gets its own fresh image.
             wait_ready=late_policy == "wait",
+            # A trainer that waits for every job needs them in order: made out of order, results far ahead
+            # would hold the ring slots the awaited job needs (NOTE [Deadlines] in producer.py).
+            deadlines=late_policy != "wait",
         )
         self._pool_factory = pool_factory
         self._store_bytes = store_bytes

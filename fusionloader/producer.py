@@ -32,7 +32,7 @@ producers stop (back-pressure). A key taken or cancelled frees its slot for new 
 NOTE [Deadlines]. Serving strictly in order is wrong when producers are slower than the trainer: the
 job due next would be finished after the trainer has passed it, and so would every job after it, so
 no fresh image would ever arrive in time. The pool therefore estimates the consumption rate R (jobs
-taken or cancelled per second) and the job latency L (dispatch to done), and dispatches first the
+taken or passed per second) and the job latency L (dispatch to done), and dispatches first the
 pending jobs that are at least R*L jobs away from the trainer; the nearer ones are made only if a
 producer has nothing else to do, and a ``take`` waiting on a job makes it urgent (dispatched first).
 Keys must therefore increase in consumption order (the loader's do). When producers keep up, R*L is
@@ -414,7 +414,7 @@ class _Core:
         self.passed: set[int] = set()  # pending keys the consumer has gone past (made last, for the store)
         self.t_dispatched: dict[int, float] = {}  # key -> when it went to a producer (for the latency estimate)
         self.latency_s = 0.0  # EMA of dispatch -> done, per job
-        self.consume_rate = 0.0  # EMA of jobs the consumer takes or cancels per second
+        self.consume_rate = 0.0  # EMA of jobs the consumer takes or passes per second
         self._consumed, self._t_rate = 0, time.monotonic()
 
     # -- processes ----------------------------------------------------------------------------------
@@ -647,7 +647,7 @@ class _Core:
     # -- scheduling ---------------------------------------------------------------------------------
 
     def consumed(self, n: int = 1) -> None:
-        """Count jobs the consumer took or cancelled; refresh the consumption-rate estimate twice a second."""
+        """Count jobs the consumer took or passed; refresh the consumption-rate estimate twice a second."""
         self._consumed += n
         now = time.monotonic()
         dt = now - self._t_rate
@@ -660,7 +660,10 @@ class _Core:
         """Pending keys in the order to dispatch them: NOTE [Deadlines]."""
         keys = [k for k in self.pending if k not in self.passed] if self.passed else list(self.pending)
         late = int(self.consume_rate * self.latency_s) - len(self.owner) - len(self.ready)
-        if late > 0:
+        # Never while a take() waits: the job it waits for needs a ring slot, and far-ahead results would
+        # hold them all. (Cancels do not count as consumption: a loader cancels a whole epoch's leftovers
+        # at once, which is no measure of its pace.)
+        if late > 0 and not self.urgent and self.cfg["deadlines"]:
             # The first `late` pending jobs would come out after the consumer has passed them: make the
             # ones after first (the consumer falls back for those it passes), unless a take() waits on them.
             keys = keys[late:] + keys[:late]
@@ -759,7 +762,7 @@ class ProducerPool:
     def __init__(self, synthesizer, source, devices=("cpu",), slots: int | None = None, image_size: int | None = None,
                  on_error: str = "raise", max_restarts: int = 3, latent_cache_path: str | None = None,
                  capacity: int = 8, timeout: float = 120.0, *, ring_device="cpu", threads: int | None = None,
-                 warmup: bool = True, wait_ready: bool = True):
+                 warmup: bool = True, wait_ready: bool = True, deadlines: bool = True):
         if on_error not in ("raise", "restart"):
             raise ValueError(f"on_error must be 'raise' or 'restart', got {on_error!r}")
         devices = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
@@ -777,7 +780,7 @@ class ProducerPool:
             image_size=image_size, on_error=on_error, max_restarts=int(max_restarts),
             latent_cache_path=None if latent_cache_path is None else os.fspath(latent_cache_path),
             capacity=int(capacity), timeout=float(timeout), ring_device=str(torch.device(ring_device)),
-            threads=threads, warmup=bool(warmup), wait_ready=bool(wait_ready),
+            threads=threads, warmup=bool(warmup), wait_ready=bool(wait_ready), deadlines=bool(deadlines),
         ))
         self._finalizer = weakref.finalize(self, self._core.close)
 
@@ -903,7 +906,6 @@ class ProducerPool:
                 else:
                     continue
                 core.counters["cancelled"] += 1
-                core.consumed()
             for producer, ks in per_producer.items():
                 core.handles[producer].send("cancel", ks)
             core.dispatch()
