@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-__all__ = ["build_clip_tokenizer", "build_tiny_pipeline", "save_tiny_pipeline"]
+__all__ = ["build_clip_tokenizer", "build_tiny_pipeline", "process_alive", "save_tiny_pipeline"]
 
 # Words that get whole-word BPE tokens in the generated vocabulary; every other word still tokenizes
 # (byte-level fallback), just into more pieces.
@@ -158,3 +158,16 @@ def save_tiny_pipeline(directory: str, **kwargs) -> str:
     """Build a tiny pipeline (see :func:`build_tiny_pipeline`), ``save_pretrained`` it, return the path."""
     build_tiny_pipeline(**kwargs).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False

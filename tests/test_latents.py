@@ -13,13 +13,6 @@ from fusionloader.engine import LatentCache
 from fusionloader.engine.latents import preprocess_images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def vae(tiny_sd1_path):

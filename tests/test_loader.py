@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from fusionloader.loader import FusionLoader
+from fusionloader.testing import process_alive as alive
 
 R = 16  # stand-in synthesis resolution (= the test images' size, so no resize muddles exact checks)
 
@@ -492,18 +493,6 @@ def real_fusion(ds, synth, **kw):
     kw.setdefault("seed", 0)
     kw.setdefault("producer_timeout", 120.0)
     return FusionLoader(ds, synthesizer=synth, **kw)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
-    except FileNotFoundError:
-        return False
 
 
 def test_real_pool_alpha_half_wait_and_shutdown(real_synth):

@@ -10,13 +10,6 @@ from fusionloader.engine import MissingComponentError, Synthesizer, load_compone
 from fusionloader.engine.models import components_from_pipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_load_folder(tiny_path):
     c = load_components(tiny_path)

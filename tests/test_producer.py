@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fusionloader.producer import Job, ProducerError, ProducerPool
+from fusionloader.testing import process_alive as alive
 
 STEPS = 3  # sampler steps per job: enough to exercise continuous batching, cheap on CPU
 SIZE = 32  # the tiny fixture's resolution
@@ -52,18 +53,6 @@ def synth(tiny_sd1_path):
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
-    except FileNotFoundError:
-        return False
 
 
 def shm_exists(name):

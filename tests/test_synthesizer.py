@@ -53,14 +53,6 @@ def test_cases_cover_every_pair():
         assert have == set(itertools.product(axes[a], axes[b])), (a, b)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny UNet is ~15x slower with 2 intra-op threads on a loaded 2-core box than with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 _PIPES = {}
 
