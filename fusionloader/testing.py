@@ -14,7 +14,14 @@ import tempfile
 
 import torch
 
-__all__ = ["build_clip_tokenizer", "build_tiny_pipeline", "process_alive", "save_tiny_pipeline"]
+__all__ = [
+    "build_clip_text_encoder",
+    "build_clip_tokenizer",
+    "build_tiny_pipeline",
+    "process_alive",
+    "save_tiny_pipeline",
+    "sd1_scheduler",
+]
 
 # Words that get whole-word BPE tokens in the generated vocabulary; every other word still tokenizes
 # (byte-level fallback), just into more pieces.
@@ -70,6 +77,42 @@ def build_clip_tokenizer(directory: str, words=_DEFAULT_WORDS, model_max_length:
     )
 
 
+def build_clip_text_encoder(tokenizer, hidden: int, layers: int, intermediate_size: int, heads: int = 4):
+    """A randomly initialised ``CLIPTextModel`` sized for ``tokenizer`` (its special ids and vocabulary)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=hidden,
+            intermediate_size=intermediate_size,
+            num_attention_heads=heads,
+            num_hidden_layers=layers,
+            max_position_embeddings=tokenizer.model_max_length,
+            vocab_size=len(tokenizer),
+            projection_dim=hidden,
+        )
+    )
+
+
+def sd1_scheduler(prediction_type: str = "epsilon"):
+    """A ``DDIMScheduler`` with Stable Diffusion 1.x's settings (scaled-linear betas, steps_offset 1, leading)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+    )
+
+
 def build_tiny_pipeline(
     prediction_type: str = "epsilon",
     sample_size: int = 32,
@@ -87,8 +130,7 @@ def build_tiny_pipeline(
     ``steps_offset=1``, leading spacing); ``"v_prediction"`` an SD-2.x-shaped one. ``sample_size`` is
     the image resolution in pixels; the VAE downsamples by ``2 ** (len(vae_channels) - 1)``.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     n = len(unet_channels)
@@ -118,30 +160,8 @@ def build_tiny_pipeline(
     )
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_clip_tokenizer(tmp, words, model_max_length)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=text_hidden,
-            intermediate_size=2 * text_hidden,
-            num_attention_heads=4,
-            num_hidden_layers=text_layers,
-            max_position_embeddings=model_max_length,
-            vocab_size=len(tokenizer),
-            projection_dim=text_hidden,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-        timestep_spacing="leading",
-    )
+    text_encoder = build_clip_text_encoder(tokenizer, text_hidden, text_layers, intermediate_size=2 * text_hidden)
+    scheduler = sd1_scheduler(prediction_type)
     return StableDiffusionImg2ImgPipeline(
         vae=vae,
         text_encoder=text_encoder,

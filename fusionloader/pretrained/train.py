@@ -81,8 +81,7 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.Tenso
 
 def build_components(seed: int):
     """Fresh (untrained) VAE, UNet, text encoder, tokenizer and scheduler of the shipped model's shape."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from fusionloader import testing
 
@@ -102,20 +101,7 @@ def build_components(seed: int):
         words = tuple(testing._DEFAULT_WORDS) + tuple(w for w in EXTRA_WORDS if w not in testing._DEFAULT_WORDS)
         tokenizer = testing.build_clip_tokenizer(tmp, words)
     text_hidden = 64
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=text_hidden,
-            intermediate_size=4 * text_hidden,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            vocab_size=len(tokenizer),
-            projection_dim=text_hidden,
-        )
-    )
+    text_encoder = testing.build_clip_text_encoder(tokenizer, text_hidden, layers=2, intermediate_size=4 * text_hidden)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -128,17 +114,7 @@ def build_components(seed: int):
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-    )
+    scheduler = testing.sd1_scheduler("epsilon")
     for m in (vae, unet, text_encoder):
         m.train()
     return vae, unet, text_encoder, tokenizer, scheduler
