@@ -138,18 +138,19 @@ class _Group:
 
 
 def fused_step(unet, x, cond, uncond, rows, cfg_rows, uncond_index, guidance, t_table, c_in_table, coef_table,
-               prev_x0=None, noise=None, seeds=None, streams=None, out=None, x0_out=None):  # fmt: skip
+               prev_x0=None, noise=None, seeds=None, streams=None, out=None, x0_out=None, dtype=None):  # fmt: skip
     """One fused denoising step for B slots: pure tensor code, no host reads (capturable as one graph).
 
     ``x`` (B, C, h, w) fp32 latents; ``cond`` (B, L, D) their prompt embeddings; ``uncond`` (>= B, L, D) the
     negative ones; ``rows`` (B,) each slot's row in the schedule tables (``t_table``, ``c_in_table``,
     ``coef_table``); ``cfg_rows`` (K,) the slots with guidance > 1 (or None), whose unconditional predictions
-    are UNet rows B..B+K-1 (``uncond_index``). Returns ``(x_next, x0)`` from ``cfg_step``.
+    are UNet rows B..B+K-1 (``uncond_index``); ``dtype`` the UNet's (default: read from it, which walks
+    every parameter -- callers in a loop pass it). Returns ``(x_next, x0)`` from ``cfg_step``.
     """
     from fusionloader.kernels import cfg_step
 
     t = t_table[rows]
-    xin = (x * c_in_table[rows].view(-1, *[1] * (x.dim() - 1))).to(unet.dtype)
+    xin = (x * c_in_table[rows].view(-1, *[1] * (x.dim() - 1))).to(dtype or unet.dtype)
     emb = cond
     if cfg_rows is not None:
         xin = torch.cat([xin, xin[cfg_rows]])
@@ -516,6 +517,7 @@ class Sampler:
                 prev_x0=self._prev[cur][:B] if self._prev is not None else None,
                 noise=noise, seeds=seeds, streams=streams,
                 out=self._x[nxt][:B], x0_out=self._prev[nxt][:B] if self._prev is not None else None,
+                dtype=self.c.dtype,
             )  # fmt: skip
             self._cur = nxt
             self.unet_rows += B + len(cfg)
@@ -543,7 +545,7 @@ class Sampler:
         idx = _h2d(done, torch.int64, dev)
         lat = self._x[cur][idx]
         dec = self.c.decoder
-        images = dec.decode((lat / self.c.decoder_scaling_factor).to(dec.dtype), return_dict=False)[0]
+        images = dec.decode((lat / self.c.decoder_scaling_factor).to(self.c.vae_dtype), return_dict=False)[0]
         if self.trace is not None:
             self.trace.append(("decode", len(done)))
         finite = torch.isfinite(images).flatten(1).all(1).tolist()  # the one read-back, after decoding
