@@ -428,7 +428,12 @@ class _Core:
         reader, writer = self.ctx.Pipe(duplex=False)
         h.process = self.ctx.Process(target=_producer_main, args=(child, h.requests, writer, self.stop_event),
                                      name=f"fusionloader-producer-{h.producer}", daemon=True)
-        h.process.start()
+        try:
+            h.process.start()
+        except BaseException:
+            reader.close()
+            writer.close()
+            raise
         writer.close()  # the child holds the only writer, so its death shows as EOF
         h.results, h.pid, h.state, h.t_heard = reader, h.process.pid, "starting", time.monotonic()
         h.assigned, h.credits = {}, set()
@@ -623,6 +628,11 @@ class _Core:
         message = f"{where} failed{what}: {how}"
         if info.get("traceback"):
             message += "\n\nProducer traceback:\n" + info["traceback"]
+        elif starting and code is not None and code > 0:
+            # The child died before our code could report: an import-time failure, most often a training
+            # script without a main guard, which spawn re-runs in the child (its traceback is on stderr).
+            message += ("\n(the producer exited while starting; see its traceback on stderr -- producers are "
+                        "spawned, so the training script's entry point must sit under `if __name__ == '__main__':`)")
         h.error_info = None
         restart = self.cfg["on_error"] == "restart" and not starting and self.counters["restarts"] < self.cfg["max_restarts"]
         if restart:
@@ -722,7 +732,11 @@ class _Core:
             self.thread.join(timeout=1.0)
         if self.stop_event is not None:
             self.stop_event.set()
-        procs = [h for h in self.handles if h.process is not None]
+        # pid is None for a process whose start() failed: nothing to stop or join, only channels to close.
+        unstarted = [h for h in self.handles if h.process is not None and h.process.pid is None]
+        procs = [h for h in self.handles if h.process is not None and h.process.pid is not None]
+        for h in unstarted:
+            _close_channels(h)
         for h in procs:
             try:
                 h.send("stop")

@@ -327,6 +327,31 @@ def test_consumer_exit_paths_leave_nothing(synth, tmp_path):
         assert wait_gone(*ids[mode]), (mode, ids[mode])
 
 
+UNGUARDED = textwrap.dedent(
+    """
+    import os, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, {tests!r})
+    from fusionloader.producer import ProducerPool
+    from test_producer import Source
+
+    # No main guard: spawn re-runs this in the child, whose own start() then fails while bootstrapping.
+    with ProducerPool({synth!r}, Source(), capacity=2, image_size={size}) as pool:
+        pool.start()
+    """
+)
+
+
+def test_script_without_main_guard_gets_a_hint_not_a_crash_in_cleanup(synth, tmp_path):
+    path = tmp_path / "unguarded.py"
+    path.write_text(UNGUARDED.format(tests=os.path.dirname(__file__), synth=synth, size=SIZE))
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ProducerError" in proc.stderr and "exited while starting" in proc.stderr
+    assert "if __name__ == '__main__':" in proc.stderr
+    assert "AssertionError" not in proc.stderr  # the child's failed start() cleans up without joining
+
+
 def test_sigkill_raises_and_close_cleans_up(pool):
     # Runs last, on the shared pool: kill one producer while the other has work queued; then close().
     pids, names = pool.pids, pool.shm_names
