@@ -15,8 +15,7 @@ One batch of N images, each at its own strength drawn from DA-Fusion's randomize
     python -m fusionloader.benchmarks.bench_engine --json out/bench_engine.json [--model DIR]
 
 All four are timed in the same run (median of repeats). Without ``--model`` a tiny random SD-1.x-shaped
-model is built from a config: 64 px, UNet 64/128, and a VAE that downsamples by 8 as SD's does, so the
-UNet sees 8x8 latents -- SD's pixel/latent proportions at a size a CPU runs in seconds.
+model is built from a config (``common.tiny_sd_model``: 64 px, a VAE that downsamples by 8 as SD's does).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import tempfile
 
 import torch
 
-from fusionloader.benchmarks.common import environment, median_seconds, write_json
+from fusionloader.benchmarks.common import environment, median_seconds, tiny_sd_model, write_json
 
 __all__ = ["run"]
 
@@ -66,13 +65,6 @@ def _encode_prompts(c, prompts):
         return c.text_encoder(ids)[0].to(c.unet.dtype)
 
 
-def _default_model(folder: str) -> str:
-    from fusionloader.testing import save_tiny_pipeline
-
-    return save_tiny_pipeline(folder, sample_size=64, unet_channels=(64, 128), vae_channels=(32, 32, 64, 64),
-                              text_hidden=64)  # fmt: skip
-
-
 def run(quick: bool = False, model: str | None = None, device: str | None = None, batch: int = 8,
         steps: int | None = None, repeats: int | None = None) -> dict:  # fmt: skip
     """Median ms per image of the four ways (see the module docstring), from one run."""
@@ -85,7 +77,7 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
     repeats = repeats or (3 if quick else 5)
     guidance = 7.5
     with tempfile.TemporaryDirectory() as tmp:
-        path = model or _default_model(tmp)
+        path = model or tiny_sd_model(tmp)
         synth = Synthesizer.from_pretrained(path, device=device, scheduler="ddim")
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
         pipe.scheduler = type(synth.scheduler).from_config(synth.scheduler.config)

@@ -1,46 +1,89 @@
 """Loader benchmark (issue 3): a small CPU classifier trained from
 
-(a) ``plain``   — torch DataLoader, no synthesis;
-(b) ``inline``  — the diffusers img2img pipeline called inside ``__getitem__`` (with probability alpha);
-(c) ``offline`` — DA-Fusion's way: M variants per image generated and written as PNG first, then
-                  training reads real + variant images (time to first step includes generation);
-(d) ``fusion``  — FusionLoader at alpha = 0.5 with producers (spawned processes) on ``--device``.
+(a) ``plain``   -- torch DataLoader, no synthesis;
+(b) ``inline``  -- the diffusers img2img pipeline called inside ``__getitem__`` (with probability alpha);
+(c) ``offline`` -- DA-Fusion's way: M variants per image generated and written as PNG first, then
+                   training reads real + variant images (time to first step includes the generation);
+(d) ``fusion``  -- FusionLoader at alpha = 0.5 with ``producers`` producer processes on ``--device``.
 
-Two regimes: ``ample`` (producer capacity >= demand: few sampler steps, a heavier training step) and
-``scarce`` (capacity < demand: more sampler steps, a light step; ``late_policy="reuse"``). Every step
-is timed; steps/s is 1 / median step time after a burn-in. The model is the tiny random SD-shaped
-pipeline of ``fusionloader.testing`` (no download), so absolute numbers say nothing about SD-1.5; the
-ratios are what the issue's targets are about.
+Every way generates with the same settings (img2img, strength 0.5, guidance 7.5, ``sampler_steps``) on the
+same device. Two regimes differ only in demand, set by the training step: a (simulated) accelerator step
+during which the host CPU is free -- what a GPU trainer looks like to its data pipeline:
 
-    python benchmarks/bench_loader.py [--quick] [--device cuda] [--model PATH] [--out benchmarks/results/bench_loader.json]
+- ``ample``: a heavier step, so the producers' capacity exceeds the demand (alpha x batch per step);
+- ``scarce``: a light step, so demand far exceeds capacity (``late_policy="reuse"`` fills the gap).
+
+Each regime records demand and capacity, so which one it ran in is measured, not assumed. Per way: steps/s
+= 1 / median step time over the timed steps (after producers are ready and a burn-in), time to first step,
+and the stall fraction (time waiting for the next batch / step time, timed steps). For (d) the fresh and
+synthetic counts come from ``return_meta`` on the timed steps, and are checked against ``loader.stats()``.
+
+    python -m fusionloader.benchmarks.bench_loader [--quick] [--device cuda] [--model PATH] [--json out/bench_loader.json]
+
+The model is the tiny random SD-shaped pipeline the engine benchmark uses (no download), so absolute
+numbers say nothing about SD-1.5; the ratios are what the issue's targets are about. CPU "producers"
+stand in for spare GPUs: each takes one core's worth of threads, and the trainer the rest.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-RES = 32  # tiny pipeline resolution
+from fusionloader.benchmarks.common import environment, tiny_sd_model, write_json
+
+__all__ = ["Regime", "Settings", "run"]
+
+CLASSES = ["cat", "dog", "bird", "car"]
+ALPHA = 0.5
+STRENGTH = 0.5
+GUIDANCE = 7.5
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    step_s: float  # simulated accelerator time per training step (the host CPU is free meanwhile)
+    timed_steps: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one benchmark run (``QUICK`` and ``FULL`` below; tests shrink them further)."""
+
+    images: int = 64
+    batch_size: int = 16
+    variants: int = 10  # DA-Fusion's M
+    sampler_steps: int = 20  # at strength 0.5: 10 denoising steps per variant
+    producers: int = 2
+    regimes: tuple = (Regime("ample", 0.15, 120), Regime("scarce", 0.01, 600))
+    inline_steps: int = 8
+    burn_in: int = 8  # steps after the producers are ready (the look-ahead and the store settle)
+    width: int = 16  # classifier width
+
+
+QUICK = Settings(images=32, regimes=(Regime("ample", 0.15, 60), Regime("scarce", 0.01, 300)), inline_steps=10)
+FULL = Settings()
 
 
 class Images(Dataset):
-    """Seeded random uint8 images, as a decoded dataset would hand them over; ``transform`` to float."""
+    """Seeded random uint8 images, as a decoded dataset hands them over; float in [0, 1] out."""
 
-    classes = ["cat", "dog", "bird", "car"]
+    classes = CLASSES
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, res: int):
         g = torch.Generator().manual_seed(0)
-        self.images = torch.randint(0, 256, (n, 3, RES, RES), dtype=torch.uint8, generator=g)
-        self.targets = [i % len(self.classes) for i in range(n)]
+        self.images = torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8, generator=g)
+        self.targets = [i % len(CLASSES) for i in range(n)]
 
     def __len__(self):
         return len(self.images)
@@ -49,31 +92,35 @@ class Images(Dataset):
         return self.images[i].float() / 255, self.targets[i]
 
 
-class InlineSynthesis(Dataset):
-    """(b): generation inside ``__getitem__``: the way to do it online without fusionloader."""
+def _generate(pipe, image, label, seed, steps, output_type):
+    with torch.no_grad():
+        return pipe(f"a photo of a {CLASSES[label]}", image=image[None].to(pipe.device), strength=STRENGTH,
+                    guidance_scale=GUIDANCE, num_inference_steps=steps, output_type=output_type,
+                    generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
 
-    def __init__(self, base: Images, pipe, alpha: float, steps: int):
-        self.base, self.pipe, self.alpha, self.steps = base, pipe, alpha, steps
-        self.device = pipe.device
+
+class InlineSynthesis(Dataset):
+    """(b): generation inside ``__getitem__`` -- the way to do it online without fusionloader."""
+
+    def __init__(self, base: Images, pipe, steps: int):
+        self.base, self.pipe, self.steps = base, pipe, steps
+        self.rng = np.random.default_rng(0)
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, i):
         x, y = self.base[i]
-        if np.random.default_rng(i + 7919 * int(time.time_ns() % 1000)).random() < self.alpha:
-            with torch.no_grad():
-                x = self.pipe(f"a photo of a {self.base.classes[y]}", image=x[None].to(self.device), strength=0.5,
-                              guidance_scale=7.5, num_inference_steps=self.steps, output_type="pt",
-                              generator=torch.Generator().manual_seed(i)).images[0].float().cpu()
+        if self.rng.random() < ALPHA:
+            x = _generate(self.pipe, x, y, int(self.rng.integers(1 << 31)), self.steps, "pt").float().cpu()
         return x, y
 
 
 class PNGFolder(Dataset):
     """(c): real images plus M written variants per image; a variant replaces the real with prob. alpha."""
 
-    def __init__(self, base: Images, root: str, m: int, alpha: float):
-        self.base, self.root, self.m, self.alpha = base, root, m, alpha
+    def __init__(self, base: Images, root: str, m: int):
+        self.base, self.root, self.m = base, root, m
         self.rng = np.random.default_rng(0)
 
     def __len__(self):
@@ -83,177 +130,202 @@ class PNGFolder(Dataset):
         from PIL import Image
 
         x, y = self.base[i]
-        if self.rng.random() < self.alpha:
-            k = int(self.rng.integers(self.m))
-            png = np.array(Image.open(os.path.join(self.root, f"{i}_{k}.png")))
+        if self.rng.random() < ALPHA:
+            png = np.array(Image.open(os.path.join(self.root, f"{i}_{int(self.rng.integers(self.m))}.png")))
             x = torch.from_numpy(png).permute(2, 0, 1).float() / 255
         return x, y
 
 
-def model_for(width: int) -> nn.Module:
+def write_variants(pipe, base: Images, root: str, m: int, steps: int) -> int:
+    """DA-Fusion's offline step: M variants per image as PNG files; returns the bytes written."""
+    from PIL import Image
+
+    for i in range(len(base)):
+        x, y = base[i]
+        for k in range(m):
+            img = _generate(pipe, x, y, i * m + k, steps, "np")
+            Image.fromarray((img * 255).round().astype(np.uint8)).save(os.path.join(root, f"{i}_{k}.png"))
+    return sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root))
+
+
+def classifier(width: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * width, 4),
-    )
+        nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * width, len(CLASSES)),
+    )  # fmt: skip
 
 
-def train(loader, steps: int, width: int, sim_step_s: float = 0.0, burn_in: int = 3, t_start: float | None = None) -> dict:
-    """Train ``steps`` steps (cycling epochs); per-step times include waiting for the batch.
+def train(loader, timed_steps: int, width: int, step_s: float, burn_in: int, ready=lambda: True,
+          stall_s=lambda: 0.0, t_start: float | None = None) -> dict:  # fmt: skip
+    """Train until ``timed_steps`` steps ran after ``ready()`` turned true plus ``burn_in`` steps (cycling epochs).
 
-    ``sim_step_s``: host time the step waits for a (simulated) accelerator, during which the CPU is free —
-    what a GPU trainer looks like to its data pipeline; 0 means a purely CPU-bound step."""
+    A step is: wait for the batch, forward/backward/SGD on the CPU, then ``step_s`` of (simulated) accelerator
+    time during which the CPU is free. Batches may come as ``(batch, meta)`` (``return_meta=True``).
+    ``data_wait_fraction``: time waiting for the next batch (loading, mixing, collating, stalls) over step
+    time; ``stall_fraction``: the part of it spent waiting for synthetic images (``stall_s()``: a running
+    total of the loader's stall seconds), over the timed steps."""
     torch.manual_seed(0)
-    model = model_for(width)
+    model = classifier(width)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    times, first = [], None
     t_start = time.perf_counter() if t_start is None else t_start
-    done = 0
-    while done < steps:
+    step_times, waits, first, timed_from, metas, stall0 = [], [], None, None, [], 0.0
+    while timed_from is None or len(step_times) - timed_from < timed_steps:
         t0 = time.perf_counter()
-        for x, y in loader:
+        for batch in loader:
+            got = time.perf_counter()
+            (x, y), meta = batch if isinstance(batch[1], dict) else (batch, None)
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if sim_step_s:
-                time.sleep(sim_step_s)
+            time.sleep(step_s)
             now = time.perf_counter()
-            if first is None:
-                first = now - t_start
-            times.append(now - t0)
+            first = first if first is not None else now - t_start
+            step_times.append(now - t0)
+            waits.append(got - t0)
+            if timed_from is None and ready():
+                timed_from = len(step_times) + burn_in
+            if timed_from is not None and len(step_times) == timed_from:
+                stall0 = stall_s()
+            if timed_from is not None and len(step_times) > timed_from:
+                metas.append(meta)
+                if len(step_times) - timed_from >= timed_steps:
+                    break
             t0 = now
-            done += 1
-            if done >= steps:
-                break
-    timed = times[burn_in:] or times
-    return {"steps_per_s": 1.0 / statistics.median(timed), "time_to_first_step_s": first, "total_s": sum(times)}
-
-
-def regime(name: str, *, quick: bool, device: str, pipe_path: str) -> dict:
-    from fusionloader.loader import FusionLoader
-    from fusionloader.engine import Synthesizer  # noqa: F401  (fail early if the engine is missing)
-
-    n = 32 if quick else 64
-    bs = 8 if quick else 16
-    steps = 48 if quick else 200
-    m = 2 if quick else 10  # DA-Fusion's M
-    # ample: 2 sampler steps, a long (simulated accelerator) step; scarce: 8 sampler steps, a short step
-    sampler_steps, width, sim_step_s = (2, 32, 0.4) if name == "ample" else (8, 16, 0.01)
-    if name == "scarce":
-        # short steps: run long enough (~15 s) for producers to start in the background (the trainer does
-        # not wait for them) and reach a steady state
-        steps *= 30 if quick else 6
-    burn_in = 2 * (n // bs)  # two epochs: producers warm, the store filled
-    alpha = 0.5
-    base = Images(n)
-    out: dict = {"sampler_steps": sampler_steps, "model_width": width, "sim_step_s": sim_step_s, "images": n,
-                 "batch_size": bs, "steps": steps, "burn_in": burn_in}
-
-    out["plain"] = train(DataLoader(base, batch_size=bs, shuffle=True), steps, width, sim_step_s, burn_in)
-
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(pipe_path, safety_checker=None, requires_safety_checker=False)
-    pipe = pipe.to(device)  # (b) and (c) generate on the producers' device: same hardware for every way
-    pipe.set_progress_bar_config(disable=True)
-    out["inline"] = train(DataLoader(InlineSynthesis(base, pipe, alpha, sampler_steps), batch_size=bs, shuffle=True),
-                          min(max(4, steps // 8), 48), width, sim_step_s, burn_in=1)
-
-    with tempfile.TemporaryDirectory() as root:
-        t0 = time.perf_counter()
-        from PIL import Image
-
-        for i in range(n):
-            x, y = base[i]
-            for k in range(m):
-                with torch.no_grad():
-                    img = pipe(f"a photo of a {base.classes[y]}", image=x[None].to(device), strength=0.5, guidance_scale=7.5,
-                               num_inference_steps=sampler_steps, output_type="np",
-                               generator=torch.Generator().manual_seed(i * m + k)).images[0]
-                Image.fromarray((img * 255).round().astype(np.uint8)).save(os.path.join(root, f"{i}_{k}.png"))
-        written = sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root))
-        offline = train(DataLoader(PNGFolder(base, root, m, alpha), batch_size=bs, shuffle=True), steps, width,
-                        sim_step_s, burn_in, t_start=t0)
-        offline["disk_bytes"] = written
-        out["offline"] = offline
-
-    t0 = time.perf_counter()
-    with FusionLoader(base, batch_size=bs, shuffle=True, synthesizer=pipe_path, alpha=alpha, strengths=0.5,
-                      guidance_scale=7.5, num_inference_steps=sampler_steps, producer_devices=(device,),
-                      late_policy="reuse", seed=0) as loader:
-        fusion = train(loader, steps, width, sim_step_s, burn_in, t_start=t0)
-        s = loader.stats()
-        fusion.update(
-            disk_bytes=0,  # nothing synthetic is written: the store and the ring live in memory
-            achieved_alpha=s["cumulative"]["achieved_alpha"], fresh_fraction=s["cumulative"]["fresh_fraction"],
-            stall_fraction=s["cumulative"]["stall_fraction"], stall_s=s["cumulative"]["stall_s"],
-            producer_images_per_s=s["producer"].get("images_per_s", 0.0),
-            counts={k: s["cumulative"][k] for k in ("real", "fresh", "reused", "fallback")},
-        )
-        # after the burn-in epochs (producers warm): the steady state the targets are about
-        steady = [e for k, e in s["per_epoch"].items() if int(k) >= 2]
-        fresh, synthetic = sum(e["fresh"] for e in steady), sum(e["fresh"] + e["reused"] for e in steady)
-        fusion["fresh_fraction_steady"] = fresh / synthetic if synthetic else float("nan")
-        fusion["achieved_alpha_steady"] = synthetic / max(1, sum(e["samples"] for e in steady))
-        out["fusion"] = fusion
+    timed, wait = step_times[timed_from:], waits[timed_from:]
+    out = {"steps_per_s": 1.0 / statistics.median(timed), "time_to_first_step_s": first,
+           "data_wait_fraction": sum(wait) / sum(timed), "stall_fraction": (stall_s() - stall0) / sum(timed),
+           "steps": len(step_times), "timed_steps": len(timed), "untimed_steps": timed_from}  # fmt: skip
+    if metas and metas[0] is not None:
+        synthetic = sum(int(m["synthetic"].sum()) for m in metas)
+        fresh = sum(int(m["fresh"].sum()) for m in metas)
+        samples = sum(len(m["index"]) for m in metas)
+        out.update(synthetic=synthetic, fresh=fresh, samples=samples, achieved_alpha=synthetic / samples,
+                   fresh_fraction=fresh / synthetic if synthetic else float("nan"))  # fmt: skip
     return out
 
 
-def run(quick: bool = False, model: str | None = None, device: str | None = None) -> dict:
-    """Both regimes; the top-level keys summarise the ``ample`` regime (the issue's first targets).
+def _producers_ready(loader) -> bool:
+    producers = loader.stats()["producer"].get("producers", [])
+    return bool(producers) and all(p["state"] == "ready" for p in producers)
 
-    ``model``: a diffusers img2img checkpoint (default: the tiny random pipeline, 32 px); ``device``: the
-    producers' device (default: CUDA when available — the spare device — else CPU, where producers and
-    the trainer share the cores, which caps what (d) can reach).
-    """
+
+def fusion(base, s: Settings, r: Regime, path: str, device: str) -> dict:
+    from fusionloader import FusionLoader
+
+    t0 = time.perf_counter()
+    with FusionLoader(base, batch_size=s.batch_size, shuffle=True, synthesizer=path, alpha=ALPHA, strengths=STRENGTH,
+                      guidance_scale=GUIDANCE, num_inference_steps=s.sampler_steps, producer_devices=(device,) * s.producers,
+                      late_policy="reuse", seed=0, return_meta=True) as loader:  # fmt: skip
+        out = train(loader, r.timed_steps, s.width, r.step_s, s.burn_in, ready=lambda: _producers_ready(loader),
+                    stall_s=lambda: loader.stats()["cumulative"]["stall_s"], t_start=t0)  # fmt: skip
+        stats = loader.stats()
+    c, p = stats["cumulative"], stats["producer"]
+    out.update(
+        disk_bytes=0,  # nothing synthetic is written: the store and the ring live in memory
+        capacity_images_per_s=sum(q["busy_images_per_s"] for q in p["producers"]),
+        demand_images_per_s=ALPHA * s.batch_size * out["steps_per_s"],
+        stats_counts={k: c[k] for k in ("real", "fresh", "reused", "fallback")},
+        stats_fresh_fraction=c["fresh_fraction"],
+    )
+    return out
+
+
+def regime(r: Regime, s: Settings, base, pipe, path: str, device: str, offline: dict, threads: dict) -> dict:
+    out: dict = asdict(r)
+    torch.set_num_threads(threads["trainer"])
+    out["plain"] = train(DataLoader(base, batch_size=s.batch_size, shuffle=True), r.timed_steps, s.width, r.step_s, s.burn_in)
+    # Inline generation has the machine to itself: all cores (the producers' and the trainer's) are its own.
+    torch.set_num_threads(threads["generation"])
+    inline = DataLoader(InlineSynthesis(base, pipe, s.sampler_steps), batch_size=s.batch_size, shuffle=True)
+    out["inline"] = train(inline, s.inline_steps, s.width, r.step_s, burn_in=1)
+    torch.set_num_threads(threads["trainer"])
+    # The variants on disk are the same for both regimes (same generation settings): generated once, and
+    # each regime's time to first step is that generation time plus its own time to the first step.
+    png = DataLoader(PNGFolder(base, offline["root"], s.variants), batch_size=s.batch_size, shuffle=True)
+    out["offline"] = train(png, r.timed_steps, s.width, r.step_s, s.burn_in)
+    out["offline"]["time_to_first_step_s"] += offline["generation_s"]
+    out["offline"].update(generation_s=offline["generation_s"], disk_bytes=offline["disk_bytes"])
+    out["fusion"] = fusion(base, s, r, path, device)
+    return out
+
+
+def run(quick: bool = False, model: str | None = None, device: str | None = None, settings: Settings | None = None) -> dict:
+    """Both regimes from one run; top-level keys summarise them for ``run_all``'s targets.
+
+    ``model``: a diffusers img2img checkpoint (default: the tiny random SD-shaped pipeline, 64 px); ``device``:
+    the producers' device, also where (b) and (c) generate (default: CUDA when available, else CPU)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    s = settings or (QUICK if quick else FULL)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        # CPU producers take cores from the trainer (ProducerPool gives each cpu_count // (producers + 1)
-        # threads); every way trains with the rest, so none is slowed by oversubscribed OpenMP threads.
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    cores = os.cpu_count() or 2
+    cpu = torch.device(device).type == "cpu"
+    # CPU producers take one core's worth of threads each (ProducerPool's default split); the trainer the rest.
+    threads = {"trainer": max(1, cores // (s.producers + 1)) if cpu else cores, "generation": cores}
+    saved = torch.get_num_threads()
     try:
-        return _run(quick, model, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = model or tiny_sd_model(os.path.join(tmp, "tiny"))
+            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+            pipe = pipe.to(device)
+            pipe.set_progress_bar_config(disable=True)
+            res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            base = Images(s.images, res)
+            root = os.path.join(tmp, "variants")
+            os.makedirs(root)
+            torch.set_num_threads(threads["generation"])
+            t0 = time.perf_counter()
+            disk_bytes = write_variants(pipe, base, root, s.variants, s.sampler_steps)
+            offline = {"root": root, "generation_s": time.perf_counter() - t0, "disk_bytes": disk_bytes}
+            regimes = {r.name: regime(r, s, base, pipe, path, device, offline, threads) for r in s.regimes}
     finally:
-        torch.set_num_threads(threads)
-
-
-def _run(quick: bool, model: str | None, device: str) -> dict:
-    from fusionloader.benchmarks.common import environment
-    from fusionloader.testing import save_tiny_pipeline
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = model or save_tiny_pipeline(os.path.join(tmp, "tiny"), prediction_type="epsilon")
-        regimes = {name: regime(name, quick=quick, device=device, pipe_path=path) for name in ("ample", "scarce")}
-    a = regimes["ample"]
+        torch.set_num_threads(saved)
     return {
-        "plain_steps_per_s": a["plain"]["steps_per_s"],
-        "fusion_steps_per_s": a["fusion"]["steps_per_s"],
-        "inline_steps_per_s": a["inline"]["steps_per_s"],
-        "offline_time_to_first_step_s": a["offline"]["time_to_first_step_s"],
-        "fusion_time_to_first_step_s": a["fusion"]["time_to_first_step_s"],
-        "offline_disk_bytes": a["offline"]["disk_bytes"],
-        "fusion_disk_bytes": a["fusion"]["disk_bytes"],
-        "achieved_alpha": a["fusion"]["achieved_alpha"],
-        "fresh_fraction": a["fusion"]["fresh_fraction"],
-        "stall_fraction": a["fusion"]["stall_fraction"],
+        **{f"{name}_{k}": v for name in regimes for k, v in _summary(regimes[name]).items()},
+        "settings": asdict(s),
         "quick": quick,
         "producer_device": device,
+        "threads": threads,
+        "resolution": res,
         "environment": environment(device),
-        "trainer_threads": torch.get_num_threads(),
         "regimes": regimes,
     }
 
 
-if __name__ == "__main__":
+def _summary(r: dict) -> dict:
+    p, i, o, f = r["plain"], r["inline"], r["offline"], r["fusion"]
+    return {
+        "plain_steps_per_s": p["steps_per_s"],
+        "inline_steps_per_s": i["steps_per_s"],
+        "fusion_steps_per_s": f["steps_per_s"],
+        "fusion_vs_plain": f["steps_per_s"] / p["steps_per_s"],
+        "fusion_vs_inline": f["steps_per_s"] / i["steps_per_s"],
+        "stall_fraction": f["stall_fraction"],
+        "data_wait_fraction": f["data_wait_fraction"],
+        "plain_data_wait_fraction": p["data_wait_fraction"],
+        "fresh_fraction": f["fresh_fraction"],
+        "achieved_alpha": f["achieved_alpha"],
+        "capacity_over_demand": f["capacity_images_per_s"] / f["demand_images_per_s"],
+        "offline_time_to_first_step_s": o["time_to_first_step_s"],
+        "fusion_time_to_first_step_s": f["time_to_first_step_s"],
+        "first_step_vs_offline": f["time_to_first_step_s"] / o["time_to_first_step_s"],
+        "offline_disk_bytes": o["disk_bytes"],
+        "fusion_disk_bytes": f["disk_bytes"],
+    }
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default=None, help="producer device (default: cuda if available, else cpu)")
     parser.add_argument("--model", default=None, help="diffusers checkpoint (default: tiny random pipeline)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_loader.json"))
-    args = parser.parse_args()
+    parser.add_argument("--json", default="out/bench_loader.json")
+    args = parser.parse_args(argv)
     result = run(quick=args.quick, model=args.model, device=args.device)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if k != "regimes"}, indent=2))
+    write_json(args.json, result)
+    print({k: v for k, v in result.items() if k not in ("regimes", "environment", "settings")})
+
+
+if __name__ == "__main__":
+    main()

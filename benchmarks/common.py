@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["environment", "median_seconds", "synchronize", "write_json"]
+__all__ = ["environment", "median_seconds", "synchronize", "tiny_sd_model", "write_json"]
 
 
 def synchronize(device) -> None:
@@ -62,3 +62,17 @@ def write_json(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
+
+
+def tiny_sd_model(folder: str, wide: bool = False) -> str:
+    """Save the benchmarks' default model into ``folder``: a tiny random SD-1.x-shaped pipeline, no download.
+
+    64 px and a VAE that downsamples by 8 as SD's does, so the UNet sees 8x8 latents: SD's pixel/latent
+    proportions (and its costly full-resolution decoder) at a size a CPU runs quickly. The UNet (32/64
+    channels) is small enough that per-call overhead, not arithmetic, bounds small batches -- as on a GPU,
+    which a batch of one leaves mostly idle. ``wide=True``: UNet 64/128 and a wider text encoder, where a
+    CPU's arithmetic dominates at every batch size (what batching cannot buy there)."""
+    from fusionloader.testing import save_tiny_pipeline
+
+    unet, text = ((64, 128), 64) if wide else ((32, 64), 32)
+    return save_tiny_pipeline(folder, sample_size=64, unet_channels=unet, vae_channels=(32, 32, 64, 64), text_hidden=text)

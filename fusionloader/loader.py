@@ -83,6 +83,7 @@ logger = logging.getLogger("fusionloader")
 
 LATE_POLICIES = ("reuse", "real", "wait")
 _KEY_STRIDE = 1 << 32  # job keys: iteration serial * stride + position
+_MAX_EPOCHS_AHEAD = 64  # bounds the look-ahead in epochs (an epoch may hold a single sample)
 _LIVE: "weakref.WeakSet[FusionLoader]" = weakref.WeakSet()
 _HAS_IN_ORDER = "in_order" in inspect.signature(DataLoader.__init__).parameters  # torch >= 2.6
 
@@ -392,7 +393,7 @@ class FusionLoader:
         self._plan_sampler: _PlanSampler | None = None
         self._active = None  # weakref to the live epoch iterator
         self._outstanding: set[int] = set()  # its submitted, not yet taken job keys
-        self._ahead: dict | None = None  # requests already made for the next epoch (see _plan_ahead)
+        self._ahead: dict[int, dict] = {}  # epoch -> requests already made for a coming epoch (see _plan_ahead)
         self._harvested = 0
         self._late: collections.deque = collections.deque()  # (key, index, strength): late jobs left running
         self._dist_sampler = None
@@ -556,16 +557,20 @@ class FusionLoader:
         if self.alpha > 0:
             self._start_pool()
         runner_iter = self._runner_iter(plan, start, gen)
-        ahead, self._ahead = self._ahead, None
-        if (ahead is not None and resume is None and ahead["epoch"] == epoch
+        ahead = self._ahead.pop(epoch, None)
+        if (ahead is not None and resume is None
                 and np.array_equal(ahead["plan"].indices, plan.indices)
                 and np.array_equal(ahead["plan"].synthetic, plan.synthetic)
                 # a curriculum may have changed alpha/strengths since the requests were made
                 and np.array_equal(ahead["plan"].strength, plan.strength, equal_nan=True)):
             key_base, submitted = ahead["key_base"], ahead["submitted"]  # adopt what was requested ahead
             self._outstanding |= ahead["keys"]
+            for e in [e for e in self._ahead if e < epoch]:  # skipped epochs (set_epoch jumped ahead)
+                self._drop_ahead(e)
         else:
-            self._ahead = ahead
+            # Later epochs' keys were made for consumption after this one's: they cannot follow new keys.
+            if ahead is not None:
+                self._ahead[epoch] = ahead
             self._drop_ahead()
             self._iter_serial += 1
             key_base, submitted = self._iter_serial * _KEY_STRIDE, None
@@ -589,38 +594,46 @@ class FusionLoader:
         return int(min(max(self.lookahead, math.ceil(1.5 * rate * latency)), 1 << 16))
 
     def _plan_ahead(self, epoch: int, positions: int) -> None:
-        """Request the first ``positions`` samples of ``epoch`` while the current epoch ends, so producers
-        do not idle at the boundary — only where that epoch's order is a pure function of it (``seed=``
-        given, or distributed default sampling) and nobody has pinned the next epoch."""
+        """Request the first ``positions`` samples from the start of ``epoch`` on (running into the epochs
+        after it when it is shorter: a few-shot epoch can be shorter than the look-ahead) while the current
+        epoch ends, so producers do not idle at the boundary and can make images in time -- only where an
+        epoch's order is a pure function of it (``seed=`` given, or distributed default sampling) and nobody
+        has pinned the next epoch. Keys grow with the epoch, as the pool's deadline order needs."""
         if self._pool is None or self._epoch_pinned or self._order_mode() not in ("seeded", "distributed"):
             return
-        ahead = self._ahead
-        if ahead is None or ahead["epoch"] != epoch:
-            self._drop_ahead()
-            rank, world = dist_info() if self._order_mode() == "distributed" else (0, 1)
-            batches, _, _ = self._epoch_batches(epoch, fresh_runner_iter=False)
-            plan = plan_epoch(batches, seed=self.seed, epoch=epoch, alpha=self.alpha, strengths=self.strengths,
-                              rank=rank, world_size=world)
-            self._iter_serial += 1
-            ahead = self._ahead = {"epoch": epoch, "plan": plan, "key_base": self._iter_serial * _KEY_STRIDE,
-                                   "submitted": 0, "keys": set()}
-        plan, done = ahead["plan"], ahead["submitted"]
-        end = min(positions, plan.num_positions)
-        if end > done:
-            picked = np.flatnonzero(plan.synthetic[done:end]) + done
-            jobs = [self._make_job(ahead["key_base"] + int(p), plan, int(p)) for p in picked]
-            if jobs:
-                self._pool.submit(jobs)
-                ahead["keys"].update(j.key for j in jobs)
-            ahead["submitted"] = end
+        for e in range(epoch, epoch + _MAX_EPOCHS_AHEAD):
+            if positions <= 0:
+                break
+            ahead = self._ahead.get(e)
+            if ahead is None:
+                rank, world = dist_info() if self._order_mode() == "distributed" else (0, 1)
+                batches, _, _ = self._epoch_batches(e, fresh_runner_iter=False)
+                plan = plan_epoch(batches, seed=self.seed, epoch=e, alpha=self.alpha, strengths=self.strengths,
+                                  rank=rank, world_size=world)
+                self._iter_serial += 1
+                ahead = self._ahead[e] = {"plan": plan, "key_base": self._iter_serial * _KEY_STRIDE, "submitted": 0,
+                                          "keys": set()}  # fmt: skip
+            plan, done = ahead["plan"], ahead["submitted"]
+            end = min(positions, plan.num_positions)
+            if end > done:
+                picked = np.flatnonzero(plan.synthetic[done:end]) + done
+                jobs = [self._make_job(ahead["key_base"] + int(p), plan, int(p)) for p in picked]
+                if jobs:
+                    self._pool.submit(jobs)
+                    ahead["keys"].update(j.key for j in jobs)
+                ahead["submitted"] = end
+            positions -= plan.num_positions
 
-    def _drop_ahead(self) -> None:
-        ahead, self._ahead = getattr(self, "_ahead", None), None
-        if ahead is not None and ahead["keys"] and self._pool is not None:
-            try:
-                self._pool.cancel(list(ahead["keys"]))
-            except Exception:  # a failed pool has nothing left to cancel
-                pass
+    def _drop_ahead(self, epoch: int | None = None) -> None:
+        """Cancel the requests made ahead for ``epoch`` (default: every epoch)."""
+        aheads = getattr(self, "_ahead", None) or {}
+        for e in [epoch] if epoch is not None else list(aheads):
+            ahead = aheads.pop(e, None)
+            if ahead is not None and ahead["keys"] and self._pool is not None:
+                try:
+                    self._pool.cancel(list(ahead["keys"]))
+                except Exception:  # a failed pool has nothing left to cancel
+                    pass
 
     def _runner_iter(self, plan, start: int, gen):
         if self._runner is None:
@@ -994,7 +1007,7 @@ class _EpochIterator:
                 return chosen[0], chosen[1], "reused"
         return None, None, "fallback"
 
-    def _harvest(self, scan: int = 256, keep: int = 4096) -> None:
+    def _harvest(self, scan: int = 64, keep: int = 256) -> None:
         """Move finished late jobs into the variant store (freeing their ring slots); forget lost ones;
         cancel the oldest beyond ``keep``. Looks at most ``scan`` keys per batch."""
         L, pool = self.loader, self.loader._pool

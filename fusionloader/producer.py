@@ -10,7 +10,7 @@ fork) one daemon process per device. Producer ``i`` has
   queue's write lock can never be held by a dead process). Messages: ``("ring", handle)``,
   ``("jobs", [Job])``, ``("credit", [slot])``, ``("cancel", [key])``, ``("stop",)``.
 * a result pipe (producer -> consumer, one ``Pipe`` per producer, so a SIGKILLed producer can corrupt
-  or block nobody else). Messages: ``("ready", info)``, ``("done", key, slot, busy_s)``,
+  or block nobody else). Messages: ``("ready", info)``, ``("done", key, slot, busy_s, latency_s)``,
   ``("dropped", key, reason)``, ``("beat", busy_s)`` (after a sampler step when nothing was sent for
   a second), ``("error", info)``.
 
@@ -20,8 +20,9 @@ dispatched and slots credited while the training step runs, and a death (excepti
 kill) is seen at once, not at the next ``take``.
 
 Scheduling. The consumer keeps every submitted job in consumption order and hands each ready producer
-at most ``2 * capacity`` outstanding jobs, least-loaded first; a producer serves its jobs FIFO and keeps
-its continuous-batching sampler full (up to ``capacity`` in flight), so what is due next is made first.
+at most ``2 * capacity`` outstanding jobs the consumer still wants (least-loaded first); a producer serves
+them FIFO, jobs the consumer has passed after them (at most half its sampler), and keeps its
+continuous-batching sampler full (up to ``capacity`` in flight), so what is due next is made first.
 The consumer alone allocates ring slots: it credits each producer up to ``capacity`` free slots (see
 NOTE [Slot protocol] in ring.py). A producer admits a job into its sampler only with a credit in hand,
 and that slot stays reserved for the job: the sampler's fused post-process writes the image straight
@@ -32,11 +33,15 @@ producers stop (back-pressure). A key taken or cancelled frees its slot for new 
 NOTE [Deadlines]. Serving strictly in order is wrong when producers are slower than the trainer: the
 job due next would be finished after the trainer has passed it, and so would every job after it, so
 no fresh image would ever arrive in time. The pool therefore estimates the consumption rate R (jobs
-taken or passed per second) and the job latency L (dispatch to done), and dispatches first the
-pending jobs that are at least R*L jobs away from the trainer; the nearer ones are made only if a
-producer has nothing else to do, and a ``take`` waiting on a job makes it urgent (dispatched first).
-Keys must therefore increase in consumption order (the loader's do). When producers keep up, R*L is
-smaller than what is already in flight and the order is plain FIFO.
+taken or passed per second; a late job collected later for the store is not counted twice) and the job
+latency L (receipt to done, measured by the producer less the time it waited for a free slot: that wait
+is back-pressure from a trainer that is behind, not slowness, and counting it would feed on itself), and
+dispatches first the pending jobs at least 1.25 R L jobs ahead of the trainer (jobs it went past do not
+count as ahead); the nearer ones are made only if a producer has nothing else to do, and a ``take``
+waiting on a job makes it urgent (dispatched first). Keys must therefore increase in consumption order
+(the loader's do, across epochs). When producers keep up, R L is smaller than what is already in flight
+and the order is plain FIFO. Jobs the trainer passes (``passed``) stay queued for the variant store but
+go behind every job it still wants, in the pool and in the producer, and take at most half a sampler.
 
 Outcomes. A finished image is checked for NaN/inf; a non-finite one is dropped and reported
 (``nonfinite_dropped`` in ``stats()``; ``take`` returns None at once so the consumer falls back to real).
@@ -108,6 +113,7 @@ _POLL_S = 0.05  # consumer: collector thread wake-up period
 _CHILD_POLL_S = 0.1  # producer: request-queue get timeout while idle
 _WATCHDOG_S = 0.5  # producer: parent-alive check period
 _HEARTBEAT_S = 1.0  # producer: longest silence while sampling (the consumer's hang check needs a pulse)
+_DEADLINE_MARGIN = 1.25  # NOTE [Deadlines]: dispatch this many mean latencies' worth of jobs ahead
 _JOIN_S = 2.0  # close(): time all producers get to exit cleanly after "stop"
 _OUTCOMES_KEPT = 1 << 16  # remembered lost/dropped keys (for take() and state())
 
@@ -189,12 +195,17 @@ class _Producer:
         self.ring: SlotRing | None = None
         self.direct = False
         self.backlog: collections.deque[Job] = collections.deque()
+        self.deferred: collections.deque[Job] = collections.deque()  # passed by the trainer: made last
         self.inflight: dict[int, tuple[Job, int]] = {}  # key -> (job, reserved slot)
         self.credits: collections.deque[int] = collections.deque()
         self.cancelled: set[int] = set()
         self.current: list[Job] = []  # the job(s) being worked on, for error messages
         self.busy_s = 0.0
         self.t_sent = time.monotonic()
+        # Job latency as NOTE [Deadlines] needs it: receipt to done, less the time this producer could not
+        # admit for want of a free slot (back-pressure from a consumer that is behind, not slowness).
+        self.received: dict[int, tuple[float, float]] = {}  # key -> (when, starved_s then; at admission: of it)
+        self.starved_s, self.starved_since = 0.0, None
         self._cache = None
 
     def load(self) -> None:
@@ -238,21 +249,43 @@ class _Producer:
         kind = msg[0]
         if kind == "jobs":
             self.backlog.extend(msg[1])
+            now = time.perf_counter()
+            self.received.update((job.key, (now, self.starved(now))) for job in msg[1])
         elif kind == "credit":
             self.credits.extend(msg[1])
         elif kind == "cancel":
             keys = set(msg[1])
             self.backlog = collections.deque(j for j in self.backlog if j.key not in keys)
+            self.deferred = collections.deque(j for j in self.deferred if j.key not in keys)
             self.cancelled |= keys & self.inflight.keys()
+            for key in keys - self.inflight.keys():
+                self.received.pop(key, None)
+        elif kind == "passed":
+            # The trainer went past these: what still waits here goes behind every job it can still use.
+            keys = set(msg[1])
+            for key in keys - self.inflight.keys():  # made last on purpose: their wait says nothing of latency
+                self.received.pop(key, None)
+            self.deferred.extend(j for j in self.backlog if j.key in keys)
+            self.backlog = collections.deque(j for j in self.backlog if j.key not in keys)
         elif kind == "ring":
             self.attach(msg[1])
         elif kind == "stop":
             return False
         return True
 
+    def starved(self, now: float) -> float:
+        """Seconds so far that jobs waited here with room in the sampler but no slot credit."""
+        return self.starved_s + (now - self.starved_since if self.starved_since is not None else 0.0)
+
     def serve(self) -> None:
         while not self.stop_event.is_set():
-            idle = not self.inflight and not (self.backlog and self.credits)
+            now = time.perf_counter()
+            waiting = bool(self.backlog or self.deferred) and not self.credits and len(self.inflight) < self.cfg.capacity
+            if waiting and self.starved_since is None:
+                self.starved_since = now
+            elif not waiting and self.starved_since is not None:
+                self.starved_s, self.starved_since = self.starved(now), None
+            idle = not self.inflight and not ((self.backlog or self.deferred) and self.credits)
             msgs = []
             try:
                 msgs.append(self.requests.get(timeout=_CHILD_POLL_S) if idle else self.requests.get_nowait())
@@ -269,9 +302,15 @@ class _Producer:
 
     def admit(self) -> None:
         # Keep the sampler full; each job takes its slot credit now (no credit, no admission: back-pressure).
-        while self.backlog and self.credits and len(self.inflight) < self.cfg.capacity:
-            job = self.backlog.popleft()
+        # Passed jobs take at most half the sampler, so a job that can still arrive in time never waits for
+        # a whole batch of them to finish (continuous batching admits it at the next step).
+        while self.credits and len(self.inflight) < self.cfg.capacity and (
+                self.backlog or (self.deferred and 2 * len(self.inflight) < self.cfg.capacity)):  # fmt: skip
+            job = (self.backlog or self.deferred).popleft()
             slot = self.credits.popleft()
+            if job.key in self.received:  # its wait for a slot ends here
+                when, starved = self.received[job.key]
+                self.received[job.key] = (when, self.starved(time.perf_counter()) - starved)
             self.current = [job]
             t0 = time.perf_counter()
             try:
@@ -290,6 +329,7 @@ class _Producer:
         for f in finished:
             job, slot = self.inflight.pop(f.key)
             self.current = [job]
+            received = self.received.pop(f.key, None)
             if f.key in self.cancelled:
                 self.cancelled.discard(f.key)
                 self.credits.appendleft(slot)  # still WRITING and ours: reuse the credit
@@ -306,7 +346,9 @@ class _Producer:
                     image = torch.nn.functional.interpolate(image[None].float(), size=tuple(self.ring.shape[-2:]),
                                                             mode="bilinear", antialias=True)[0].clamp_(0, 1)
                 self.ring.write(slot, f.key, image, self.cfg.producer)
-            self.send("done", f.key, slot, self.busy_s + time.perf_counter() - t0)
+            now = time.perf_counter()
+            latency = now - received[0] - received[1] if received else None
+            self.send("done", f.key, slot, self.busy_s + now - t0, latency)
         self.busy_s += time.perf_counter() - t0
         self.current = []
         if time.monotonic() - self.t_sent > _HEARTBEAT_S:  # long samples: show we are alive, not hung
@@ -411,7 +453,7 @@ class _Core:
         self.counters = collections.Counter()
         self.t_start = None
         self.urgent: set[int] = set()  # pending keys a take() is waiting for: dispatched first, never skipped
-        self.passed: set[int] = set()  # pending keys the consumer has gone past (made last, for the store)
+        self.behind: set[int] = set()  # keys the consumer went past, still pending, made or ready (for the store)
         self.t_dispatched: dict[int, float] = {}  # key -> when it went to a producer (for the latency estimate)
         self.latency_s = 0.0  # EMA of dispatch -> done, per job
         self.consume_rate = 0.0  # EMA of jobs the consumer takes or passes per second
@@ -540,7 +582,7 @@ class _Core:
         h.t_heard = time.monotonic()
         kind = msg[0]
         if kind == "done":
-            _, key, slot, busy_s = msg
+            _, key, slot, busy_s, latency = msg
             h.credits.discard(slot)
             h.busy_s = busy_s
             if self.owner.get(key) == h.producer:
@@ -549,10 +591,8 @@ class _Core:
                 self.ready[key] = slot
                 h.images += 1
                 self.counters["produced"] += 1
-                t0 = self.t_dispatched.pop(key, None)
-                if t0 is not None:
-                    lat = time.monotonic() - t0
-                    self.latency_s = lat if self.latency_s == 0.0 else 0.8 * self.latency_s + 0.2 * lat
+                if self.t_dispatched.pop(key, None) is not None and latency is not None:  # not for jobs made last
+                    self.latency_s = latency if self.latency_s == 0.0 else 0.8 * self.latency_s + 0.2 * latency
             else:  # cancelled while being made
                 self.ring.release(slot)
                 self.free.append(slot)
@@ -666,10 +706,17 @@ class _Core:
             self.consume_rate = rate if self.consume_rate == 0.0 else 0.7 * self.consume_rate + 0.3 * rate
             self._consumed, self._t_rate = 0, now
 
+    def _ahead(self, keys) -> int:
+        """How many of ``keys`` the consumer has still to reach."""
+        return sum(1 for k in keys if k not in self.behind) if self.behind else len(keys)
+
     def _due_order(self) -> list[int]:
         """Pending keys in the order to dispatch them: NOTE [Deadlines]."""
-        keys = [k for k in self.pending if k not in self.passed] if self.passed else list(self.pending)
-        late = int(self.consume_rate * self.latency_s) - len(self.owner) - len(self.ready)
+        keys = [k for k in self.pending if k not in self.behind] if self.behind else list(self.pending)
+        # Jobs in flight or ready stand between the consumer and the first pending key, unless it went past
+        # them already; a margin over the latency estimate, because the estimate is a mean.
+        reach = int(_DEADLINE_MARGIN * self.consume_rate * self.latency_s)
+        late = reach - self._ahead(self.owner) - self._ahead(self.ready)
         # Never while a take() waits: the job it waits for needs a ring slot, and far-ahead results would
         # hold them all. (Cancels do not count as consumption: a loader cancels a whole epoch's leftovers
         # at once, which is no measure of its pace.)
@@ -677,8 +724,8 @@ class _Core:
             # The first `late` pending jobs would come out after the consumer has passed them: make the
             # ones after first (the consumer falls back for those it passes), unless a take() waits on them.
             keys = keys[late:] + keys[:late]
-        if self.passed:
-            keys += [k for k in self.pending if k in self.passed]
+        if self.behind:
+            keys += [k for k in self.pending if k in self.behind]
         urgent = [k for k in keys if k in self.urgent]
         return urgent + [k for k in keys if k not in self.urgent] if urgent else keys
 
@@ -691,23 +738,28 @@ class _Core:
         batches = {h.producer: [] for h in ready}
         now = time.monotonic()
         for key in self._due_order() if self.pending else ():
-            h = min(ready, key=lambda h: len(h.assigned))
-            if len(h.assigned) >= budget:
+            # Load: the jobs a producer holds that the consumer still wants (passed ones wait behind them,
+            # NOTE [Deadlines]); the cap on all it holds bounds its backlog.
+            h = min(ready, key=lambda h: self._ahead(h.assigned))
+            if self._ahead(h.assigned) >= budget or len(h.assigned) >= 2 * budget:
                 break
             if not h.assigned:
                 h.t_heard = now  # the hang clock starts with work: an idle producer has nothing to say
             job = self.pending.pop(key)
             self.urgent.discard(key)
-            self.passed.discard(key)
             h.assigned[key] = job
             self.owner[key] = h.producer
-            self.t_dispatched[key] = now
+            if key not in self.behind:  # a job sent already late waits on purpose: its delay is no latency
+                self.t_dispatched[key] = now
             batches[h.producer].append(job)
         # Enough credits to keep each sampler full; the rest of the ring holds results awaiting take().
         target = max(1, min(self.cfg["capacity"], self.ring.capacity // max(1, len(self.handles))))
         for h in ready:
             if batches[h.producer]:
                 h.send("jobs", batches[h.producer])
+                late = [job.key for job in batches[h.producer] if job.key in self.behind]
+                if late:  # made only when nothing the consumer still wants waits there
+                    h.send("passed", late)
             grant = []
             if not h.credits and self.free:
                 h.t_heard = now  # its silence so far was back-pressure
@@ -763,8 +815,9 @@ class ProducerPool:
     ``synthesizer``: a fusionloader ``Synthesizer`` (pickles as its load spec) or a checkpoint path.
     ``source``: picklable, ``source.raw(index) -> (image float [0,1] (3,H,W), label)``.
     ``devices``: one producer process per entry ("cpu", "cuda:1", ...). ``capacity``: each sampler's
-    continuous batch. ``slots``: ring slots (default ``2 * capacity * len(devices)``). ``image_size``:
-    slot resolution R (default: the model's); outputs of another size are resized into it.
+    continuous batch. ``slots``: ring slots (default ``4 * capacity * len(devices)``: a sampler's worth in
+    flight per producer, the rest for finished images waiting for the trainer, absorbing its jitter).
+    ``image_size``: slot resolution R (default: the model's); outputs of another size are resized into it.
     ``on_error``: "raise" or "restart" (see NOTE [Producer protocol] in this file). ``timeout``: seconds a
     producer may take to load + warm up, and may stay silent while holding jobs, before it counts as
     failed. ``ring_device``: "cpu" (pinned host slots when CUDA is available) or the trainer's CUDA
@@ -784,7 +837,7 @@ class ProducerPool:
             raise ValueError("ProducerPool needs at least one device")
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        slots = 2 * capacity * len(devices) if slots is None else int(slots)
+        slots = 4 * capacity * len(devices) if slots is None else int(slots)
         if slots < len(devices):
             raise ValueError(f"slots ({slots}) must be at least the number of producers ({len(devices)})")
         if threads is None and all(torch.device(d).type == "cpu" for d in devices):
@@ -876,9 +929,8 @@ class ProducerPool:
                 slot = core.ready.pop(key, None)
                 if slot is not None:
                     break
-                if core.outcomes.pop(key, None) is not None:
-                    return None
-                if key not in core.pending and key not in core.owner:
+                if core.outcomes.pop(key, None) is not None or (key not in core.pending and key not in core.owner):
+                    core.behind.discard(key)
                     return None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -891,7 +943,10 @@ class ProducerPool:
         with core.lock:
             core.free.append(slot)
             core.counters["taken"] += 1
-            core.consumed()
+            if key in core.behind:  # a late job collected for the store: counted when it was passed
+                core.behind.discard(key)
+            else:
+                core.consumed()
             core.dispatch()
         return image
 
@@ -905,7 +960,7 @@ class ProducerPool:
             for key in keys:
                 core.outcomes.pop(key, None)
                 core.urgent.discard(key)
-                core.passed.discard(key)
+                core.behind.discard(key)
                 core.t_dispatched.pop(key, None)
                 if core.pending.pop(key, None) is not None:
                     pass
@@ -936,9 +991,17 @@ class ProducerPool:
         store). Counts towards the consumption rate (NOTE [Deadlines])."""
         core = self._live()
         with core.lock:
-            keys = [k for k in keys if k in core.pending or k in core.owner]
-            core.passed.update(k for k in keys if k in core.pending)
+            keys = [k for k in keys if (k in core.pending or k in core.owner) and k not in core.behind]
+            core.behind.update(keys)
+            core.counters["passed"] += len(keys)
+            core.counters["passed_unstarted"] += sum(1 for k in keys if k in core.pending)
             core.consumed(len(keys))
+            per_producer = collections.defaultdict(list)
+            for k in keys:
+                if k in core.owner:
+                    per_producer[core.owner[k]].append(k)
+            for producer, ks in per_producer.items():  # what waits in its backlog goes behind the rest
+                core.handles[producer].send("passed", ks)
             core.dispatch()
 
     def state(self, key: int) -> str:
@@ -980,6 +1043,9 @@ class ProducerPool:
                 "lost": core.counters["lost"],
                 "nonfinite_dropped": core.counters["nonfinite_dropped"],
                 "cancelled": core.counters["cancelled"],
+                # jobs the consumer went past unfinished, and of those the ones no producer had started
+                "passed": core.counters["passed"],
+                "passed_unstarted": core.counters["passed_unstarted"],
                 "submitted": core.counters["submitted"],
                 "taken": core.counters["taken"],
             }
