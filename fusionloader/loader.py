@@ -601,9 +601,11 @@ class FusionLoader:
         has pinned the next epoch. Keys grow with the epoch, as the pool's deadline order needs."""
         if self._pool is None or self._epoch_pinned or self._order_mode() not in ("seeded", "distributed"):
             return
+        last = epoch
         for e in range(epoch, epoch + _MAX_EPOCHS_AHEAD):
             if positions <= 0:
                 break
+            last = e
             ahead = self._ahead.get(e)
             if ahead is None:
                 rank, world = dist_info() if self._order_mode() == "distributed" else (0, 1)
@@ -623,6 +625,8 @@ class FusionLoader:
                     ahead["keys"].update(j.key for j in jobs)
                 ahead["submitted"] = end
             positions -= plan.num_positions
+        for e in [e for e in self._ahead if e > last]:  # the look-ahead shrank: free what it no longer covers
+            self._drop_ahead(e)
 
     def _drop_ahead(self, epoch: int | None = None) -> None:
         """Cancel the requests made ahead for ``epoch`` (default: every epoch)."""

@@ -16,6 +16,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Triton binds each @triton.jit kernel to the interpreter or to a GPU driver when its module is imported:
+# import them now, while TRITON_INTERPRET=1 holds, so a test that unsets it for spawned producers cannot
+# leave them bound to a driver this machine does not have.
+import fusionloader.kernels  # noqa: E402, F401
 from fusionloader.testing import save_tiny_pipeline  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
 import json
 
-from fusionloader.benchmarks import bench_engine, bench_kernels, run_all
+from fusionloader.benchmarks import bench_engine, bench_kernels, bench_loader, run_all
 from fusionloader.benchmarks.common import median_seconds, write_json
 
 
@@ -31,11 +31,30 @@ def test_kernel_benchmark_smoke():
 def test_targets_are_evaluated_from_the_figures():
     engine = {"fusion_ms_per_image": 10.0, "model_compute_ms_per_image": 9.8, "diffusers_pipeline_ms_per_image": 20.0,
               "dafusion_style_ms_per_image": 40.0}
-    loader = {"plain_steps_per_s": 100.0, "fusion_steps_per_s": 96.0, "inline_steps_per_s": 10.0,
-              "stall_fraction": 0.01, "offline_time_to_first_step_s": 50.0, "fusion_time_to_first_step_s": 4.0,
-              "fusion_disk_bytes": 0}
+    loader = {}
+    for regime in ("ample", "scarce"):
+        loader.update({f"{regime}_fusion_vs_plain": 0.96, f"{regime}_fresh_fraction": 1.0, f"{regime}_stall_fraction": 0.01,
+                       f"{regime}_fusion_vs_inline": 6.0, f"{regime}_first_step_vs_offline": 0.05,
+                       f"{regime}_fusion_disk_bytes": 0, f"{regime}_capacity_over_demand": 1.5})
+    loader["scarce_capacity_over_demand"] = 0.3
     t = run_all._targets(engine, loader)
     assert t["engine_fusion_vs_model_compute"]["met"] and t["engine_speedup_vs_dafusion_style"]["value"] == 4.0
-    assert t["loader_fusion_vs_plain_steps"]["met"] and t["loader_fusion_vs_inline_steps"]["met"]
-    loader["fusion_disk_bytes"] = 1
-    assert not run_all._targets(engine, loader)["loader_fusion_disk_bytes"]["met"]
+    assert all(v["met"] for v in t.values())
+    loader["ample_fresh_fraction"] = 0.99
+    loader["scarce_fusion_disk_bytes"] = 1
+    t = run_all._targets(engine, loader)
+    assert not t["loader_ample_every_synthetic_fresh"]["met"] and not t["loader_scarce_fusion_disk_bytes"]["met"]
+
+
+def test_loader_benchmark_smoke(tiny_sd1_path, monkeypatch):
+    # Producers run the torch reference kernels, as CPU producers do outside the kernel tests.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tiny = bench_loader.Settings(images=4, batch_size=2, variants=1, sampler_steps=2, producers=1, inline_steps=1,
+                                 burn_in=1, regimes=(bench_loader.Regime("ample", 0.05, 3),
+                                                     bench_loader.Regime("scarce", 0.0, 3)))  # fmt: skip
+    r = bench_loader.run(model=tiny_sd1_path, device="cpu", settings=tiny)
+    for regime in ("ample", "scarce"):
+        fusion = r["regimes"][regime]["fusion"]
+        assert fusion["timed_steps"] == 3 and fusion["samples"] == 6 and fusion["disk_bytes"] == 0
+        assert fusion["fresh"] <= fusion["synthetic"] <= fusion["samples"]
+        assert r[f"{regime}_offline_disk_bytes"] > 0 and r[f"{regime}_fusion_vs_inline"] > 0

@@ -556,6 +556,28 @@ def test_requests_cross_the_epoch_boundary():
     assert len(pool.cancelled) > cancelled and meta["fresh"].all()
 
 
+def test_look_ahead_spans_several_short_epochs_in_consumption_order():
+    # A few-shot epoch (4 samples) is shorter than the look-ahead (14): the requests run two epochs and more
+    # ahead, keys growing in consumption order (the pool's deadline order relies on it), and each epoch
+    # then consumes exactly the jobs requested for it.
+    from fusionloader.plan import batch_order, plan_epoch, random_order
+
+    ds = TensorImages(n=4)
+    loader = fusion(ds, batch_size=2, shuffle=True, alpha=1.0, late_policy="wait", return_meta=True, lookahead=14)
+    run_epoch(loader)
+    pool = InlinePool.instances[-1]
+    ahead = sorted(pool.jobs.values(), key=lambda j: j.key)
+    expected = []
+    for epoch in (1, 2, 3, 4):
+        plan = plan_epoch(batch_order(random_order(4, 0, epoch), 2, False), seed=0, epoch=epoch, alpha=1.0)
+        expected += plan.indices.tolist()
+    assert len(ahead) >= 12 and [j.index for j in ahead] == expected[: len(ahead)]
+    for epoch in (1, 2, 3):
+        x, meta = run_epoch(loader)
+        assert meta["fresh"].all() and meta["index"].tolist() == expected[4 * (epoch - 1) : 4 * epoch]
+    assert not pool.cancelled  # every request made ahead was used
+
+
 def test_late_jobs_are_harvested_into_the_store():
     ds = TensorImages(n=8)
     loader = fusion(ds, "late", batch_size=4, alpha=1.0, return_meta=True, seed=2)

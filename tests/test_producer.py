@@ -396,3 +396,28 @@ def test_passed_jobs_are_made_after_due_ones(synth):
         assert pool.state(3) == "pending"  # made one job at a time, in the order 0 1 4 5 2 3
         for k in (2, 3):
             assert pool.take(k, timeout=60) is not None
+
+
+def test_producer_admits_wanted_jobs_first_and_times_them_without_slot_waits():
+    # In-process, sampler stubbed: the child's admission order and latency bookkeeping (NOTE [Deadlines]).
+    from types import SimpleNamespace
+
+    from fusionloader.producer import _ChildConfig, _Producer
+
+    child = _Producer(_ChildConfig(0, "cpu", None, None, 2, None, os.getpid(), None, False), None, None, None)
+    admitted = []
+    child.sampler = SimpleNamespace(submit=admitted.append)
+    child._request = lambda job, slot: job.key
+    child.handle(("jobs", jobs(range(4))))
+    child.handle(("passed", [0, 1]))  # the trainer went past these while they waited here
+    child.starved_since = time.perf_counter() - 5.0  # no slot credit for 5 s so far
+    child.handle(("credit", [0, 1, 2, 3]))
+    child.admit()
+    assert admitted == [2, 3]  # capacity 2: the jobs still wanted
+    assert set(child.received) == {2, 3} and all(4.9 < starved < 6.0 for _, starved in child.received.values())
+    child.inflight.pop(2)
+    child.admit()
+    assert admitted == [2, 3]  # a passed job takes at most half the sampler: none while one wanted job runs
+    child.inflight.clear()
+    child.admit()
+    assert admitted == [2, 3, 0]
