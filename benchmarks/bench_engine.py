@@ -129,7 +129,7 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
     timings["speedup_vs_diffusers_pipeline"] = timings["diffusers_pipeline_ms_per_image"] / timings["fusion_ms_per_image"]
     timings["speedup_vs_dafusion_style"] = timings["dafusion_style_ms_per_image"] / timings["fusion_ms_per_image"]
     timings.update(batch=batch, steps=steps, guidance_scale=guidance, strengths=strengths, repeats=repeats,
-                   model=model or "tiny random SD-1.x-shaped (64 px, UNet 64/128, VAE x8)", environment=environment(device))  # fmt: skip
+                   model=model or "tiny random SD-1.x-shaped (benchmarks.common.tiny_sd_model)", environment=environment(device))  # fmt: skip
     return timings
 
 

@@ -625,7 +625,9 @@ class FusionLoader:
                     ahead["keys"].update(j.key for j in jobs)
                 ahead["submitted"] = end
             positions -= plan.num_positions
-        for e in [e for e in self._ahead if e > last]:  # the look-ahead shrank: free what it no longer covers
+        # The look-ahead shrank: free what it no longer covers -- past a margin of three times as many epochs,
+        # or a look-ahead that breathes with the latency estimate would cancel and re-request the same jobs.
+        for e in [e for e in self._ahead if e > last + 3 * (last - epoch + 1)]:
             self._drop_ahead(e)
 
     def _drop_ahead(self, epoch: int | None = None) -> None:
