@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     preview.set_defaults(fn=_preview)
 
     bench = sub.add_parser("bench", help="engine, loader and kernel benchmarks -> one JSON + PNG plots")
-    bench.add_argument("--quick", action="store_true", help="small sizes (about 10 minutes on 2 CPU cores)")
+    bench.add_argument("--quick", action="store_true", help="small sizes (about 4 minutes on 2 CPU cores)")
     bench.add_argument("--json", default="out/bench.json")
     bench.add_argument("--plots", default=None, help="folder for PNG plots (default: beside the JSON)")
     bench.add_argument("--model", default=None, help="diffusers folder (default: a tiny random SD-shaped model)")
