@@ -37,10 +37,11 @@ fetches and replaces some samples afterwards.
   DataLoader would have cost, carries the label, and makes fallback free.
 * Requests. Before each batch, synthetic positions up to ``lookahead`` samples ahead are submitted to
   the ``ProducerPool`` in consumption order (job key = iteration base + position). When the window runs
-  past the epoch's end and the next epoch's order is a pure function of it (``seed=`` given, or
-  distributed default sampling), the next epoch is planned early and its first positions requested, so
-  producers never idle at an epoch boundary (few-shot datasets have many); the next ``iter()`` adopts
-  those requests, or cancels them if it turns out to be another epoch.
+  past the epoch's end and the coming epochs' order is a pure function of them (``seed=`` given, or
+  distributed default sampling), as many coming epochs as the window covers are planned early and their
+  positions requested, so producers never idle at an epoch boundary and, when slower than the trainer,
+  can work far enough ahead to deliver in time (few-shot epochs are shorter than one job's latency); each
+  ``iter()`` adopts its epoch's requests, or cancels them all if it turns out to be another epoch.
 * Lifetime. Nothing is started before the first ``iter()``. ``close()`` (also ``__exit__``, ``__del__``
   and interpreter exit) cancels outstanding jobs, stops the runner's workers and closes the pool, whose
   own shutdown protocol (NOTE in producer.py) bounds it to a few seconds. A new ``iter()`` abandons the
