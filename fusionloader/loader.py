@@ -587,11 +587,12 @@ class FusionLoader:
         time (NOTE [Deadlines] in producer.py) instead of chasing the trainer and always arriving late."""
         if not self._adaptive_lookahead or self._pool is None:
             return self.lookahead
-        cur = self._stats.current
+        # The rate over the whole run: an epoch's first batches say little (a few-shot epoch has few).
+        total = self._stats.total
         latency = getattr(self._pool, "latency_s", 0.0)
-        if cur is None or cur.wall_s <= 0 or latency <= 0:
+        if total.wall_s <= 0 or latency <= 0:
             return self.lookahead
-        rate = cur.samples / cur.wall_s  # samples per second this epoch
+        rate = total.samples / total.wall_s  # samples per second
         return int(min(max(self.lookahead, math.ceil(1.5 * rate * latency)), 1 << 16))
 
     def _plan_ahead(self, epoch: int, positions: int) -> None:

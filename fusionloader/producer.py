@@ -93,6 +93,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import statistics
 import threading
 import time
 import traceback
@@ -113,7 +114,9 @@ _POLL_S = 0.05  # consumer: collector thread wake-up period
 _CHILD_POLL_S = 0.1  # producer: request-queue get timeout while idle
 _WATCHDOG_S = 0.5  # producer: parent-alive check period
 _HEARTBEAT_S = 1.0  # producer: longest silence while sampling (the consumer's hang check needs a pulse)
-_DEADLINE_MARGIN = 1.25  # NOTE [Deadlines]: dispatch this many mean latencies' worth of jobs ahead
+_CPU_NICE = 10  # niceness added to CPU producers (see _producer_main)
+_DEADLINE_MARGIN = 1.25
+_LATENCY_WINDOW = 32  # jobs in the latency median  # NOTE [Deadlines]: dispatch this many mean latencies' worth of jobs ahead
 _JOIN_S = 2.0  # close(): time all producers get to exit cleanly after "stop"
 _OUTCOMES_KEPT = 1 << 16  # remembered lost/dropped keys (for take() and state())
 
@@ -361,6 +364,13 @@ def _producer_main(cfg: _ChildConfig, requests, results, stop_event) -> None:
     threading.Thread(target=_watch_parent, args=(cfg.parent_pid,), daemon=True, name="fl-watchdog").start()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if torch.device(cfg.device).type == "cpu":
+        # A CPU producer stands in for a spare device and shares the cores with the trainer it feeds: at a
+        # lower priority it gets what the trainer leaves, and never slows a training step down.
+        try:
+            os.nice(_CPU_NICE)
+        except OSError:  # not permitted here: run at the trainer's priority
+            pass
     producer = _Producer(cfg, requests, results, stop_event)
     try:
         t0 = time.perf_counter()
@@ -455,7 +465,8 @@ class _Core:
         self.urgent: set[int] = set()  # pending keys a take() is waiting for: dispatched first, never skipped
         self.behind: set[int] = set()  # keys the consumer went past, still pending, made or ready (for the store)
         self.t_dispatched: dict[int, float] = {}  # key -> when it went to a producer (for the latency estimate)
-        self.latency_s = 0.0  # EMA of dispatch -> done, per job
+        self.latency_s = 0.0  # median latency of the last jobs (NOTE [Deadlines]): cold starts do not skew it
+        self._latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         self.consume_rate = 0.0  # EMA of jobs the consumer takes or passes per second
         self._consumed, self._t_rate = 0, time.monotonic()
 
@@ -592,7 +603,8 @@ class _Core:
                 h.images += 1
                 self.counters["produced"] += 1
                 if self.t_dispatched.pop(key, None) is not None and latency is not None:  # not for jobs made last
-                    self.latency_s = latency if self.latency_s == 0.0 else 0.8 * self.latency_s + 0.2 * latency
+                    self._latencies.append(latency)
+                    self.latency_s = statistics.median(self._latencies)
             else:  # cancelled while being made
                 self.ring.release(slot)
                 self.free.append(slot)
@@ -737,12 +749,17 @@ class _Core:
         budget = 2 * self.cfg["capacity"]
         batches = {h.producer: [] for h in ready}
         now = time.monotonic()
-        for key in self._due_order() if self.pending else ():
-            # Load: the jobs a producer holds that the consumer still wants (passed ones wait behind them,
-            # NOTE [Deadlines]); the cap on all it holds bounds its backlog.
-            h = min(ready, key=lambda h: self._ahead(h.assigned))
-            if self._ahead(h.assigned) >= budget or len(h.assigned) >= 2 * budget:
+        # Load: the jobs a producer holds that the consumer still wants (passed ones wait behind them, NOTE
+        # [Deadlines]); the cap on all it holds bounds its backlog. Ordering the pending jobs costs O(pending):
+        # only when some producer has room (called after every take, it mostly has none).
+        load = {h.producer: self._ahead(h.assigned) for h in ready}
+        room = [h for h in ready if load[h.producer] < budget and len(h.assigned) < 2 * budget]
+        for key in self._due_order() if self.pending and room else ():
+            h = min(ready, key=lambda h: load[h.producer])
+            if load[h.producer] >= budget or len(h.assigned) >= 2 * budget:
                 break
+            if key not in self.behind:
+                load[h.producer] += 1
             if not h.assigned:
                 h.t_heard = now  # the hang clock starts with work: an idle producer has nothing to say
             job = self.pending.pop(key)
