@@ -581,7 +581,7 @@ class FusionLoader:
         return it
 
     def _horizon(self) -> int:
-        """How many samples ahead to request. A fixed ``lookahead`` when given; by default at least 1.5x
+        """How many samples ahead to request. A fixed ``lookahead`` when given; by default at least 2x
         the samples the trainer consumes while a producer makes one job (pool latency), so that when
         producers are slower than the trainer they make images for positions they can still reach in
         time (NOTE [Deadlines] in producer.py) instead of chasing the trainer and always arriving late."""
@@ -593,7 +593,7 @@ class FusionLoader:
         if total.wall_s <= 0 or latency <= 0:
             return self.lookahead
         rate = total.samples / total.wall_s  # samples per second
-        return int(min(max(self.lookahead, math.ceil(1.5 * rate * latency)), 1 << 16))
+        return int(min(max(self.lookahead, math.ceil(2.0 * rate * latency)), 1 << 16))
 
     def _plan_ahead(self, epoch: int, positions: int) -> None:
         """Request the first ``positions`` samples from the start of ``epoch`` on (running into the epochs
