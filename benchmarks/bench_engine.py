@@ -74,7 +74,7 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = steps or (20 if quick else 50)
-    repeats = repeats or (3 if quick else 5)
+    repeats = repeats or (9 if quick else 15)
     guidance = 7.5
     with tempfile.TemporaryDirectory() as tmp:
         path = model or tiny_sd_model(tmp)
@@ -113,21 +113,27 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
         _model_compute(synth, images, emb, strengths, steps, guidance)
 
     timings = {}
-    # Interleave the four so drift in machine load hits them alike; median per method.
+    # Interleave the four so drift in machine load hits them alike, rotating the order each repeat. Each
+    # timed call follows an untimed one of the same method: the first call after another model's runs on
+    # cold caches (10-30% slower here), which a producer calling augment back to back never pays.
     order = (("fusion", fusion), ("model_compute", compute), ("diffusers_pipeline", pipeline_grouped), ("dafusion_style", dafusion))
     for name, fn in order:
         fn()  # warm-up (allocator, lazy init, prompt cache)
     runs = {name: [] for name, _ in order}
-    for _ in range(repeats):
-        for name, fn in order:
-            runs[name].append(median_seconds(fn, repeats=1, warmup=0, device=device)["median_s"])
+    for r in range(repeats):
+        for name, fn in order[r % len(order):] + order[: r % len(order)]:
+            runs[name].append(median_seconds(fn, repeats=1, warmup=1, device=device)["median_s"])
     for name, times in runs.items():
-        times.sort()
-        timings[f"{name}_ms_per_image"] = 1e3 * times[len(times) // 2] / batch
-        timings[f"{name}_times_s"] = times
-    timings["fusion_over_model_compute"] = timings["fusion_ms_per_image"] / timings["model_compute_ms_per_image"]
-    timings["speedup_vs_diffusers_pipeline"] = timings["diffusers_pipeline_ms_per_image"] / timings["fusion_ms_per_image"]
-    timings["speedup_vs_dafusion_style"] = timings["dafusion_style_ms_per_image"] / timings["fusion_ms_per_image"]
+        timings[f"{name}_ms_per_image"] = 1e3 * statistics.median(times) / batch
+        timings[f"{name}_times_s"] = times  # in round order
+    # Ratios pair the calls of one round (adjacent in time, so slow drift in machine load cancels), then
+    # take the median over rounds.
+    def paired(a, b):
+        return statistics.median(x / y for x, y in zip(runs[a], runs[b]))
+
+    timings["fusion_over_model_compute"] = paired("fusion", "model_compute")
+    timings["speedup_vs_diffusers_pipeline"] = paired("diffusers_pipeline", "fusion")
+    timings["speedup_vs_dafusion_style"] = paired("dafusion_style", "fusion")
     timings.update(batch=batch, steps=steps, guidance_scale=guidance, strengths=strengths, repeats=repeats,
                    model=model or "tiny random SD-1.x-shaped (benchmarks.common.tiny_sd_model)", environment=environment(device))  # fmt: skip
     return timings

@@ -29,8 +29,7 @@ def test_kernel_benchmark_smoke():
 
 
 def test_targets_are_evaluated_from_the_figures():
-    engine = {"fusion_ms_per_image": 10.0, "model_compute_ms_per_image": 9.8, "diffusers_pipeline_ms_per_image": 20.0,
-              "dafusion_style_ms_per_image": 40.0}
+    engine = {"fusion_over_model_compute": 1.02, "speedup_vs_diffusers_pipeline": 2.0, "speedup_vs_dafusion_style": 4.0}
     loader = {}
     for regime in ("ample", "scarce"):
         loader.update({f"{regime}_fusion_vs_plain": 0.96, f"{regime}_fresh_fraction": 1.0, f"{regime}_stall_fraction": 0.01,

@@ -20,7 +20,9 @@ Img2img (SDEdit) start: ``StableDiffusionImg2ImgPipeline.get_timesteps`` keeps t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import math
 
 import torch
@@ -234,8 +236,16 @@ def _dpmpp_2m_rows(sched, begin: int, n: int, pred: str) -> list[list[float]]:
     return rows
 
 
+_CACHE: collections.OrderedDict = collections.OrderedDict()  # make_schedule's results, least recent first
+_CACHE_SIZE = 256
+
+
 def make_schedule(scheduler, num_inference_steps: int, strength: float | None, eta: float = 0.0) -> Schedule:
     """The pipeline's timesteps and the fused-kernel rows for one (steps, strength, eta) setting.
+
+    Cached per (scheduler class and config, steps, strength, eta): building one runs diffusers'
+    ``set_timesteps``, which every ``augment`` call would otherwise pay again per strength. Treat the
+    result as read-only.
 
     ``strength`` in (0, 1] is img2img/SDEdit; None is text-only (all steps, from pure noise). ``eta`` is
     DDIM's (ignored by the other schedulers, as the pipeline's ``prepare_extra_step_kwargs`` does). The
@@ -251,6 +261,22 @@ def make_schedule(scheduler, num_inference_steps: int, strength: float | None, e
         raise ValueError(f"strength must be in (0, 1] (or None for text-only), got {strength!r}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
+    config = json.dumps(dict(scheduler.config), sort_keys=True, default=_plain)  # trained_betas: every value
+    key = (type(scheduler).__qualname__, config, num_inference_steps, strength, float(eta))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    schedule = _CACHE[key] = _make_schedule(scheduler, num_inference_steps, strength, eta)
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return schedule
+
+
+def _plain(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def _make_schedule(scheduler, num_inference_steps: int, strength: float | None, eta: float) -> Schedule:
     kind = fused_kind(scheduler)
     sched = type(scheduler).from_config(scheduler.config)
     sched.set_timesteps(num_inference_steps)
