@@ -66,13 +66,13 @@ class Settings:
     sampler_steps: int = 20  # at strength 0.5: 10 denoising steps per variant
     producers: int = 2
     producer_capacity: int = 16  # continuous batch per producer: 16 samples (32 UNet rows) is a CPU's best
-    regimes: tuple = (Regime("ample", 0.11, 120), Regime("scarce", 0.01, 600))
+    regimes: tuple = (Regime("ample", 0.12, 120), Regime("scarce", 0.01, 600))
     inline_steps: int = 8
     burn_in: int = 8  # steps after the producers are ready (the look-ahead and the store settle)
     width: int = 16  # classifier width
 
 
-QUICK = Settings(images=32, regimes=(Regime("ample", 0.11, 60), Regime("scarce", 0.01, 300)), inline_steps=10)
+QUICK = Settings(images=32, regimes=(Regime("ample", 0.12, 60), Regime("scarce", 0.01, 300)), inline_steps=10)
 FULL = Settings()
 
 
