@@ -273,3 +273,20 @@ def test_pickle_roundtrip(tiny_sd1_path):
     clone = pickle.loads(pickle.dumps(from_pipe))
     again = clone.augment(images, ["a cat"], num_inference_steps=4, seeds=[3], output_type="latent")
     assert (again - ref).abs().max() <= TOL
+
+
+def test_outputs_are_plain_tensors_usable_in_training(tiny_sd1_path):
+    # The engine samples in inference mode; what it hands out must work in autograd and in place.
+    synth = Synthesizer.from_pretrained(tiny_sd1_path)
+    images = torch.rand(2, 3, *synth.resolution, generator=torch.Generator().manual_seed(0))
+    out, latents = synth.augment(images, ["a photo of a cat"] * 2, num_inference_steps=4, seeds=[0, 1],
+                                 return_latents=True)  # fmt: skip
+    assert not out.is_inference() and not latents.is_inference()
+    weight = torch.ones(3, requires_grad=True)
+    (out * weight[None, :, None, None]).sum().backward()
+    assert weight.grad is not None
+    out.mul_(0.5)
+    buf = torch.zeros(2, 3, *synth.resolution, dtype=torch.uint8)
+    synth.augment_into(buf, images, ["a photo of a cat"] * 2, num_inference_steps=4, seeds=[0, 1])
+    assert not buf.is_inference() and int(buf.max()) > 0
+    buf.add_(1)
