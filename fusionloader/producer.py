@@ -115,8 +115,8 @@ _CHILD_POLL_S = 0.1  # producer: request-queue get timeout while idle
 _WATCHDOG_S = 0.5  # producer: parent-alive check period
 _HEARTBEAT_S = 1.0  # producer: longest silence while sampling (the consumer's hang check needs a pulse)
 _CPU_NICE = 10  # niceness added to CPU producers (see _producer_main)
-_DEADLINE_MARGIN = 1.25
-_LATENCY_WINDOW = 32  # jobs in the latency median  # NOTE [Deadlines]: dispatch this many mean latencies' worth of jobs ahead
+_DEADLINE_MARGIN = 1.25  # NOTE [Deadlines]: dispatch this many latencies' worth of jobs ahead
+_LATENCY_WINDOW = 32  # jobs in the latency median
 _JOIN_S = 2.0  # close(): time all producers get to exit cleanly after "stop"
 _OUTCOMES_KEPT = 1 << 16  # remembered lost/dropped keys (for take() and state())
 
@@ -726,7 +726,7 @@ class _Core:
         """Pending keys in the order to dispatch them: NOTE [Deadlines]."""
         keys = [k for k in self.pending if k not in self.behind] if self.behind else list(self.pending)
         # Jobs in flight or ready stand between the consumer and the first pending key, unless it went past
-        # them already; a margin over the latency estimate, because the estimate is a mean.
+        # them already; a margin over the latency estimate, because it is a median, not a worst case.
         reach = int(_DEADLINE_MARGIN * self.consume_rate * self.latency_s)
         late = reach - self._ahead(self.owner) - self._ahead(self.ready)
         # Never while a take() waits: the job it waits for needs a ring slot, and far-ahead results would
