@@ -28,25 +28,21 @@ def _targets(engine: dict, loader: dict) -> dict:
             r = engine[f"speedup_vs_{ref}"]
             t[f"engine_speedup_vs_{ref}"] = {"target": "> 1", "value": r, "met": r > 1}
     if loader:
-        def target(name, target, value, met):
-            t[name] = {"target": target, "value": value, "met": bool(met)}
-
-        a = "ample"
-        target(f"loader_{a}_fusion_vs_plain_steps", ">= 0.95", loader[f"{a}_fusion_vs_plain"], loader[f"{a}_fusion_vs_plain"] >= 0.95)
-        target(f"loader_{a}_every_synthetic_fresh", "== 1", loader[f"{a}_fresh_fraction"], loader[f"{a}_fresh_fraction"] == 1)
-        target(f"loader_{a}_capacity_over_demand", ">= 1", loader[f"{a}_capacity_over_demand"],
-               loader[f"{a}_capacity_over_demand"] >= 1)  # fmt: skip
-        for regime in ("ample", "scarce"):
-            v = loader[f"{regime}_stall_fraction"]
-            target(f"loader_{regime}_stall_fraction", "<= 0.05", v, v <= 0.05)
-            v = loader[f"{regime}_fusion_vs_inline"]
-            target(f"loader_{regime}_fusion_vs_inline_steps", ">= 5", v, v >= 5)
-            v = loader[f"{regime}_first_step_vs_offline"]
-            target(f"loader_{regime}_first_step_vs_offline", "<= 0.1", v, v <= 0.1)
-            v = loader[f"{regime}_fusion_disk_bytes"]
-            target(f"loader_{regime}_fusion_disk_bytes", "== 0", v, v == 0)
-        v = loader["scarce_capacity_over_demand"]
-        target("loader_scarce_capacity_over_demand", "< 1", v, v < 1)
+        ample, scarce = ("ample",), ("ample", "scarce")
+        checks = (  # (regimes, summary key, target name, target, predicate)
+            (ample, "fusion_vs_plain", "fusion_vs_plain_steps", ">= 0.95", lambda v: v >= 0.95),
+            (ample, "fresh_fraction", "every_synthetic_fresh", "== 1", lambda v: v == 1),
+            (ample, "capacity_over_demand", "capacity_over_demand", ">= 1", lambda v: v >= 1),
+            (("scarce",), "capacity_over_demand", "capacity_over_demand", "< 1", lambda v: v < 1),
+            (scarce, "stall_fraction", "stall_fraction", "<= 0.05", lambda v: v <= 0.05),
+            (scarce, "fusion_vs_inline", "fusion_vs_inline_steps", ">= 5", lambda v: v >= 5),
+            (scarce, "first_step_vs_offline", "first_step_vs_offline", "<= 0.1", lambda v: v <= 0.1),
+            (scarce, "fusion_disk_bytes", "fusion_disk_bytes", "== 0", lambda v: v == 0),
+        )
+        for regimes, key, name, target, ok in checks:
+            for regime in regimes:
+                v = loader[f"{regime}_{key}"]
+                t[f"loader_{regime}_{name}"] = {"target": target, "value": v, "met": bool(ok(v))}
     return t
 
 

@@ -536,15 +536,25 @@ def test_producer_failure_reraises_in_the_training_loop():
     assert Failing.instances[-1].closed
 
 
-def test_requests_cross_the_epoch_boundary():
+def epoch_plan(n, batch_size, epoch):
+    """The plan of a seed-0, shuffled, alpha=1 epoch, as the loader makes it."""
     from fusionloader.plan import batch_order, plan_epoch, random_order
 
-    ds = TensorImages(n=12)
-    loader = fusion(ds, batch_size=4, shuffle=True, alpha=1.0, late_policy="wait", return_meta=True, lookahead=8)
+    return plan_epoch(batch_order(random_order(n, 0, epoch), batch_size, False), seed=0, epoch=epoch, alpha=1.0)
+
+
+def queued_after_first_epoch(loader):
+    """Run epoch 0; return the pool and the jobs it still holds, in key order."""
     run_epoch(loader)
     pool = InlinePool.instances[-1]
-    ahead = sorted(pool.jobs.values(), key=lambda j: j.key)
-    plan1 = plan_epoch(batch_order(random_order(12, 0, 1), 4, False), seed=0, epoch=1, alpha=1.0)
+    return pool, sorted(pool.jobs.values(), key=lambda j: j.key)
+
+
+def test_requests_cross_the_epoch_boundary():
+    ds = TensorImages(n=12)
+    loader = fusion(ds, batch_size=4, shuffle=True, alpha=1.0, late_policy="wait", return_meta=True, lookahead=8)
+    pool, ahead = queued_after_first_epoch(loader)
+    plan1 = epoch_plan(12, 4, 1)
     assert [j.index for j in ahead] == plan1.indices[: len(ahead)].tolist() and len(ahead) >= 4  # epoch 1 queued
     x, meta = run_epoch(loader)  # adopted: epoch 1 consumes exactly those jobs, all fresh
     assert meta["fresh"].all() and torch.equal(meta["index"], torch.from_numpy(plan1.indices))
@@ -560,17 +570,10 @@ def test_look_ahead_spans_several_short_epochs_in_consumption_order():
     # A few-shot epoch (4 samples) is shorter than the look-ahead (14): the requests run two epochs and more
     # ahead, keys growing in consumption order (the pool's deadline order relies on it), and each epoch
     # then consumes exactly the jobs requested for it.
-    from fusionloader.plan import batch_order, plan_epoch, random_order
-
     ds = TensorImages(n=4)
     loader = fusion(ds, batch_size=2, shuffle=True, alpha=1.0, late_policy="wait", return_meta=True, lookahead=14)
-    run_epoch(loader)
-    pool = InlinePool.instances[-1]
-    ahead = sorted(pool.jobs.values(), key=lambda j: j.key)
-    expected = []
-    for epoch in (1, 2, 3, 4):
-        plan = plan_epoch(batch_order(random_order(4, 0, epoch), 2, False), seed=0, epoch=epoch, alpha=1.0)
-        expected += plan.indices.tolist()
+    pool, ahead = queued_after_first_epoch(loader)
+    expected = [i for epoch in (1, 2, 3, 4) for i in epoch_plan(4, 2, epoch).indices.tolist()]
     assert len(ahead) >= 12 and [j.index for j in ahead] == expected[: len(ahead)]
     for epoch in (1, 2, 3):
         x, meta = run_epoch(loader)
