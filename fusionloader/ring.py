@@ -33,8 +33,18 @@ CPU-only test suite): the consumer allocates the data tensor on its device and i
 pickled as a CUDA IPC handle (torch's ForkingPickler reductions). The consumer process owns the memory
 and must outlive the producers (ProducerPool.close stops them first). ``write`` synchronises the
 producer's stream before publishing READY and ``read`` synchronises after its copy before FREE, so the
-only cross-process ordering needed is the one the pipe message already gives. Host rings are pinned with
-``cudaHostRegister`` in the consumer when CUDA is available, so copies from a slot to a GPU are async.
+only cross-process ordering needed is the one the pipe message already gives.
+
+Pinning (issue 14). A host ring is page-locked with ``cudaHostRegister`` (portable: valid in every
+context) only where a process names the device to do it under: a GPU producer under its own bound device,
+the trainer under the device it already uses (``ProducerPool`` passes ``torch.cuda.current_device()`` only
+when the trainer has initialised CUDA). Registering without a device would open a context on GPU 0 in
+whatever thread happens to create the ring -- 0.3-0.5 GB of a GPU nobody asked for. A pinned ring's
+``read`` copies out into pinned memory (torch's caching host allocator), so the caller's
+``.to(device, non_blocking=True)`` stays an async DMA: a pageable clone would make pinning buy nothing.
+``uint8`` slots (4x smaller than float32) hold images as ``round(x * 255)``, exactly what the engine's
+fused post-process writes; ``check_shm_space`` refuses, before creating it, a ring larger than
+``/dev/shm``'s free space (a container's default 64 MB dies of SIGBUS at the first write otherwise).
 
 Lifetime: the creating process unlinks (``unlink``); attached processes only ``close``. If the creator
 is SIGKILLed, Python's resource tracker (shared with spawned children) unlinks the segment once every
@@ -45,23 +55,31 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the CUDA IPC reductions a device ring's handle needs)
 
-__all__ = ["FREE", "WRITING", "READY", "READING", "RingHandle", "SlotRing", "SlotStateError"]
+__all__ = ["FREE", "READING", "READY", "RingHandle", "RingSpaceError", "SlotRing", "SlotStateError", "WRITING",
+           "check_shm_space", "ring_bytes"]
 
 FREE, WRITING, READY, READING = 0, 1, 2, 3
 STATE_NAMES = {FREE: "free", WRITING: "writing", READY: "ready", READING: "reading"}
 NO_OWNER = -1
 SEGMENT_PREFIX = "fl_ring_"
 _ALIGN = 64
+SHM_DIR = "/dev/shm"
+_CUDA_HOST_REGISTER_PORTABLE = 1  # the registration counts as pinned in every CUDA context of the process
 
 
 class SlotStateError(RuntimeError):
     """A slot was used out of protocol (e.g. written without a credit, read before it was ready)."""
+
+
+class RingSpaceError(OSError):
+    """The ring would not fit in ``/dev/shm``: says how big it is, what is free and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -90,12 +108,71 @@ def _layout(capacity: int, shape: tuple[int, ...], dtype: torch.dtype, host_data
     return state_off, owner_off, key_off, data_off, numel, max(size, 1)
 
 
-class SlotRing:
-    """``capacity`` fixed slots of ``shape``/``dtype`` in shared memory; see NOTE [Slot protocol]."""
+def ring_bytes(capacity: int, shape, dtype: torch.dtype, device="cpu") -> int:
+    """Bytes of shared memory a ring takes in ``/dev/shm`` (only the small state arrays for a device ring)."""
+    host_data = not str(device).startswith("cuda")
+    return _layout(int(capacity), tuple(int(s) for s in shape), dtype, host_data)[-1]
 
-    def __init__(self, capacity: int, shape, dtype: torch.dtype = torch.float32, device="cpu", pin: bool | None = None):
-        assert capacity >= 1, capacity
+
+def _free_shm_bytes(path: str = SHM_DIR) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:  # no /dev/shm (not Linux): nothing to check against
+        return None
+
+
+def check_shm_space(capacity: int, shape, dtype: torch.dtype, device="cpu", free_bytes: int | None = None) -> None:
+    """Raise ``RingSpaceError`` if the ring would not fit in ``/dev/shm``'s free space (``free_bytes``: for tests).
+
+    tmpfs grants pages lazily, so an oversized segment is created without complaint and the first write past
+    the limit kills the writer with SIGBUS; this check turns that into an error at construction."""
+    need = ring_bytes(capacity, shape, dtype, device)
+    free = _free_shm_bytes() if free_bytes is None else free_bytes
+    if free is None or need <= free:
+        return
+    mib = 1 << 20
+    dtype_name = str(dtype).replace("torch.", "")
+    fixes = ["fewer slots (ProducerPool slots= / FusionLoader producer_slots=)"]
+    if dtype != torch.uint8:
+        fixes.append("uint8 slots (slot_dtype=torch.uint8, 4x smaller than float32)")
+    fixes.append("more shared memory for the container (docker run --shm-size=2g, or a larger /dev/shm mount)")
+    raise RingSpaceError(
+        f"a ring of {capacity} slots of {tuple(shape)} {dtype_name} needs {need / mib:.1f} MiB of shared memory but "
+        f"{SHM_DIR} has {free / mib:.1f} MiB free; use " + ", or ".join(fixes)
+    )
+
+
+def _host_register(ptr: int, size: int, device: int) -> bool:
+    """Page-lock ``size`` bytes at ``ptr`` under ``device`` (never the thread's default device 0)."""
+    with torch.cuda.device(device):
+        err = torch.cuda.cudart().cudaHostRegister(ptr, size, _CUDA_HOST_REGISTER_PORTABLE)
+    return int(err) == 0
+
+
+def _host_unregister(ptr: int, device: int) -> None:
+    with torch.cuda.device(device):
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def _pinned_empty(shape, dtype: torch.dtype, device: int) -> torch.Tensor:
+    with torch.cuda.device(device):  # the host allocator's cudaHostAlloc needs a context: ours, not GPU 0's
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+class SlotRing:
+    """``capacity`` fixed slots of ``shape``/``dtype`` in shared memory; see NOTE [Slot protocol].
+
+    ``pin``: a CUDA device index to page-lock a host ring under, or None (not pinned). ``free_bytes``:
+    override ``/dev/shm``'s free space for the size check (tests)."""
+
+    def __init__(self, capacity: int, shape, dtype: torch.dtype = torch.float32, device="cpu", pin: int | None = None,
+                 free_bytes: int | None = None):
+        if capacity < 1:
+            raise ValueError(f"a ring needs at least one slot, got capacity={capacity}")
+        if dtype != torch.uint8 and not dtype.is_floating_point:
+            raise ValueError(f"ring slots hold uint8 or float images, got dtype={dtype}")
         device = str(torch.device(device))
+        check_shm_space(capacity, shape, dtype, device, free_bytes)
         name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
         self._open(RingHandle(name, int(capacity), tuple(int(s) for s in shape), dtype, device), create=True)
         self._state.fill_(FREE)
@@ -105,34 +182,43 @@ class SlotRing:
             data = torch.empty((self.capacity, *self.shape), dtype=dtype, device=device)
             self._data = data
             self.handle = RingHandle(name, self.capacity, self.shape, dtype, device, cuda_data=data)
-        elif torch.cuda.is_available() if pin is None else pin:
-            self._pin()
+        elif pin is not None:
+            self._pin(pin)
 
     @classmethod
-    def attach(cls, handle: RingHandle, pin: bool = False) -> "SlotRing":
+    def attach(cls, handle: RingHandle, pin: int | None = None) -> "SlotRing":
         """Open an existing ring in another process (a producer). Attached rings never unlink.
 
-        ``pin``: page-lock this process's mapping of a host ring (a GPU producer's device -> slot copies).
+        ``pin``: the (bound) CUDA device to page-lock this process's mapping of a host ring under (a GPU
+        producer's device -> slot copies), or None.
         """
         ring = cls.__new__(cls)
         ring._open(handle, create=False)
         if handle.device.startswith("cuda"):
             assert handle.cuda_data is not None, "device ring handle without its CUDA tensor"
             ring._data = handle.cuda_data
-        elif pin:
-            ring._pin()
+        elif pin is not None:
+            ring._pin(pin)
         return ring
 
-    def _pin(self) -> None:
+    def _pin(self, device: int) -> None:
         # Page-lock the whole mapping (from its page-aligned base: the state array is at offset 0) so
         # copies between slots and a GPU are asynchronous DMA. Pinning is per process and per mapping.
-        # Not exercised by the CPU-only test suite.
-        err = torch.cuda.cudart().cudaHostRegister(self._state.data_ptr(), self._shm.size, 0)
-        self._pinned = int(err) == 0
+        self._pinned = _host_register(self._state.data_ptr(), self._shm.size, device)
+        self._pin_device = device if self._pinned else None
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
+    @property
+    def data(self) -> torch.Tensor:
+        """All slots, ``(capacity, *shape)``: for a producer that fills its credited slots in place."""
+        return self._data
 
     def _open(self, handle: RingHandle, create: bool) -> None:
         self.capacity, self.shape, self.dtype, self.device = handle.capacity, handle.shape, handle.dtype, handle.device
-        self.handle, self._owns, self._pinned = handle, create, False
+        self.handle, self._owns, self._pinned, self._pin_device = handle, create, False, None
         host_data = not handle.device.startswith("cuda")
         s_off, o_off, k_off, d_off, numel, size = _layout(handle.capacity, handle.shape, handle.dtype, host_data)
         self._shm = shared_memory.SharedMemory(name=handle.name, create=create, size=size if create else 0)
@@ -183,7 +269,11 @@ class SlotRing:
                 f"slot {slot} read for key {key} but it is {STATE_NAMES[int(self._state[slot])]} with key {int(self._key[slot])}"
             )
         self._state[slot] = READING
-        out = self._data[slot].clone()
+        src = self._data[slot]
+        if self._pinned:  # keep what pinning bought: the caller's copy is pinned too (see NOTE)
+            out = _pinned_empty(src.shape, src.dtype, self._pin_device).copy_(src)
+        else:
+            out = src.clone()
         if out.is_cuda:
             torch.cuda.current_stream(out.device).synchronize()
         self.release(slot)
@@ -191,27 +281,39 @@ class SlotRing:
 
     # -- producer side ------------------------------------------------------------------------------
 
-    def write(self, slot: int, key: int, image: torch.Tensor, owner: int) -> None:
-        """WRITING -> READY: copy ``image`` into a slot credited to ``owner``, then publish ``key``."""
+    def fill(self, slot: int, image: torch.Tensor, owner: int) -> None:
+        """Copy ``image`` into a slot credited to ``owner`` without publishing it (possibly asynchronously:
+        ``publish`` waits). A float image in [0, 1] goes into a uint8 slot as ``round(x * 255)``."""
         self._check_credit(slot, owner)
         dst = self._data[slot]
         if tuple(image.shape) != tuple(dst.shape):
             raise ValueError(f"image of shape {tuple(image.shape)} does not fit a slot of shape {tuple(dst.shape)}")
-        dst.copy_(image)
-        # The copy must be complete before READY is visible to the consumer (a pinned D2H or a peer copy
-        # is asynchronous): wait on every device involved.
-        for dev in {t.device for t in (dst, image) if t.is_cuda}:
-            torch.cuda.current_stream(dev).synchronize()
-        self._key[slot] = key
-        self._state[slot] = READY  # last: data, then key, then state (see NOTE)
+        if dst.dtype == torch.uint8 and image.dtype != torch.uint8:
+            image = image.float().mul(255.0).round_().clamp_(0, 255)
+        # Asynchronous only into memory the DMA engine can reach without staging (device or pinned), where
+        # ``publish`` synchronises; a device-to-pageable copy is synchronous anyway.
+        dst.copy_(image, non_blocking=image.is_cuda and (dst.is_cuda or self._pinned))
 
-    def publish(self, slot: int, key: int, owner: int) -> None:
-        """WRITING -> READY for a slot ``owner`` has already filled in place (e.g. a sampler's ``out_row``)."""
-        self._check_credit(slot, owner)
-        if self._data.is_cuda:
-            torch.cuda.current_stream(self._data.device).synchronize()
-        self._key[slot] = key
-        self._state[slot] = READY
+    def publish(self, slots, keys, owner: int) -> None:
+        """WRITING -> READY for slots ``owner`` has filled (``fill``, or in place, e.g. a sampler's
+        ``out_row``); one int or sequences. One stream synchronisation for all of them (not one per image)."""
+        slots, keys = ([slots], [keys]) if isinstance(slots, int) else (list(slots), list(keys))
+        for slot in slots:
+            self._check_credit(slot, owner)
+        # The copies must be complete before READY is visible to the consumer (a pinned D2H or a peer copy
+        # is asynchronous): wait on the current stream of this process's device.
+        if self._data.is_cuda or self._pinned:
+            torch.cuda.current_stream().synchronize()  # this process's bound device (devices.bind_process)
+            if self._data.is_cuda and self._data.device.index != torch.cuda.current_device():
+                torch.cuda.current_stream(self._data.device).synchronize()  # a peer copy into the trainer's GPU
+        for slot, key in zip(slots, keys):
+            self._key[slot] = key
+            self._state[slot] = READY  # last: data, then key, then state (see NOTE)
+
+    def write(self, slot: int, key: int, image: torch.Tensor, owner: int) -> None:
+        """WRITING -> READY: ``fill`` then ``publish`` one slot."""
+        self.fill(slot, image, owner)
+        self.publish(slot, key, owner)
 
     def _check_credit(self, slot: int, owner: int) -> None:
         if int(self._state[slot]) != WRITING or int(self._owner[slot]) != owner:
@@ -226,7 +328,7 @@ class SlotRing:
         if self._state is None:
             return
         if self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._state.data_ptr())
+            _host_unregister(self._state.data_ptr(), self._pin_device)
             self._pinned = False
         # Views into the mapping must go before the mapping can be closed.
         self._state = self._owner = self._key = self._data = None

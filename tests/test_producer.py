@@ -186,7 +186,7 @@ def test_duplicate_key_rejected(pool):
 def test_producer_exception_reraises_naming_producer_device_and_sample(synth):
     # (This pool's slots are smaller than the model's 32 px: results are resized into them.)
     with make_pool(synth, source=Source(bad_index=7), image_size=16) as p:
-        pids, names = p.pids, p.shm_names
+        pids, names, scratch_dir = p.pids, p.shm_names, p.config.latent_cache_path
         p.submit(jobs([0]))
         image = p.take(0, timeout=60.0)
         assert image.shape == (3, 16, 16) and 0 <= float(image.min()) and float(image.max()) <= 1
@@ -200,8 +200,8 @@ def test_producer_exception_reraises_naming_producer_device_and_sample(synth):
         assert info.value.producer == 0 and info.value.device == "cpu" and info.value.indices == [7]
         with pytest.raises(ProducerError):  # a failed pool stays failed
             p.check()
-    # context-manager exit cleans up
-    assert wait_gone(pids, names)
+    # context-manager exit cleans up, the temporary latent cache included
+    assert wait_gone(pids, names) and not os.path.exists(scratch_dir)
 
 
 def wait_for(cond, within):
@@ -212,7 +212,8 @@ def wait_for(cond, within):
 
 
 def test_restart_after_sigkill_and_exception_then_hang_gives_up(synth):
-    p = make_pool(synth, source=Source(bad_index=7), on_error="restart", max_restarts=2)
+    # timeout is only the silence limit of a busy producer: start-up phases have their own budgets
+    p = make_pool(synth, source=Source(bad_index=7), on_error="restart", max_restarts=2, timeout=3.0)
     p.start()
     first, names = p.pids[0], p.shm_names
     # 1. SIGKILL while holding jobs: seen within seconds, warned, counted, its jobs reported lost
@@ -229,8 +230,12 @@ def test_restart_after_sigkill_and_exception_then_hang_gives_up(synth):
     t0 = time.monotonic()
     assert p.take(lost[0], timeout=5.0) is None and time.monotonic() - t0 < 1.0  # at once, not after 5 s
     assert p.stats()["lost"] == len(lost)
-    # 2. the replacement serves new jobs
+    # 2. while the replacement loads, a take does not wait for it (stalled() names it); then it serves jobs
     p.submit(jobs([20]))
+    assert p.stalled() == [0]
+    t0 = time.monotonic()
+    assert p.take(20, timeout=30.0) is None and time.monotonic() - t0 < 1.0
+    assert wait_for(lambda: p.stats()["producers"][0]["state"] == "ready", 60) and p.stalled() == []
     assert p.take(20, timeout=60.0) is not None
     second = p.pids[0]
     assert second != first and not alive(first)
@@ -243,14 +248,14 @@ def test_restart_after_sigkill_and_exception_then_hang_gives_up(synth):
     # 4. a hung producer (SIGSTOP) holding jobs is killed after `timeout` s of silence; restarts are exhausted
     assert wait_for(lambda: p.stats()["producers"][0]["state"] == "ready", 60)
     third = p.pids[0]
-    p._core.cfg["timeout"] = 2.0  # (start-up needed the long one)
-    time.sleep(2.5)  # idle silence is not a hang: new work after it must not get the producer killed
+    time.sleep(3.5)  # idle silence is not a hang: new work after it must not get the producer killed
     p.submit(jobs(range(30, 32), index=lambda k: 1))
     assert all(p.take(k, timeout=60.0) is not None for k in range(30, 32))
     p.submit(jobs(range(32, 36), index=lambda k: 2))
     os.kill(third, signal.SIGSTOP)
+    assert wait_for(lambda: p.stalled() == [0], 10)  # a waiting trainer can tell at once
     with pytest.raises(ProducerError, match=r"(?s)producer 0 .*no progress for \d+ s.*max_restarts=2 exhausted"):
-        assert wait_for(lambda: p._core.error is not None, 10)
+        assert wait_for(lambda: p.state(32) == "lost", 10)
         p.check()
     # garbage collection closes the pool
     del p
@@ -274,6 +279,7 @@ SCRIPT = textwrap.dedent(
         pool.start()
         print("PIDS", *pool.pids, flush=True)
         print("SHM", *pool.shm_names, flush=True)
+        print("SCRATCH", pool.config.latent_cache_path, flush=True)
         pool.submit([Job(k, k, "a cat", 0.5, 2.0, 2, k) for k in range(4)])
         if mode == "exit":
             sys.exit(0)  # no close(): the atexit path must clean up
@@ -293,17 +299,19 @@ def run_script(synth, tmp_path, mode):
 
 
 def read_ids(proc, until):
-    pids, names = [], []
+    pids, names, scratch = [], [], []
     for line in proc.stdout:
         if line.startswith("PIDS"):
             pids = [int(x) for x in line.split()[1:]]
         elif line.startswith("SHM"):
             names = line.split()[1:]
+        elif line.startswith("SCRATCH"):
+            scratch.append(line.split()[1])
         if line.startswith(until):
             break
     else:
         pytest.fail("script ended early:\n" + proc.stderr.read())
-    return pids, names
+    return pids, names, scratch
 
 
 def test_consumer_exit_paths_leave_nothing(synth, tmp_path):
@@ -311,8 +319,8 @@ def test_consumer_exit_paths_leave_nothing(synth, tmp_path):
     # gets SIGINT inside `with pool:` (KeyboardInterrupt), one is SIGKILLed (producer watchdogs, and the
     # resource tracker for the segment). Each must leave no producer and no segment within 5 s.
     procs = {mode: run_script(synth, tmp_path / mode, mode) for mode in ("exit", "SIGINT", "SIGKILL")}
-    ids = {mode: read_ids(proc, "SHM" if mode == "exit" else "WAITING") for mode, proc in procs.items()}
-    assert all(pids and names for pids, names in ids.values()), ids
+    ids = {mode: read_ids(proc, "SCRATCH" if mode == "exit" else "WAITING") for mode, proc in procs.items()}
+    assert all(pids and names and scratch for pids, names, scratch in ids.values()), ids
     time.sleep(0.3)
     procs["SIGINT"].send_signal(signal.SIGINT)
     procs["SIGKILL"].send_signal(signal.SIGKILL)
@@ -324,7 +332,13 @@ def test_consumer_exit_paths_leave_nothing(synth, tmp_path):
             assert proc.returncode == 0, err
         if mode == "SIGINT":
             assert "KeyboardInterrupt" in err, err
-        assert wait_gone(*ids[mode]), (mode, ids[mode])
+        pids, names, (scratch_dir,) = ids[mode]
+        assert wait_gone(pids, names), (mode, ids[mode])
+        if mode == "SIGKILL":  # nothing ran in the trainer: the next pool's start sweeps its folder
+            from fusionloader.scratch import sweep_stale
+
+            assert os.path.isdir(scratch_dir) and scratch_dir in sweep_stale()
+        assert not os.path.exists(scratch_dir), mode
 
 
 UNGUARDED = textwrap.dedent(
@@ -402,9 +416,10 @@ def test_producer_admits_wanted_jobs_first_and_times_them_without_slot_waits():
     # In-process, sampler stubbed: the child's admission order and latency bookkeeping (NOTE [Deadlines]).
     from types import SimpleNamespace
 
-    from fusionloader.producer import _ChildConfig, _Producer
+    from fusionloader.producer_child import Producer
+    from fusionloader.protocol import ChildConfig
 
-    child = _Producer(_ChildConfig(0, "cpu", None, None, 2, None, os.getpid(), None, False), None, None, None)
+    child = Producer(ChildConfig(0, "cpu", None, None, 2, None, os.getpid(), None, False), None, None, None)
     admitted = []
     child.sampler = SimpleNamespace(submit=admitted.append)
     child._request = lambda job, slot: job.key
@@ -421,3 +436,36 @@ def test_producer_admits_wanted_jobs_first_and_times_them_without_slot_waits():
     child.inflight.clear()
     child.admit()
     assert admitted == [2, 3, 0]
+
+
+def test_producer_killed_while_starting_is_started_again_and_uint8_slots_hold_the_same_image(synth):
+    # One producer, SIGKILLed right after spawn (an OOM kill while loading): started again, then serves jobs
+    # into uint8 slots -- the same image as a float ring, rounded as the engine's post-process rounds.
+    from fusionloader.engine import Request, Synthesizer
+
+    pool = ProducerPool(synth, Source(), devices=["cpu"], capacity=2, image_size=SIZE, wait_ready=False,
+                        slot_dtype=torch.uint8, start_retries=1)
+    pool.start()
+    first, scratch_dir = pool.pids[0], pool.config.latent_cache_path
+    os.kill(first, signal.SIGKILL)
+    with pytest.warns(RuntimeWarning, match=r"killed by signal 9.*starting it again \(1/1\)"):
+        assert wait_for(lambda: pool.stats()["start_retries"] == 1, 30)
+        pool.check()
+    pool.submit(jobs([0]))
+    assert wait_for(lambda: pool.state(0) == "ready", 120), pool.stats()
+    image = pool.take(0)
+    assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and pool.pids[0] != first
+    engine = Synthesizer.from_pretrained(synth)
+    j = jobs([0])[0]
+    mean, std = engine.latent_cache().get([j.index], lambda i: Source().raw(i)[0])
+    sampler = engine.sampler(capacity=1)
+    sampler.submit(Request(0, j.prompt, j.strength, j.guidance_scale, j.num_inference_steps, seed=j.seed,
+                           latent_mean=mean[0], latent_std=std[0]))
+    done = []
+    while not done:
+        done = sampler.step()
+    expected = (done[0].image.float() * 255).round()
+    assert (image.float() - expected).abs().max() <= 1  # rounding of the last ulp may differ
+    assert os.path.isdir(scratch_dir)
+    pool.close()
+    assert not os.path.exists(scratch_dir)  # the shared latent-cache folder goes with the pool

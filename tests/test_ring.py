@@ -99,3 +99,105 @@ def test_garbage_collected_ring_unlinks():
     name = r.name
     del r
     assert not shm_exists(name)
+
+
+# -- issue 14: size check, uint8 slots, pinning under the right device, one sync per publish -------------
+
+
+def test_a_ring_larger_than_free_shared_memory_is_refused_before_creation():
+    from fusionloader.ring import RingSpaceError, ring_bytes
+
+    need = ring_bytes(128, (3, 512, 512), torch.float32)
+    with pytest.raises(RingSpaceError) as info:
+        SlotRing(128, (3, 512, 512), free_bytes=64 << 20)
+    msg = str(info.value)
+    assert f"{need / (1 << 20):.1f} MiB" in msg and "64.0 MiB free" in msg
+    assert "slots" in msg and "uint8" in msg and "--shm-size" in msg
+    assert not any(n.startswith(f"fl_ring_{os.getpid()}_") for n in os.listdir("/dev/shm"))
+    assert ring_bytes(128, (3, 512, 512), torch.uint8) < need / 3.9  # the uint8 fix really is ~4x smaller
+
+
+def test_pool_refuses_an_oversized_ring_at_construction(monkeypatch):
+    from fusionloader import ring as ring_module
+    from fusionloader.producer import ProducerPool
+    from fusionloader.ring import RingSpaceError
+
+    monkeypatch.setattr(ring_module, "_free_shm_bytes", lambda path=ring_module.SHM_DIR: 128 << 20)
+    with pytest.raises(RingSpaceError, match="128 slots of \\(3, 512, 512\\) float32"):
+        ProducerPool("unused", None, slots=128, image_size=512)
+    ProducerPool("unused", None, slots=128, image_size=512, slot_dtype=torch.uint8).close()  # 384 MiB -> 96 MiB: fits
+
+
+def test_uint8_slots_hold_rounded_images():
+    r = SlotRing(2, (3, 4, 4), dtype=torch.uint8)
+    img = torch.rand(3, 4, 4)
+    r.assign(0, 0)
+    r.write(0, 7, img, owner=0)
+    out = r.read(0, 7)
+    assert out.dtype == torch.uint8 and torch.equal(out, (img * 255).round().to(torch.uint8))
+    r.unlink()
+
+
+class FakeCudaRing:
+    """torch.cuda as a pinned ring uses it: which device each registration / allocation / sync runs under."""
+
+    def __init__(self, monkeypatch):
+        from fusionloader import ring as ring_module
+
+        self.registered, self.allocated, self.syncs, self.device = [], [], 0, 0
+        monkeypatch.setattr(ring_module, "_host_register", lambda ptr, size, device: self.registered.append(device) or True)
+        monkeypatch.setattr(ring_module, "_host_unregister", lambda ptr, device: None)
+
+        def pinned_empty(shape, dtype, device):
+            t = torch.empty(shape, dtype=dtype)
+            self.allocated.append((device, t))
+            return t
+
+        monkeypatch.setattr(ring_module, "_pinned_empty", pinned_empty)
+        fake = self
+
+        class Stream:
+            def synchronize(self):
+                fake.syncs += 1
+
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+
+
+def test_a_pinned_ring_is_registered_under_its_device_and_read_into_pinned_memory(monkeypatch):
+    fake = FakeCudaRing(monkeypatch)
+    r = SlotRing(3, (3, 4, 4), pin=5)
+    assert r.pinned and fake.registered == [5]
+    img = torch.rand(3, 4, 4)
+    r.assign(1, 0)
+    r.write(1, 9, img, owner=0)
+    out = r.read(1, 9)
+    assert torch.equal(out, img)
+    # the copy-out went into pinned memory allocated under device 5, not a pageable clone
+    assert len(fake.allocated) == 1 and fake.allocated[0][0] == 5 and fake.allocated[0][1] is out
+    r.unlink()
+
+
+def test_no_registration_without_a_device_even_when_cuda_is_available(monkeypatch):
+    fake = FakeCudaRing(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    r = SlotRing(2, (3, 4, 4))  # (the collector thread makes rings: it must not open a context on GPU 0)
+    a = SlotRing.attach(r.handle)
+    assert not r.pinned and not a.pinned and fake.registered == []
+    a.close()
+    r.unlink()
+
+
+def test_publishing_a_steps_images_synchronises_once(monkeypatch):
+    fake = FakeCudaRing(monkeypatch)
+    r = SlotRing(4, (3, 2, 2))
+    producer = SlotRing.attach(r.handle, pin=5)
+    for slot in range(3):
+        r.assign(slot, 0)
+        producer.fill(slot, torch.full((3, 2, 2), slot / 4), owner=0)
+    assert fake.syncs == 0
+    producer.publish([0, 1, 2], [10, 11, 12], owner=0)
+    assert fake.syncs == 1 and [r.state(s) for s in range(3)] == [READY] * 3
+    assert float(r.read(2, 12).mean()) == 0.5
+    producer.close()
+    r.unlink()

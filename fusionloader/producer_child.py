@@ -1,0 +1,335 @@
+"""One producer process: bind its device, load its engine, then serve jobs into ring slots.
+
+Runs in the spawned child (NOTE [Producer protocol] in producer.py). Order at start-up matters:
+``prepare_process`` binds the device before anything touches CUDA (devices.bind_process), then the child
+reports each start-up phase (``download`` when the checkpoint is a hub id, ``load``, ``warmup``) so the
+pool can give each its own budget (protocol.StartupBudget), then ``ready`` with its memory estimate.
+Its ``logging`` records (WARNING and up, and fusionloader's own INFO) and ``warnings`` go to the trainer
+over the result pipe (``("log", level, name, text)``), where they are re-logged under "fusionloader".
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+
+import torch
+
+from . import protocol as P
+from .devices import bind_process
+from .memory import format_bytes, memory_estimate
+from .protocol import ChildConfig, ErrorInfo, Job, ReadyInfo
+from .ring import SlotRing
+
+__all__ = ["Producer", "producer_main"]
+
+log = logging.getLogger("fusionloader.producer")
+
+CHILD_POLL_S = 0.1  # request-queue get timeout while idle
+WATCHDOG_S = 0.5  # parent-alive check period
+HEARTBEAT_S = 1.0  # longest silence while sampling (the pool's hang check needs a pulse)
+CPU_NICE = 10  # niceness added to CPU producers (see prepare_process)
+
+
+class ResultChannel:
+    """The result pipe with a lock: the main loop, a forwarded log record from a library's thread and the
+    warnings hook may all send, and ``Connection.send`` is not thread-safe."""
+
+    def __init__(self, conn):
+        self.conn, self.lock = conn, threading.Lock()
+        self.t_sent = time.monotonic()
+
+    def send(self, *msg) -> None:
+        with self.lock:
+            self.conn.send(msg)
+            self.t_sent = time.monotonic()
+
+
+class _ForwardHandler(logging.Handler):
+    """Sends log records to the trainer; what cannot be sent (pipe gone) is dropped, never raised."""
+
+    def __init__(self, channel: ResultChannel):
+        super().__init__(logging.INFO)
+        self.channel = channel
+        self.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("fusionloader"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.channel.send(P.LOG, record.levelno, record.name, self.format(record))
+        except Exception:
+            pass
+
+
+def forward_logs(channel: ResultChannel) -> None:
+    """Route this process's logging and warnings to the trainer (issue 10: producer warnings were lost)."""
+    root = logging.getLogger()
+    root.addHandler(_ForwardHandler(channel))
+    logging.getLogger("fusionloader").setLevel(logging.INFO)
+    if root.level > logging.WARNING or root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings" (WARNING) -> the handler above
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # Daemon thread: if the trainer dies without shutting us down (SIGKILL), our parent pid changes.
+    while True:
+        time.sleep(WATCHDOG_S)
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def prepare_process(cfg: ChildConfig) -> None:
+    """Process set-up before any model code: device bound first (no context on GPU 0), threads bounded."""
+    bind_process(cfg.device, cfg.threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle (NOTE [Shutdown])
+    threading.Thread(target=_watch_parent, args=(cfg.parent_pid,), daemon=True, name="fl-watchdog").start()
+    if torch.device(cfg.device).type == "cpu":
+        # A CPU producer stands in for a spare device and shares the cores with the trainer it feeds: at a
+        # lower priority it gets what the trainer leaves, and never slows a training step down.
+        try:
+            os.nice(CPU_NICE)
+        except OSError:  # not permitted here: run at the trainer's priority
+            pass
+
+
+def load_phase(synthesizer) -> str:
+    """``download`` when the checkpoint is named by hub id (fetching or checking the cache), else ``load``."""
+    path = synthesizer.get("path_or_id") if isinstance(synthesizer, dict) else synthesizer
+    return P.LOAD if path is None or os.path.exists(os.fspath(path)) else P.DOWNLOAD
+
+
+def load_engine(synthesizer, device: str):
+    """The producer's own engine on its own device, from a checkpoint path or a Synthesizer load spec."""
+    from .engine import Synthesizer
+
+    if isinstance(synthesizer, dict):  # ProducerPool sends a Synthesizer as its load spec
+        return Synthesizer.from_pretrained(**{**synthesizer, "device": device})
+    return Synthesizer.from_pretrained(os.fspath(synthesizer), device=device)
+
+
+class Producer:
+    """State of one producer process; ``serve`` is its main loop (see NOTE [Producer protocol]).
+
+    A job is admitted into the sampler only with a slot credit in hand, and the slot stays reserved
+    for it until it finishes: when the ring lives where the producer computes (a CPU producer and a
+    host ring) the sampler's fused post-process writes the image straight into that slot (``out_row``);
+    otherwise the finished image is copied in (resized first if the ring's resolution differs).
+    Jobs the trainer went past (``passed``) wait behind every job it still wants, and take at most half
+    the sampler.
+    """
+
+    def __init__(self, cfg: ChildConfig, requests, results: ResultChannel, stop_event):
+        self.cfg, self.requests, self.results, self.stop_event = cfg, requests, results, stop_event
+        self.ring: SlotRing | None = None
+        self.direct = False
+        self.wanted: collections.deque[Job] = collections.deque()
+        self.passed: collections.deque[Job] = collections.deque()
+        self.inflight: dict[int, tuple[Job, int]] = {}  # key -> (job, reserved slot)
+        self.credits: collections.deque[int] = collections.deque()
+        self.cancelled: set[int] = set()
+        self.current: list[Job] = []  # the job(s) being worked on, for error messages
+        self.busy_s = 0.0
+        # Job latency as NOTE [Deadlines] needs it: receipt to done, less the time this producer could not
+        # admit for want of a free slot (back-pressure from a consumer that is behind, not slowness).
+        self.received: dict[int, tuple[float, float]] = {}  # key -> (when, starved_s then; at admission: of it)
+        self.starved_s, self.starved_since = 0.0, None
+        self._cache = None
+
+    # -- start-up -------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        from .engine import Request
+
+        self.Request = Request
+        self.send(P.PHASE, load_phase(self.cfg.synthesizer))
+        self.engine = load_engine(self.cfg.synthesizer, self.cfg.device)
+        self.resolution = tuple(self.engine.resolution)
+        self.sampler = self.engine.sampler(capacity=self.cfg.capacity)
+        if self.cfg.warmup:  # the first call pays for lazy init, allocator growth, kernel compilation
+            self.send(P.PHASE, P.WARMUP)
+            self.sampler.submit(self._request(Job(-1, -1, "", None, 2.0, 2, 0)))
+            while not self.sampler.step():
+                pass
+
+    def memory(self) -> dict:
+        # Host memory of the ring slots this producer holds credits for at once (a sampler's worth).
+        slot_bytes = 3 * self.resolution[0] * self.resolution[1] * self.cfg.slot_dtype.itemsize
+        parts = memory_estimate(self.engine, self.cfg.capacity, slot_bytes * self.cfg.capacity)
+        log.info("producer %d on %s: memory estimate %s (%s; activations not included)", self.cfg.producer,
+                 self.cfg.device, format_bytes(parts["total"]),
+                 ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if k != "total"))
+        return parts
+
+    def attach(self, handle) -> None:
+        pin = torch.cuda.current_device() if torch.device(self.cfg.device).type == "cuda" else None
+        self.ring = SlotRing.attach(handle, pin=pin)
+        fits = tuple(self.ring.shape) == (3, *self.resolution)
+        fits = fits and (self.ring.dtype.is_floating_point or self.ring.dtype == torch.uint8)
+        self.direct = fits and torch.device(self.ring.device) == torch.device(self.cfg.device)
+        if self.direct:  # the fused post-process writes uint8 or float straight into the slot
+            self.sampler = self.engine.sampler(capacity=self.cfg.capacity, out=self.ring.data)
+
+    @property
+    def cache(self):
+        if self._cache is None:  # at the generation resolution: these latents feed the sampler
+            self._cache = self.engine.latent_cache(path=self.cfg.latent_cache_path)
+        return self._cache
+
+    def _request(self, job: Job, slot: int | None = None):
+        mean = std = None
+        if job.strength is not None:
+            mean, std = self.cache.get([job.index], lambda i: self.cfg.source.raw(i)[0])
+            mean, std = mean[0], (None if std is None else std[0])
+        return self.Request(job.key, job.prompt, job.strength, job.guidance_scale, job.num_inference_steps,
+                            seed=job.seed, latent_mean=mean, latent_std=std, out_row=slot if self.direct else None)
+
+    # -- messages -------------------------------------------------------------------------------------
+
+    def send(self, *msg) -> None:
+        self.results.send(*msg)
+
+    def handle(self, msg) -> bool:
+        kind = msg[0]
+        if kind == P.JOBS:
+            self.wanted.extend(msg[1])
+            now = time.perf_counter()
+            self.received.update((job.key, (now, self.starved(now))) for job in msg[1])
+        elif kind == P.CREDIT:
+            self.credits.extend(msg[1])
+        elif kind == P.CANCEL:
+            keys = set(msg[1])
+            self.wanted = collections.deque(j for j in self.wanted if j.key not in keys)
+            self.passed = collections.deque(j for j in self.passed if j.key not in keys)
+            self.cancelled |= keys & self.inflight.keys()
+            for key in keys - self.inflight.keys():
+                self.received.pop(key, None)
+        elif kind == P.PASSED:
+            # The trainer went past these: what still waits here goes behind every job it can still use.
+            keys = set(msg[1])
+            for key in keys - self.inflight.keys():  # made last on purpose: their wait says nothing of latency
+                self.received.pop(key, None)
+            self.passed.extend(j for j in self.wanted if j.key in keys)
+            self.wanted = collections.deque(j for j in self.wanted if j.key not in keys)
+        elif kind == P.RING:
+            self.attach(msg[1])
+        elif kind == P.STOP:
+            return False
+        return True
+
+    def starved(self, now: float) -> float:
+        """Seconds so far that jobs waited here with room in the sampler but no slot credit."""
+        return self.starved_s + (now - self.starved_since if self.starved_since is not None else 0.0)
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while not self.stop_event.is_set():
+            now = time.perf_counter()
+            waiting = bool(self.wanted or self.passed) and not self.credits and len(self.inflight) < self.cfg.capacity
+            if waiting and self.starved_since is None:
+                self.starved_since = now
+            elif not waiting and self.starved_since is not None:
+                self.starved_s, self.starved_since = self.starved(now), None
+            idle = not self.inflight and not ((self.wanted or self.passed) and self.credits)
+            msgs = []
+            try:
+                msgs.append(self.requests.get(timeout=CHILD_POLL_S) if idle else self.requests.get_nowait())
+                while True:
+                    msgs.append(self.requests.get_nowait())
+            except queue.Empty:
+                pass
+            for msg in msgs:
+                if not self.handle(msg):
+                    return
+            self.admit()
+            if self.inflight:
+                self.step()
+
+    def admit(self) -> None:
+        # Keep the sampler full; each job takes its slot credit now (no credit, no admission: back-pressure).
+        # Passed jobs take at most half the sampler, so a job that can still arrive in time never waits for
+        # a whole batch of them to finish (continuous batching admits it at the next step).
+        while self.credits and len(self.inflight) < self.cfg.capacity and (
+                self.wanted or (self.passed and 2 * len(self.inflight) < self.cfg.capacity)):  # fmt: skip
+            job = (self.wanted or self.passed).popleft()
+            slot = self.credits.popleft()
+            if job.key in self.received:  # its wait for a slot ends here
+                when, starved = self.received[job.key]
+                self.received[job.key] = (when, self.starved(time.perf_counter()) - starved)
+            self.current = [job]
+            t0 = time.perf_counter()
+            try:
+                self.sampler.submit(self._request(job, slot))
+            except BaseException:
+                self.credits.appendleft(slot)
+                raise
+            self.busy_s += time.perf_counter() - t0
+            self.inflight[job.key] = (job, slot)
+        self.current = []
+
+    def step(self) -> None:
+        self.current = [job for job, _ in self.inflight.values()]
+        t0 = time.perf_counter()
+        finished = self.sampler.step()
+        done = []  # (key, slot, latency)
+        for f in finished:
+            job, slot = self.inflight.pop(f.key)
+            self.current = [job]
+            received = self.received.pop(f.key, None)
+            if f.key in self.cancelled:
+                self.cancelled.discard(f.key)
+                self.credits.appendleft(slot)  # still WRITING and ours: reuse the credit
+                continue
+            if not f.finite:  # the sampler's flag, read once per finished batch (no per-image sync here)
+                self.credits.appendleft(slot)
+                self.send(P.DROPPED, f.key, "nonfinite")
+                continue
+            if not self.direct:
+                image = f.image
+                if tuple(image.shape[-2:]) != tuple(self.ring.shape[-2:]):
+                    image = torch.nn.functional.interpolate(image[None].float(), size=tuple(self.ring.shape[-2:]),
+                                                            mode="bilinear", antialias=True)[0].clamp_(0, 1)
+                self.ring.fill(slot, image, self.cfg.producer)
+            done.append((f.key, slot, received))
+        if done:
+            self.ring.publish([d[1] for d in done], [d[0] for d in done], self.cfg.producer)  # one sync
+            now = time.perf_counter()
+            for key, slot, received in done:
+                latency = now - received[0] - received[1] if received else None
+                self.send(P.DONE, key, slot, self.busy_s + now - t0, latency)
+        self.busy_s += time.perf_counter() - t0
+        self.current = []
+        if time.monotonic() - self.results.t_sent > HEARTBEAT_S:  # long samples: show we are alive, not hung
+            self.send(P.BEAT, self.busy_s)
+
+
+def producer_main(cfg: ChildConfig, requests, results, stop_event) -> None:
+    """Entry point of a producer process."""
+    prepare_process(cfg)
+    channel = ResultChannel(results)
+    forward_logs(channel)
+    producer = Producer(cfg, requests, channel, stop_event)
+    try:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            producer.load()
+            memory = producer.memory()
+            producer.send(P.READY, ReadyInfo(os.getpid(), time.perf_counter() - t0, producer.resolution, memory))
+            producer.serve()
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the trainer
+        info = ErrorInfo(os.getpid(), f"{type(e).__name__}: {e}", tuple(j.key for j in producer.current),
+                         tuple(j.index for j in producer.current), traceback.format_exc())
+        try:
+            producer.send(P.ERROR, info)
+        except Exception:
+            pass
+        os._exit(1)  # skip interpreter teardown: nothing here needs it, and it can hang on CUDA state
+    finally:
+        if producer.ring is not None:
+            producer.ring.close()
