@@ -183,7 +183,7 @@ class JobBook:
         self.counters["cancelled"] += 1
         return where
 
-    def pass_(self, keys: Iterable[int]) -> dict[int, list[int]]:
+    def mark_passed(self, keys: Iterable[int]) -> dict[int, list[int]]:
         """The consumer went past these: flag them (made last), count them as consumed. Returns the newly
         passed owned keys per producer (each producer moves them behind its other jobs)."""
         keys = [k for k in keys if (k in self.pending or k in self.owner) and k not in self.passed]

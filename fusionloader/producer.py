@@ -378,7 +378,10 @@ class ProducerPool:
     the trainer already uses CUDA) or the trainer's CUDA device (slots in device memory shared through CUDA
     IPC). ``slot_dtype``: float32 (default), float16/bfloat16, or uint8 (4x smaller; ``take`` then returns
     uint8 0..255, as the engine's post-process rounds). ``threads``: torch threads per producer (default:
-    the cores shared among CPU producers; 2 for a GPU producer).
+    the cores shared among CPU producers; 2 for a GPU producer). ``deadlines``: out-of-order dispatch when
+    producers fall behind (NOTE [Deadlines]) -- for a consumer that never blocks in ``take`` (the loader under
+    "reuse"/"fallback"); a consumer that waits for each job in turn must leave it off, or results made ahead
+    can hold every ring slot while the job it waits for needs one.
 
     Use as a context manager, or call ``close()``; garbage collection and interpreter exit also close it.
     """
@@ -386,7 +389,7 @@ class ProducerPool:
     def __init__(self, synthesizer, source, devices=("cpu",), slots: int | None = None, image_size: int | None = None,
                  on_error: str = "raise", max_restarts: int = 3, latent_cache_path: str | None = None,
                  capacity: int = 8, timeout: float = 120.0, *, ring_device="cpu", threads: int | None = None,
-                 warmup: bool = True, wait_ready: bool = True, deadlines: bool = True,
+                 warmup: bool = True, wait_ready: bool = True, deadlines: bool = False,
                  slot_dtype: torch.dtype = torch.float32, startup: StartupBudget | None = None,
                  start_retries: int = 2):
         cfg = make_config(synthesizer, source, devices, slots, image_size, on_error, max_restarts, latent_cache_path,
@@ -515,7 +518,7 @@ class ProducerPool:
         store). Counts towards the consumption rate (NOTE [Deadlines])."""
         core = self._live()
         with core.lock:
-            for producer, ks in core.book.pass_(keys).items():  # what waits in its backlog goes behind the rest
+            for producer, ks in core.book.mark_passed(keys).items():  # what waits in its backlog goes behind the rest
                 core.supervisor.procs[producer].send(P.PASSED, ks)
             core.dispatch()
 

@@ -110,7 +110,7 @@ class PoolConfig:
     threads: int | None = None
     warmup: bool = True
     wait_ready: bool = True
-    deadlines: bool = True
+    deadlines: bool = False
 
 
 @dataclass(frozen=True)

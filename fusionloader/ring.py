@@ -17,9 +17,10 @@ Every slot moves around one cycle, and every transition has exactly one writer::
 * FREE -> WRITING: the consumer *credits* a free slot to one producer (``assign``). Only the consumer
   allocates, so two producers can never claim the same slot and no cross-process lock is needed (a lock
   held by a SIGKILLed producer would hang everyone else).
-* WRITING -> READY: the credited producer copies the finished image in (``write``) -- or has had its
-  sampler post-process it straight into the slot and only ``publish``es it -- sets ``key``, then
-  ``state`` (data before state), then tells the consumer over its result pipe. The pipe write is a syscall, so the
+* WRITING -> READY: the credited producer copies the finished image in (``fill``) -- or has had its
+  sampler post-process it straight into the slot -- and ``publish``es it (all of a sampler step's slots
+  at once, after one stream synchronisation): sets ``key``, then ``state`` (data before state), then
+  tells the consumer over its result pipe. The pipe write is a syscall, so the
   consumer, which only looks at a slot after that message, sees the data complete. A producer refuses to
   write a slot whose state/owner is not (WRITING, itself).
 * READY -> READING -> FREE: ``read`` checks the key, marks READING, copies the image *out* (the caller
@@ -31,8 +32,8 @@ Every slot moves around one cycle, and every transition has exactly one writer::
 Device rings (CUDA IPC; written thinly and symmetric with the host path, but not exercised by the
 CPU-only test suite): the consumer allocates the data tensor on its device and it travels to producers
 pickled as a CUDA IPC handle (torch's ForkingPickler reductions). The consumer process owns the memory
-and must outlive the producers (ProducerPool.close stops them first). ``write`` synchronises the
-producer's stream before publishing READY and ``read`` synchronises after its copy before FREE, so the
+and must outlive the producers (ProducerPool.close stops them first). ``publish`` synchronises the
+producer's stream before marking READY and ``read`` synchronises after its copy before FREE, so the
 only cross-process ordering needed is the one the pipe message already gives.
 
 Pinning (issue 14). A host ring is page-locked with ``cudaHostRegister`` (portable: valid in every

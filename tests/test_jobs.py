@@ -53,7 +53,7 @@ def test_a_job_is_in_exactly_one_place_through_random_operations(book, clock):
         elif op == 5:
             book.take(key)
         elif op == 6:
-            book.pass_([key])
+            book.mark_passed([key])
         elif op == 7 and book.owner:
             k = rng.choice(list(book.owner))
             book.drop(k, book.owner[k])
@@ -109,7 +109,7 @@ def test_consumption_rate_and_latency_median(book, clock):
 
 def test_passed_jobs_do_not_count_in_the_latency_and_are_not_consumed_twice(book, clock):
     book.submit(jobs([1, 2]))
-    book.pass_([1])
+    book.mark_passed([1])
     book.assign(1, 0)
     book.assign(2, 0)
     book.finish(1, 0, 0, latency_s=100.0)  # made last on purpose: its wait is no latency
@@ -132,7 +132,7 @@ def test_deadline_order_skips_what_would_arrive_too_late(book, clock):
     assert book.due_order()[-(reach - 1):] == list(range(1, reach))
     book.wait_for(2)  # a take waits: urgent first, and no skipping (its slot must not be held by far jobs)
     assert book.due_order() == [2] + [k for k in range(1, 20) if k != 2]
-    book.pass_([3])
+    book.mark_passed([3])
     assert book.due_order()[-1] == 3 and book.due_order()[0] == 2
 
 
