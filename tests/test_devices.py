@@ -75,3 +75,46 @@ def test_the_trainer_pins_only_under_a_device_it_already_uses(monkeypatch):
     fake.initialized, fake.current = True, 3
     assert pin_device_for("cpu") == 3
     assert pin_device_for("cuda:3") is None  # a device ring is not pinned host memory
+
+
+def test_the_childs_process_setup_binds_the_device_first(monkeypatch):
+    import os
+    import signal
+    import threading
+
+    from fusionloader import producer_child
+    from fusionloader.protocol import ChildConfig
+
+    fake = FakeCuda(monkeypatch)
+    order = []
+    monkeypatch.setattr(signal, "signal", lambda *a: order.append("signal"))
+    monkeypatch.setattr(threading, "Thread", lambda **kw: type("T", (), {"start": lambda self: order.append("watchdog")})())
+    monkeypatch.setattr(os, "nice", lambda n: order.append("nice"))
+    monkeypatch.setattr(producer_child, "bind_process", lambda device, threads: (order.append("bind"),
+                                                                                  bind_process(device, threads)))
+    producer_child.prepare_process(ChildConfig(0, "cuda:6", None, None, 2, None, os.getpid(), None, False))
+    assert order[0] == "bind" and "nice" not in order  # a GPU producer keeps its priority
+    assert fake.calls[0] == ("set_device", (torch.device("cuda:6"),))
+
+
+def test_a_gpu_producer_pins_its_ring_mapping_under_its_own_device(monkeypatch):
+    import os
+
+    from fusionloader import ring as ring_module
+    from fusionloader.producer_child import Producer
+    from fusionloader.protocol import ChildConfig
+    from fusionloader.ring import SlotRing
+
+    registered = []
+    monkeypatch.setattr(ring_module, "_host_register", lambda ptr, size, device: registered.append(device) or True)
+    monkeypatch.setattr(ring_module, "_host_unregister", lambda ptr, device: None)
+    ring = SlotRing(2, (3, 4, 4))  # the trainer's (no CUDA there: not pinned)
+    FakeCuda(monkeypatch)
+    bind_process("cuda:6", None)
+    child = Producer(ChildConfig(0, "cuda:6", None, None, 2, None, os.getpid(), None, False), None, None, None)
+    child.resolution = (4, 4)
+    child.attach(ring.handle)
+    assert registered == [6] and child.ring.pinned and not ring.pinned
+    assert not child.direct  # a GPU producer copies into the host ring (device -> pinned slot)
+    child.ring.close()
+    ring.unlink()
