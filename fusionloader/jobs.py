@@ -214,6 +214,7 @@ class JobBook:
     def consumed(self, n: int = 1) -> None:
         """Count jobs the consumer took or passed; refresh the rate estimate at most every RATE_PERIOD_S."""
         self._consumed += n
+        self.counters["consumed"] += n
         now = self.clock()
         dt = now - self._t_rate
         if dt >= RATE_PERIOD_S:

@@ -116,9 +116,11 @@ def test_passed_jobs_do_not_count_in_the_latency_and_are_not_consumed_twice(book
     book.finish(2, 0, 1, latency_s=2.0)
     assert book.latency_s == 2.0
     assert book.counters["passed"] == 1 and book.counters["passed_unstarted"] == 1
-    consumed = book._consumed
+    assert book.counters["consumed"] == 1
     book.take(1)
-    assert book._consumed == consumed  # counted when it was passed
+    assert book.counters["consumed"] == 1  # counted when it was passed, not again when collected
+    book.take(2)
+    assert book.counters["consumed"] == 2
 
 
 def test_deadline_order_skips_what_would_arrive_too_late(book, clock):

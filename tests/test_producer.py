@@ -387,7 +387,8 @@ def test_sigkill_raises_and_close_cleans_up(pool):
     pool.close()  # idempotent
 
 
-def test_start_without_waiting_serves_jobs_queued_while_producers_load(synth):
+def test_start_without_waiting_serves_jobs_queued_while_producers_load(synth, caplog):
+    caplog.set_level("INFO", logger="fusionloader")
     pool = ProducerPool(synth, Source(), devices=["cpu"], capacity=2, timeout=60, wait_ready=False)
     t0 = time.monotonic()
     pool.start()
@@ -397,6 +398,11 @@ def test_start_without_waiting_serves_jobs_queued_while_producers_load(synth):
     images = [pool.take(k, timeout=60) for k in range(3)]
     assert all(img is not None and img.shape == (3, SIZE, SIZE) for img in images)
     assert pool.stats()["latency_s"] > 0
+    # the child's log records reach the trainer's logging: its memory estimate, logged at start
+    estimate = pool.stats()["producers"][0]["memory"]
+    assert estimate["weights"] > 0 and estimate["total"] >= estimate["weights"]
+    assert any(r.name == "fusionloader" and "producer 0 (cpu)" in r.getMessage() and "memory estimate" in r.getMessage()
+               for r in caplog.records), caplog.text
     pool.close()
     assert not any(alive(p) for p in pool.pids)
 
