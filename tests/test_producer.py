@@ -475,3 +475,15 @@ def test_producer_killed_while_starting_is_started_again_and_uint8_slots_hold_th
     assert os.path.isdir(scratch_dir)
     pool.close()
     assert not os.path.exists(scratch_dir)  # the shared latent-cache folder goes with the pool
+
+
+def test_a_start_up_phase_over_its_budget_fails_naming_the_phase(synth):
+    # The child reports its phases; loading the model cannot take 1 ms, so the load budget is what trips.
+    from fusionloader.producer import StartupBudget
+
+    pool = ProducerPool(synth, Source(), devices=["cpu"], capacity=2, image_size=SIZE,
+                        startup=StartupBudget(load_s=0.001))
+    t0 = time.monotonic()
+    with pytest.raises(ProducerError, match=r"start-up phase 'load' took more than 0.001 s \(StartupBudget.load_s\)"):
+        pool.start()
+    assert time.monotonic() - t0 < 120 and pool.closed
