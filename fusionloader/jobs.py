@@ -101,7 +101,7 @@ class JobBook:
         self.urgent.discard(key)
         self.owned[producer][key] = job
         self.owner[key] = producer
-        if key not in self.passed:  # a job sent already late waits on purpose: its delay is no latency
+        if key not in self.passed:  # a passed job waits on purpose: its delay is no latency
             self.dispatched_at[key] = self.clock()
         return job
 
@@ -234,15 +234,15 @@ class JobBook:
         """Pending keys in the order to dispatch them.
 
         Jobs in flight or ready stand between the consumer and the first pending key; if the consumer
-        reaches ``late`` more keys within one latency than that, the first ``late`` pending jobs would come
+        reaches ``too_late`` more keys within one latency than that, the first ``too_late`` pending jobs would come
         out after it passed them: make the ones after them first (unless a take() waits: the awaited job
         needs a ring slot, and far-ahead results would hold them all). Passed jobs go last, urgent first.
         """
         keys = [k for k in self.pending if k not in self.passed]
         reach = int(DEADLINE_MARGIN * self.consume_rate * self.latency_s)
-        late = reach - self.ahead(self.owner) - self.ahead(self.ready)
-        if late > 0 and not self.urgent and deadlines:
-            keys = keys[late:] + keys[:late]
+        too_late = reach - self.ahead(self.owner) - self.ahead(self.ready)
+        if too_late > 0 and not self.urgent and deadlines:
+            keys = keys[too_late:] + keys[:too_late]
         if self.passed:
             keys += [k for k in self.pending if k in self.passed]
         if self.urgent:
