@@ -36,6 +36,7 @@ would go. The pool is meant to be the generator's own pre-training data (for the
 from __future__ import annotations
 
 import glob
+import mmap
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -79,9 +80,23 @@ def _as_2d(x, name: str) -> np.ndarray:
 def _normalised(x: np.ndarray) -> np.ndarray:
     """float32 copy with L2-normalised rows (zero rows stay zero)."""
     x = np.array(x, dtype=np.float32, copy=True)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
+    n = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # no (rows, dim) temporary, unlike np.linalg.norm
     np.divide(x, np.maximum(n, 1e-12), out=x)
     return x
+
+
+def _rows(shard: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a shard. For a whole-file memory map (``np.load(mmap_mode="r")``) they are read
+    with plain file reads instead of through the mapping: touched mapped pages count towards the process's
+    RSS until unmapped, read pages do not, so a streamed search over a pool larger than memory stays at one
+    chunk's worth."""
+    if isinstance(shard, np.memmap) and isinstance(shard.base, mmap.mmap) and shard.flags.c_contiguous and shard.filename:
+        row_bytes = shard.dtype.itemsize * int(np.prod(shard.shape[1:]))
+        with open(shard.filename, "rb") as f:
+            f.seek(int(shard.offset) + start * row_bytes)
+            out = np.fromfile(f, dtype=shard.dtype, count=(stop - start) * shard.shape[1])
+        return out.reshape(stop - start, shard.shape[1])
+    return shard[start:stop]
 
 
 def _merge_topk(scores_a, ids_a, scores_b, ids_b, k):
@@ -165,7 +180,7 @@ class RetrievalPool:
     """
 
     def __init__(self, embeddings, *, images=None, metadata: Sequence[str] | None = None, index: str = "flat",
-                 stream: bool | None = None, chunk_rows: int = 1 << 17, nlist: int | None = None, nprobe: int = 16,
+                 stream: bool | None = None, chunk_rows: int = 1 << 16, nlist: int | None = None, nprobe: int = 16,
                  hnsw_m: int = 32, ef_search: int = 128, train_rows: int | None = None, seed: int = 0,
                  gpu: bool | None = None):
         if isinstance(embeddings, (np.ndarray, torch.Tensor)):
@@ -233,7 +248,7 @@ class RetrievalPool:
         """(global offset, float32 normalised chunk) over all rows, ``chunk_rows`` at a time."""
         for s, off in zip(self.shards, self.offsets[:-1]):
             for start in range(0, len(s), self.chunk_rows):
-                yield int(off + start), _normalised(s[start : start + self.chunk_rows])
+                yield int(off + start), _normalised(_rows(s, start, min(len(s), start + self.chunk_rows)))
 
     def _build_index(self, kind, nlist, hnsw_m, train_rows, seed):
         faiss = _faiss()
@@ -374,9 +389,14 @@ class RetrievalPool:
         out: list[dict | None] = [None] * len(ids)
         for s in np.unique(shard):
             pos = np.flatnonzero(shard == s)
-            table = pq.read_table(self._metadata_files[s], memory_map=True).take(row[pos])
-            for p, r in zip(pos, table.to_pylist()):
-                out[p] = r
+            pf = pq.ParquetFile(self._metadata_files[s], memory_map=True)
+            starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+            group = np.searchsorted(starts, row[pos], side="right") - 1
+            for g in np.unique(group):
+                sel = pos[group == g]
+                table = pf.read_row_group(int(g)).take(row[sel] - starts[g])
+                for p, r in zip(sel, table.to_pylist()):
+                    out[p] = r
         return out  # type: ignore[return-value]
 
     def image(self, pool_id: int) -> torch.Tensor:
@@ -434,12 +454,16 @@ class RetrievalPool:
         best_s = np.full((len(q), 0), -np.inf, np.float32)
         best_i = np.zeros((len(q), 0), np.int64)
         for off, chunk in self._chunks():
-            index = faiss.IndexFlatIP(self.dim)
-            index.add(chunk)
-            index = self._to_device(index)
-            s, i = index.search(q, min(k, len(chunk)))
+            kc = min(k, len(chunk))
+            if self._gpu:
+                index = self._to_device(faiss.IndexFlatIP(self.dim))
+                index.add(chunk)
+                s, i = index.search(q, kc)
+                del index
+            else:  # IndexFlatIP's exhaustive search on the chunk in place (no copy into an index)
+                s, i = faiss.knn(q, chunk, kc, metric=faiss.METRIC_INNER_PRODUCT)
             best_s, best_i = _merge_topk(best_s, best_i, s, i.astype(np.int64) + off, k)
-            del index, chunk
+            del chunk
         return best_s, best_i
 
     def retrieve(self, queries, labels=None, k: int = 50, *, min_score: float | None = None, dedup: float | None = None,
@@ -678,7 +702,8 @@ def write_embedding_folder(path: str, embeddings, metadata: dict | None = None, 
                 raise ValueError(f"metadata[{col!r}]: {len(values)} values for {total} embeddings")
         for i in range(len(files)):
             lo, hi = i * shard_rows, min(total, (i + 1) * shard_rows)
-            pq.write_table(pa.table({c: list(v[lo:hi]) for c, v in metadata.items()}), os.path.join(meta_dir, f"metadata_{i}.parquet"))
+            pq.write_table(pa.table({c: list(v[lo:hi]) for c, v in metadata.items()}), os.path.join(meta_dir, f"metadata_{i}.parquet"),
+                           row_group_size=1 << 16)  # row groups: a lookup reads only the groups it needs
     return files
 
 
