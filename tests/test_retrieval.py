@@ -174,6 +174,8 @@ def test_held_out_neighbours_are_removed_and_backfilled(data):
 
 
 def test_laion_layout_round_trip_with_metadata_and_images(tmp_path):
+    pytest.importorskip("pyarrow", reason="parquet metadata needs pyarrow (extra [retrieval])")
+    import pyarrow.parquet as pq
     from PIL import Image
 
     rng = np.random.default_rng(3)
@@ -191,6 +193,11 @@ def test_laion_layout_round_trip_with_metadata_and_images(tmp_path):
     assert len(pool) == 23 and [len(s) for s in pool.shards] == [10, 10, 3]
     np.testing.assert_allclose(pool.vectors([22, 0, 15]), _unit(x[[22, 0, 15]]), atol=1e-6)
     assert [m["caption"] for m in pool.metadata([22, 0, 15])] == ["c22", "c0", "c15"]
+    # Several row groups per parquet file (as LAION's): a lookup reads only the groups it needs.
+    meta0 = str(tmp_path / "metadata" / "metadata_0.parquet")
+    pq.write_table(pq.read_table(meta0), meta0, row_group_size=3)
+    assert pq.ParquetFile(meta0).num_row_groups == 4
+    assert [m["caption"] for m in pool.metadata([9, 2, 3, 0, 15])] == ["c9", "c2", "c3", "c0", "c15"]
     img = pool.image(15)
     assert img.shape == (3, 5, 6) and torch.allclose(img, torch.full_like(img, 150 / 255))
     # Served through RetrievedVariants as paths (small, picklable).
@@ -201,6 +208,7 @@ def test_laion_layout_round_trip_with_metadata_and_images(tmp_path):
 
 
 def test_bad_inputs_named(data, tmp_path):
+    pytest.importorskip("pyarrow", reason="parquet metadata needs pyarrow (extra [retrieval])")
     x, q = data
     pool = RetrievalPool(x)
     with pytest.raises(ValueError, match="queries: width 7 .* 24 wide"):
@@ -319,6 +327,7 @@ def test_default_pool_end_to_end(digits_embedder):
 
 
 def test_user_clip_model_from_pretrained_and_from_folder(tmp_path):
+    pytest.importorskip("pyarrow", reason="parquet metadata needs pyarrow (extra [retrieval])")
     from PIL import Image
     from transformers import CLIPConfig, CLIPModel
 
@@ -352,3 +361,40 @@ def test_user_clip_model_from_pretrained_and_from_folder(tmp_path):
     assert torch.equal(mem.image(4), disk.image(4)) and mem.image(4).shape[::2] == (3, 24)
     with pytest.raises(ValueError, match="queries: width 64"):
         mem.search(np.zeros((1, 64), np.float32), 1)  # the digits encoder's queries on this model's pool
+
+
+def test_open_clip_style_model_through_the_embedder():
+    # open_clip models expose encode_image / encode_text and a callable tokenizer; the real package is optional
+    # (OpenClipEmbedder.from_pretrained imports it), the wrapper's preprocessing and normalisation are ours.
+    from fusionloader.methods.embedders import OpenClipEmbedder
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.img = torch.nn.Linear(3 * 8 * 8, 6)
+            self.txt = torch.nn.Embedding(100, 6)
+
+        def encode_image(self, x):
+            assert x.shape[1:] == (3, 8, 8)
+            return self.img(x.flatten(1))
+
+        def encode_text(self, ids):
+            return self.txt(ids).sum(1)
+
+    def tokenizer(texts):
+        return torch.tensor([[len(w) % 100 for w in (t.split() + ["", "", ""])[:4]] for t in texts])
+
+    torch.manual_seed(0)
+    emb = OpenClipEmbedder(Model(), tokenizer, image_size=8, image_mean=(0.5,) * 3, image_std=(0.25,) * 3)
+    assert emb.dim == 6
+    imgs = [torch.rand(3, 12, 10), torch.rand(1, 8, 8)]  # any size, grey expands to 3 channels
+    e = emb.encode_images(imgs)
+    assert e.shape == (2, 6) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    x = emb.preprocess(imgs[1:])
+    assert torch.allclose(x[0, 0], (imgs[1][0] - 0.5) / 0.25)
+    q = prompt_embeddings(emb, ["cat", "horse"], ["a {}", "the big {}"])
+    assert q.shape == (2, 6)
+    with pytest.raises(ValueError, match="templates"):
+        prompt_embeddings(emb, ["cat"], ["no placeholder"])
+    with pytest.raises(ValueError, match=r"images\[0\]"):
+        emb.encode_images([torch.rand(4, 8, 8)])
