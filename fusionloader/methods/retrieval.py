@@ -85,18 +85,38 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _file_backed(shard: np.ndarray) -> bool:
+    return isinstance(shard, np.memmap) and isinstance(shard.base, mmap.mmap) and shard.flags.c_contiguous and bool(shard.filename)
+
+
 def _rows(shard: np.ndarray, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of a shard. For a whole-file memory map (``np.load(mmap_mode="r")``) they are read
-    with plain file reads instead of through the mapping: touched mapped pages count towards the process's
-    RSS until unmapped, read pages do not, so a streamed search over a pool larger than memory stays at one
-    chunk's worth."""
-    if isinstance(shard, np.memmap) and isinstance(shard.base, mmap.mmap) and shard.flags.c_contiguous and shard.filename:
-        row_bytes = shard.dtype.itemsize * int(np.prod(shard.shape[1:]))
+    with plain file reads instead of through the mapping: touched mapped pages (and the kernel's fault-around
+    neighbours) count towards the process's RSS until unmapped, read pages do not, so a streamed search over a
+    pool larger than memory stays at one chunk's worth."""
+    if _file_backed(shard):
+        row_bytes = shard.dtype.itemsize * shard.shape[1]
         with open(shard.filename, "rb") as f:
             f.seek(int(shard.offset) + start * row_bytes)
             out = np.fromfile(f, dtype=shard.dtype, count=(stop - start) * shard.shape[1])
         return out.reshape(stop - start, shard.shape[1])
     return shard[start:stop]
+
+
+def _take(shard: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Scattered rows of a shard (``rows`` sorted); file reads for a whole-file memory map, as :func:`_rows`."""
+    if not _file_backed(shard):
+        return shard[rows]
+    row_bytes = shard.dtype.itemsize * shard.shape[1]
+    out = np.empty((len(rows), shard.shape[1]), shard.dtype)
+    fd = os.open(shard.filename, os.O_RDONLY)
+    try:
+        base = int(shard.offset)
+        for j, r in enumerate(rows.tolist()):
+            out[j] = np.frombuffer(os.pread(fd, row_bytes, base + r * row_bytes), shard.dtype)
+    finally:
+        os.close(fd)
+    return out
 
 
 def _merge_topk(scores_a, ids_a, scores_b, ids_b, k):
@@ -279,7 +299,7 @@ class RetrievalPool:
             index.nprobe = self.nprobe
         for _, chunk in self._chunks():
             index.add(chunk)
-        return self._to_device(index) if kind == "flat" else index
+        return self._to_device(index) if kind in ("flat", "ivf") else index  # faiss-gpu has no HNSW
 
     def _check_metadata(self):
         import pyarrow.parquet as pq
@@ -376,7 +396,7 @@ class RetrievalPool:
         for s in np.unique(shard):
             m = shard == s
             order = np.argsort(row[m])  # sorted reads on a memmap
-            out[np.flatnonzero(m)[order]] = self.shards[s][row[m][order]]
+            out[np.flatnonzero(m)[order]] = _take(self.shards[s], row[m][order])
         return _normalised(out)
 
     def metadata(self, ids) -> list[dict]:
