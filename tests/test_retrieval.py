@@ -323,7 +323,10 @@ def test_default_pool_end_to_end(digits_embedder):
     assert precision > 0.9 and r.counts().tolist() == [25] * 10
     rv = RetrievedVariants.from_pool(pool, r)
     im, pid = rv.choose(11, 7, seed=0)
-    assert im.shape == (3, 32, 32) and int(splits.generator.labels[pid]) == 7 or precision < 1
+    assert im.shape == (3, 32, 32) and pid in set(rv.pool_ids(7).tolist())
+    assert torch.equal(im, splits.generator.images[pid])
+    with pytest.raises(TypeError, match="RetrievedVariants"):
+        pickle.dumps(pool)
 
 
 def test_user_clip_model_from_pretrained_and_from_folder(tmp_path):

@@ -237,6 +237,11 @@ class RetrievalPool:
         if not self.stream:
             self._index = self._build_index(index, nlist, hnsw_m, train_rows, seed)
 
+    def __getstate__(self):
+        # A faiss index does not pickle, and memory-mapped shards would pickle as whole arrays.
+        raise TypeError("RetrievalPool is not picklable: send a RetrievedVariants (RetrievedVariants.from_pool) "
+                        "to workers and producers instead")
+
     # -- construction ---------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
