@@ -14,6 +14,12 @@
 
 Baseline in the same run: the float32 bytes an in-memory ``IndexFlatIP`` over the same pool would hold
 (``rows * dim * 4``), which is what loading the pool whole costs before any search.
+
+Measured (defaults: 1,000,000 x 512 float16 in 4 shards, chunk 65,536 rows, 16 queries, k 100; shared 2-core CPU
+under load from other jobs): pool 977 MiB on disk (1,953 MiB as an in-memory float32 index); search process
+peak RSS 471 MiB (VmHWM), of which 239 MiB is the interpreter with torch + faiss imported before the pool is
+opened, so 232 MiB for searching (~one chunk in fp16 + fp32); every planted neighbour found first; exact
+search 14.4 s median for the 16 queries (11.4 / 14.4 / 35.6 s), retrieve with dedup + held-out filter 18.8 s.
 """
 
 from __future__ import annotations
