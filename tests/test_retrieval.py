@@ -10,7 +10,13 @@ import torch
 faiss = pytest.importorskip("faiss", reason="retrieval needs faiss (extra [retrieval])")
 
 from fusionloader.methods.embedders import ClipEmbedder, prompt_embeddings  # noqa: E402
-from fusionloader.methods.retrieval import RetrievalPool, RetrievedVariants, default_pool, write_embedding_folder  # noqa: E402
+from fusionloader.methods.retrieval import (  # noqa: E402
+    RetrievalPool,
+    RetrievedVariants,
+    default_pool,
+    retrieved_variants,
+    write_embedding_folder,
+)
 
 
 def _unit(x):
@@ -327,6 +333,41 @@ def test_default_pool_end_to_end(digits_embedder):
     assert torch.equal(im, splits.generator.images[pid])
     with pytest.raises(TypeError, match="RetrievedVariants"):
         pickle.dumps(pool)
+
+
+def test_recipe_helper_text_and_image_queries(digits_embedder):
+    from fusionloader.pretrained import class_names, load_digits_splits
+    from fusionloader.pretrained.clip_model import ZERO_SHOT_TEMPLATES
+
+    splits = load_digits_splits()
+    pool = default_pool(digits_embedder)
+    truth = splits.generator.labels.numpy()
+    by_text = retrieved_variants(pool, digits_embedder, class_names, templates=ZERO_SHOT_TEMPLATES, k=20, dedup=0.999)
+    few = torch.cat([torch.nonzero(splits.train.labels == c)[:2, 0] for c in range(10)])  # 2-shot real images
+    by_image = retrieved_variants(pool, digits_embedder, class_names, k=5, real_images=splits.train.images[few],
+                                  real_labels=splits.train.labels[few], per_class=8, held_out_images=splits.test.images[:3])
+    for rv in (by_text, by_image):
+        got = [(c, pid) for c in range(10) for pid in rv.pool_ids(c).tolist()]
+        assert np.mean([truth[pid] == c for c, pid in got]) > 0.9
+    assert max(by_image.counts()) <= 8 and len(by_text) > 0
+    with pytest.raises(ValueError, match="real_labels"):
+        retrieved_variants(pool, digits_embedder, class_names, real_images=splits.train.images[:2])
+
+
+def test_train_clip_script_smoke(tmp_path):
+    import json
+
+    from fusionloader.pretrained import train_clip
+
+    out = tmp_path / "clip"
+    assert train_clip.main(["--out", str(out), "--steps", "2", "--batch", "8"]) == 0
+    emb = ClipEmbedder.from_pretrained(str(out))
+    assert emb.dim == 64 and emb.image_size == 32
+    for name in ("eval.json", "train_info.json", "config.json", "preprocessor_config.json"):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text and "/work" not in text  # no absolute paths
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["zero_shot_accuracy"]) == {"generator", "train", "test"}
 
 
 def test_user_clip_model_from_pretrained_and_from_folder(tmp_path):

@@ -51,6 +51,7 @@ __all__ = [
     "Retrieved",
     "RetrievedVariants",
     "default_pool",
+    "retrieved_variants",
     "write_embedding_folder",
 ]
 
@@ -744,3 +745,24 @@ def default_pool(embedder=None, **kwargs) -> RetrievalPool:
         embedder = load_default_embedder()
     gen = load_digits_splits().generator
     return RetrievalPool(embedder.encode_images(gen.images), images=gen.images, **kwargs)
+
+
+def retrieved_variants(pool: RetrievalPool, embedder, class_names: Sequence[str], *, templates: Sequence[str] = ("a photo of a {}.",),
+                       k: int = 50, real_images=None, real_labels=None, held_out_images=None, **filters) -> RetrievedVariants:
+    """The whole recipe in one call: queries -> :meth:`RetrievalPool.retrieve` -> :class:`RetrievedVariants`.
+
+    Queries are the class prompts (``templates`` averaged, CLIP zero-shot style) or, when ``real_images`` and
+    ``real_labels`` are given, the real images' embeddings (``k`` neighbours each). ``held_out_images`` (the test
+    set) are embedded and their neighbours removed. ``filters``: ``min_score``, ``dedup``, ``per_class``,
+    ``exclude_threshold``, ``exclusive``."""
+    from .embedders import prompt_embeddings
+
+    if (real_images is None) != (real_labels is None):
+        raise ValueError("real_images and real_labels go together (image queries need their labels)")
+    if real_images is None:
+        queries, labels = prompt_embeddings(embedder, class_names, templates), None
+    else:
+        queries, labels = embedder.encode_images(real_images), np.asarray(real_labels).reshape(-1)
+    exclude = embedder.encode_images(held_out_images) if held_out_images is not None else None
+    got = pool.retrieve(queries, labels, k=k, exclude=exclude, num_classes=len(class_names), **filters)
+    return RetrievedVariants.from_pool(pool, got)
