@@ -221,6 +221,10 @@ def test_bad_inputs_named(data, tmp_path):
         pool.search(np.zeros((1, 7), np.float32), 3)
     with pytest.raises(ValueError, match="exclude: width 5"):
         pool.retrieve(q, k=2, exclude=np.zeros((2, 5)))
+    nan_q = q.copy()
+    nan_q[3, 1] = np.nan
+    with pytest.raises(ValueError, match="queries: row 3 is not finite"):
+        pool.search(nan_q, 2)
     for k in (0, -1, 1.5, True, len(x) + 1):
         with pytest.raises(ValueError, match="k must"):
             pool.search(q, k)
@@ -442,3 +446,12 @@ def test_open_clip_style_model_through_the_embedder():
         prompt_embeddings(emb, ["cat"], ["no placeholder"])
     with pytest.raises(ValueError, match=r"images\[0\]"):
         emb.encode_images([torch.rand(4, 8, 8)])
+
+
+def test_approximate_index_short_lists_are_not_ids(data):
+    x, q = data
+    pool = RetrievalPool(x, index="ivf", nlist=64, nprobe=1)
+    _, i = pool.search(q, 300)
+    assert (i < 0).any()  # one probed list holds fewer than 300 rows: faiss pads with -1
+    r = pool.retrieve(q, k=300, exclude=x[:5], exclude_threshold=0.99)
+    assert len(r) and (r.ids >= 0).all() and (r.ids < len(x)).all()

@@ -453,6 +453,9 @@ class RetrievalPool:
         if q.shape[1] != self.dim:
             raise ValueError(f"{name}: width {q.shape[1]} but the pool's embeddings are {self.dim} wide "
                              "(an index of another embedding model?)")
+        bad = ~np.isfinite(q).all(1)
+        if bad.any():
+            raise ValueError(f"{name}: row {int(np.flatnonzero(bad)[0])} is not finite (NaN/inf)")
         return _normalised(q)
 
     def _check_k(self, k) -> int:
@@ -465,7 +468,8 @@ class RetrievalPool:
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``k`` nearest pool rows per query by cosine (inner product of L2-normalised rows).
 
-        Returns ``(scores, ids)``: float32 and int64 arrays of shape (Q, k), best first."""
+        Returns ``(scores, ids)``: float32 and int64 arrays of shape (Q, k), best first. Exact for ``"flat"``;
+        an approximate index returns id -1 (faiss's convention) where it found fewer than ``k``."""
         k = self._check_k(k)
         q = self._queries(queries)
         return self._search(q, k)
@@ -536,11 +540,12 @@ class RetrievalPool:
             again = []
             for row, qi in enumerate(todo.tolist()):
                 s, i = S[row], I[row]
+                found = i >= 0  # an approximate index pads with id -1 when its probed lists run out
                 below = s < min_score if min_score is not None else np.zeros(len(i), bool)
                 near = np.zeros(len(i), bool)
-                if held_out is not None:
-                    near = held_out.search(self.vectors(i), 1)[0][:, 0] >= exclude_threshold
-                ok = ~below & ~near
+                if held_out is not None and found.any():
+                    near[found] = held_out.search(self.vectors(i[found]), 1)[0][:, 0] >= exclude_threshold
+                ok = found & ~below & ~near
                 if ok.sum() < k and fetch < len(self) and not below[-1]:
                     again.append(qi)
                     continue
