@@ -35,15 +35,25 @@ would go. The pool is meant to be the generator's own pre-training data (for the
 
 from __future__ import annotations
 
-import glob
-import mmap
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .embedding_folder import (
+    IMAGE_EXTENSIONS,
+    as_2d,
+    load_image,
+    metadata_rows,
+    open_shards,
+    read_rows,
+    shard_files,
+    take_rows,
+    write_embedding_folder,
+)
+
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -55,9 +65,6 @@ __all__ = [
     "write_embedding_folder",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-_SHARD_RE = re.compile(r"(\d+)\.(npy|parquet)$")
-
 
 def _faiss():
     try:
@@ -67,16 +74,6 @@ def _faiss():
     return faiss
 
 
-def _as_2d(x, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().float().numpy()
-    x = np.asarray(x) if not isinstance(x, np.memmap) else x
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array (rows, dim), got shape {tuple(x.shape)}")
-    if not (np.issubdtype(x.dtype, np.floating)):
-        raise ValueError(f"{name}: expected floating-point embeddings, got dtype {x.dtype}")
-    return x
-
 
 def _normalised(x: np.ndarray) -> np.ndarray:
     """float32 copy with L2-normalised rows (zero rows stay zero)."""
@@ -85,39 +82,6 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     np.divide(x, np.maximum(n, 1e-12), out=x)
     return x
 
-
-def _file_backed(shard: np.ndarray) -> bool:
-    return isinstance(shard, np.memmap) and isinstance(shard.base, mmap.mmap) and shard.flags.c_contiguous and bool(shard.filename)
-
-
-def _rows(shard: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a shard. For a whole-file memory map (``np.load(mmap_mode="r")``) they are read
-    with plain file reads instead of through the mapping: touched mapped pages (and the kernel's fault-around
-    neighbours) count towards the process's RSS until unmapped, read pages do not, so a streamed search over a
-    pool larger than memory stays at one chunk's worth."""
-    if _file_backed(shard):
-        row_bytes = shard.dtype.itemsize * shard.shape[1]
-        with open(shard.filename, "rb") as f:
-            f.seek(int(shard.offset) + start * row_bytes)
-            out = np.fromfile(f, dtype=shard.dtype, count=(stop - start) * shard.shape[1])
-        return out.reshape(stop - start, shard.shape[1])
-    return shard[start:stop]
-
-
-def _take(shard: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Scattered rows of a shard (``rows`` sorted); file reads for a whole-file memory map, as :func:`_rows`."""
-    if not _file_backed(shard):
-        return shard[rows]
-    row_bytes = shard.dtype.itemsize * shard.shape[1]
-    out = np.empty((len(rows), shard.shape[1]), shard.dtype)
-    fd = os.open(shard.filename, os.O_RDONLY)
-    try:
-        base = int(shard.offset)
-        for j, r in enumerate(rows.tolist()):
-            out[j] = np.frombuffer(os.pread(fd, row_bytes, base + r * row_bytes), shard.dtype)
-    finally:
-        os.close(fd)
-    return out
 
 
 def _merge_topk(scores_a, ids_a, scores_b, ids_b, k):
@@ -129,18 +93,6 @@ def _merge_topk(scores_a, ids_a, scores_b, ids_b, k):
     order = np.argsort(-s, axis=1, kind="stable")
     return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
-
-def _shard_files(folder: str, ext: str) -> list[str]:
-    files = [f for f in glob.glob(os.path.join(folder, f"*.{ext}")) if _SHARD_RE.search(os.path.basename(f))]
-    return sorted(files, key=lambda f: int(_SHARD_RE.search(os.path.basename(f)).group(1)))
-
-
-def _load_image(path: str) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        a = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 class _TensorImages:
@@ -160,7 +112,7 @@ class _PathImages:
         self.paths = paths
 
     def __call__(self, pool_id: int) -> torch.Tensor:
-        return _load_image(self.paths[int(pool_id)])
+        return load_image(self.paths[int(pool_id)])
 
 
 @dataclass
@@ -205,9 +157,9 @@ class RetrievalPool:
                  hnsw_m: int = 32, ef_search: int = 128, train_rows: int | None = None, seed: int = 0,
                  gpu: bool | None = None):
         if isinstance(embeddings, (np.ndarray, torch.Tensor)):
-            shards = [_as_2d(embeddings, "embeddings")]
+            shards = [as_2d(embeddings, "embeddings")]
         else:
-            shards = [_as_2d(s, f"embeddings[{i}]") for i, s in enumerate(embeddings)]
+            shards = [as_2d(s, f"embeddings[{i}]") for i, s in enumerate(embeddings)]
         if not shards or sum(len(s) for s in shards) == 0:
             raise ValueError("embeddings: the pool is empty (no rows)")
         self.dim = int(shards[0].shape[1])
@@ -274,7 +226,7 @@ class RetrievalPool:
         """(global offset, float32 normalised chunk) over all rows, ``chunk_rows`` at a time."""
         for s, off in zip(self.shards, self.offsets[:-1]):
             for start in range(0, len(s), self.chunk_rows):
-                yield int(off + start), _normalised(_rows(s, start, min(len(s), start + self.chunk_rows)))
+                yield int(off + start), _normalised(read_rows(s, start, min(len(s), start + self.chunk_rows)))
 
     def _build_index(self, kind, nlist, hnsw_m, train_rows, seed):
         faiss = _faiss()
@@ -332,7 +284,7 @@ class RetrievalPool:
             raise ValueError(f"images: {len(images)} entries for a pool of {len(self)} embeddings")
         if all(isinstance(p, (str, os.PathLike)) for p in images):
             self._paths = [os.fspath(p) for p in images]
-            return lambda i: _load_image(self._paths[int(i)])
+            return lambda i: load_image(self._paths[int(i)])
         return lambda i: torch.as_tensor(images[int(i)])
 
     @classmethod
@@ -341,16 +293,10 @@ class RetrievalPool:
         ``path/metadata/metadata_{i}.parquet``, row-aligned). Nothing is read whole. Images: ``images=`` as in
         the constructor, else the metadata's ``image_column`` (file paths, relative to ``path``) when present."""
         emb_dir = os.path.join(path, "img_emb")
-        files = _shard_files(emb_dir, "npy")
-        if not files:
+        shards = open_shards(emb_dir)
+        if not shards:
             raise FileNotFoundError(f"{emb_dir}: no img_emb_<i>.npy shards (LAION / clip-retrieval embedding-folder layout)")
-        shards = []
-        for f in files:
-            try:
-                shards.append(np.load(f, mmap_mode="r"))
-            except (ValueError, OSError) as e:
-                raise ValueError(f"{f}: not a readable .npy array: {e}") from e
-        meta = _shard_files(os.path.join(path, "metadata"), "parquet") or None
+        meta = shard_files(os.path.join(path, "metadata"), "parquet") or None
         pool = cls(shards, metadata=meta, **kwargs)
         if images is not None:
             pool._images = pool._image_loader(images)
@@ -364,7 +310,7 @@ class RetrievalPool:
 
     def _metadata_image(self, pool_id: int) -> torch.Tensor:
         p = self.metadata([pool_id])[0][self._image_column]
-        return _load_image(p if os.path.isabs(p) else os.path.join(self._root, p))
+        return load_image(p if os.path.isabs(p) else os.path.join(self._root, p))
 
     @classmethod
     def from_folder(cls, folder: str, embedder, *, out: str | None = None, batch_size: int = 64,
@@ -377,7 +323,7 @@ class RetrievalPool:
         )
         if not paths:
             raise ValueError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-        emb = np.concatenate([embedder.encode_images([_load_image(p) for p in paths[i : i + batch_size]])
+        emb = np.concatenate([embedder.encode_images([load_image(p) for p in paths[i : i + batch_size]])
                               for i in range(0, len(paths), batch_size)])
         if out is None:
             return cls(emb, images=paths, **kwargs)
@@ -402,27 +348,19 @@ class RetrievalPool:
         for s in np.unique(shard):
             m = shard == s
             order = np.argsort(row[m])  # sorted reads on a memmap
-            out[np.flatnonzero(m)[order]] = _take(self.shards[s], row[m][order])
+            out[np.flatnonzero(m)[order]] = take_rows(self.shards[s], row[m][order])
         return _normalised(out)
 
     def metadata(self, ids) -> list[dict]:
         """Metadata rows (dicts) of ``ids`` from the parquet files; only the needed row groups are read."""
         if self._metadata_files is None:
             raise ValueError("this pool has no metadata (pass metadata= or use an embedding folder with metadata/)")
-        import pyarrow.parquet as pq
-
         ids, shard, row = self._locate(ids)
         out: list[dict | None] = [None] * len(ids)
         for s in np.unique(shard):
             pos = np.flatnonzero(shard == s)
-            pf = pq.ParquetFile(self._metadata_files[s], memory_map=True)
-            starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-            group = np.searchsorted(starts, row[pos], side="right") - 1
-            for g in np.unique(group):
-                sel = pos[group == g]
-                table = pf.read_row_group(int(g)).take(row[sel] - starts[g])
-                for p, r in zip(sel, table.to_pylist()):
-                    out[p] = r
+            for p, r in zip(pos.tolist(), metadata_rows(self._metadata_files[s], row[pos])):
+                out[p] = r
         return out  # type: ignore[return-value]
 
     def image(self, pool_id: int) -> torch.Tensor:
@@ -449,7 +387,7 @@ class RetrievalPool:
     # -- search ---------------------------------------------------------------------------------------------
 
     def _queries(self, queries, name="queries") -> np.ndarray:
-        q = _as_2d(queries, name)
+        q = as_2d(queries, name)
         if q.shape[1] != self.dim:
             raise ValueError(f"{name}: width {q.shape[1]} but the pool's embeddings are {self.dim} wide "
                              "(an index of another embedding model?)")
@@ -522,7 +460,7 @@ class RetrievalPool:
             raise ValueError(f"per_class must be a positive integer or None, got {per_class!r}")
         held_out = None
         if exclude is not None:
-            ex = _as_2d(exclude, "exclude")
+            ex = as_2d(exclude, "exclude")
             if ex.shape[1] != self.dim:
                 raise ValueError(f"exclude: width {ex.shape[1]} but the pool's embeddings are {self.dim} wide")
             if len(ex):
@@ -668,74 +606,6 @@ class RetrievedVariants:
     def __repr__(self) -> str:
         return f"RetrievedVariants({len(self)} images over {self.num_classes} classes)"
 
-
-def write_embedding_folder(path: str, embeddings, metadata: dict | None = None, *, shard_rows: int = 1_000_000,
-                           dtype=np.float16) -> list[str]:
-    """Write ``embeddings`` (an (N, D) array, or an iterable of (n_i, D) blocks) in the LAION / clip-retrieval
-    layout: ``path/img_emb/img_emb_{i}.npy`` (``shard_rows`` rows each, ``dtype``) and, when ``metadata``
-    (column -> list of N values) is given, ``path/metadata/metadata_{i}.parquet`` row-aligned. Blocks are
-    written through ``np.lib.format.open_memmap`` so nothing larger than one block is held. Returns the
-    shard paths."""
-    if shard_rows < 1:
-        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
-    blocks = [embeddings] if isinstance(embeddings, (np.ndarray, torch.Tensor)) else embeddings
-    emb_dir = os.path.join(path, "img_emb")
-    os.makedirs(emb_dir, exist_ok=True)
-    files: list[str] = []
-    cur, filled, total = None, 0, 0
-
-    def _close(rows):
-        nonlocal cur
-        if cur is not None:
-            cur.flush()
-            name = files[-1]
-            del cur
-            cur = None
-            if rows < shard_rows:  # the last shard: rewrite with its true length (header holds the shape)
-                a = np.load(name, mmap_mode="r")[:rows]
-                tmp = name + ".tmp.npy"
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=a.dtype, shape=a.shape)
-                for s in range(0, rows, 1 << 16):
-                    out[s : s + (1 << 16)] = a[s : s + (1 << 16)]
-                out.flush()
-                del out, a
-                os.replace(tmp, name)
-
-    dim = None
-    for b in blocks:
-        b = _as_2d(b, "embeddings")
-        if dim is None:
-            dim = b.shape[1]
-        elif b.shape[1] != dim:
-            raise ValueError(f"embeddings: block of width {b.shape[1]} after blocks of width {dim}")
-        pos = 0
-        while pos < len(b):
-            if cur is None:
-                files.append(os.path.join(emb_dir, f"img_emb_{len(files)}.npy"))
-                cur = np.lib.format.open_memmap(files[-1], mode="w+", dtype=dtype, shape=(shard_rows, dim))
-                filled = 0
-            n = min(len(b) - pos, shard_rows - filled)
-            cur[filled : filled + n] = b[pos : pos + n]
-            filled, pos, total = filled + n, pos + n, total + n
-            if filled == shard_rows:
-                _close(filled)
-    _close(filled)
-    if not files:
-        raise ValueError("embeddings: nothing to write (no rows)")
-    if metadata is not None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        meta_dir = os.path.join(path, "metadata")
-        os.makedirs(meta_dir, exist_ok=True)
-        for col, values in metadata.items():
-            if len(values) != total:
-                raise ValueError(f"metadata[{col!r}]: {len(values)} values for {total} embeddings")
-        for i in range(len(files)):
-            lo, hi = i * shard_rows, min(total, (i + 1) * shard_rows)
-            pq.write_table(pa.table({c: list(v[lo:hi]) for c, v in metadata.items()}), os.path.join(meta_dir, f"metadata_{i}.parquet"),
-                           row_group_size=1 << 16)  # row groups: a lookup reads only the groups it needs
-    return files
 
 
 def default_pool(embedder=None, **kwargs) -> RetrievalPool:
