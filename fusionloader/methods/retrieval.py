@@ -511,25 +511,29 @@ class RetrievalPool:
             removed["other_class"] = int((~keep).sum())
             cand = cand[keep]  # still in score order
 
-        # 3. near-duplicates: greedily in score order, drop any image too close to one already kept.
+        # 3. near-duplicates: greedily in score order, drop any image too close to one already kept. The pairs
+        #    come from blocked matrix products over the candidates (O(M^2 D) flops, no per-candidate calls).
         if dedup is not None and len(cand):
             ids_u, inv = np.unique(cand[:, 0].astype(np.int64), return_inverse=True)
-            vec = self.vectors(ids_u)[inv]
+            vec = self.vectors(ids_u)
+            # All pairs with cosine >= dedup, by blocks of rows against all candidates (matrix products
+            # bounded to ~128 MB per block).
+            m = len(ids_u)
+            near_pairs: list = [[] for _ in range(m)]
+            step = max(1, (1 << 25) // m)
+            for b in range(0, m, step):
+                rows, cols = np.nonzero(vec[b : b + step] @ vec.T >= dedup)
+                for r, c in zip((rows + b).tolist(), cols.tolist()):
+                    if r != c:
+                        near_pairs[r].append(c)
+            near = [np.asarray(n, np.int64) for n in near_pairs]
             keep = np.zeros(len(cand), bool)
-            kept = _faiss().IndexFlatIP(self.dim)
-            same_image = {}
-            for j in range(len(cand)):
-                pid = int(cand[j, 0])
-                if pid in same_image:  # the same image for another class (exclusive=False) is not a duplicate
+            kept = np.zeros(len(ids_u), bool)
+            for j, u in enumerate(inv.tolist()):
+                if kept[u]:  # the same image again, for another class (exclusive=False): not a duplicate
                     keep[j] = True
-                    continue
-                if kept.ntotal:
-                    s, _ = kept.search(vec[j : j + 1], 1)
-                    if s[0, 0] >= dedup:
-                        continue
-                keep[j] = True
-                same_image[pid] = True
-                kept.add(vec[j : j + 1])
+                elif not kept[near[u]].any():
+                    keep[j] = kept[u] = True
             removed["duplicates"] = int((~keep).sum())
             cand = cand[keep]
 
