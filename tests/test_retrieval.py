@@ -455,3 +455,20 @@ def test_approximate_index_short_lists_are_not_ids(data):
     assert (i < 0).any()  # one probed list holds fewer than 300 rows: faiss pads with -1
     r = pool.retrieve(q, k=300, exclude=x[:5], exclude_threshold=0.99)
     assert len(r) and (r.ids >= 0).all() and (r.ids < len(x)).all()
+
+
+def test_dedup_equals_the_greedy_reference():
+    # Chains a~b~c (a, c not near): greedy in score order keeps a, drops b, and keeps c again.
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((300, 8)).astype(np.float32)
+    x = np.concatenate([base] + [base[:60] + s * rng.standard_normal((60, 8)).astype(np.float32) for s in (0.05, 0.1, 0.2)])
+    q = rng.standard_normal((5, 8)).astype(np.float32)
+    pool = RetrievalPool(x)
+    plain = pool.retrieve(q, k=150)
+    got = pool.retrieve(q, k=150, dedup=0.97)
+    order = np.argsort(-plain.scores, kind="stable")
+    kept: list[int] = []
+    for pid in plain.ids[order].tolist():
+        if not kept or (pool.vectors([pid]) @ pool.vectors(kept).T).max() < 0.97:
+            kept.append(pid)
+    assert sorted(got.ids.tolist()) == sorted(kept) and got.removed["duplicates"] == len(plain) - len(kept) > 0
