@@ -1,0 +1,105 @@
+"""Data-centric leakage guard: class names never reach the text encoder (checked on the encoded token ids)."""
+
+import pytest
+
+from fusionloader.engine.leakage import LeakageError, LeakageGuard, check_prompts, class_token_sequences, find_leaks
+from fusionloader.testing import build_clip_tokenizer
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    return build_clip_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def digits_tok():
+    from transformers import CLIPTokenizer
+
+    from fusionloader.pretrained import default_model_path
+
+    return CLIPTokenizer.from_pretrained(default_model_path(), subfolder="tokenizer")
+
+
+@pytest.fixture(params=["tiny", "digits"])
+def tok(request, tiny_tok, digits_tok):
+    return tiny_tok if request.param == "tiny" else digits_tok
+
+
+def test_rejects_class_name_naming_prompt_and_class(tok):
+    with pytest.raises(ValueError) as e:
+        check_prompts(tok, ["a photo of a digit", "a photo of a seven"], DIGITS)
+    assert isinstance(e.value, LeakageError)
+    assert e.value.class_name == "seven" and e.value.prompt == "a photo of a seven"
+    assert "'seven'" in str(e.value) and "'a photo of a seven'" in str(e.value)
+
+
+@pytest.mark.parametrize("prompt", ["A Photo of a SEVEN.", "a photo of a seven!", "seven", "  a   photo of a  seven  "])
+def test_case_and_space_variants_as_the_tokenizer_sees_them(tok, prompt):
+    with pytest.raises(LeakageError, match="seven"):
+        check_prompts(tok, [prompt], DIGITS)
+
+
+def test_multi_token_class_name(tok):
+    names = ("dining table", "leafy_spurge")
+    # Neither is a whole-word token in these vocabularies: they tokenize into several pieces.
+    seqs = class_token_sequences(tok, names)
+    assert all(len(s) > 1 for s in seqs["dining table"]) and all(len(s) > 2 for s in seqs["leafy_spurge"])
+    with pytest.raises(LeakageError) as e:
+        check_prompts(tok, ["a photo of a dining table"], names)
+    assert e.value.class_name == "dining table" and len(e.value.token_ids) > 1
+    # The folder-style name with an underscore is caught when written with a space, and vice versa.
+    with pytest.raises(LeakageError, match="leafy_spurge"):
+        check_prompts(tok, ["a photo of leafy spurge in a field"], names)
+    # Only part of the name is not the name.
+    check_prompts(tok, ["a photo of a table", "a dining room", "a leafy plant"], names)
+
+
+def test_learned_tokens_pass(tiny_tok, tmp_path):
+    tok = build_clip_tokenizer(str(tmp_path))
+    tok.add_tokens(["<seven>", "<seven>_1", "<dining_table>"])
+    check_prompts(tok, ["a photo of a <seven>", "a photo of a <dining_table>", "", "a photo"], DIGITS + ("dining table",))
+    # A token that was never learned is just text: "<three>" tokenizes to "<", "three", ">".
+    with pytest.raises(LeakageError, match="three"):
+        check_prompts(tok, ["a photo of a <three>"], DIGITS)
+    # ... and the name itself next to a learned token still leaks.
+    with pytest.raises(LeakageError, match="seven"):
+        check_prompts(tok, ["a photo of a <seven> seven"], DIGITS)
+
+
+def test_truncated_name_never_reaches_the_encoder(tmp_path):
+    tok = build_clip_tokenizer(str(tmp_path), model_max_length=8)
+    check_prompts(tok, ["a photo of the photo of the seven"], DIGITS)  # "seven" is cut off at 8 ids
+    with pytest.raises(LeakageError):
+        check_prompts(tok, ["a photo of the seven"], DIGITS)
+
+
+def test_template_word_equal_to_a_class_name_is_reported(tok):
+    leaks = find_leaks(tok, ["a photo of one <dog>", "a photo of a cat"], DIGITS)
+    assert [(p, c) for p, c, _, _ in leaks] == [("a photo of one <dog>", "one")]
+
+
+def test_no_false_positive_on_word_pieces(tok):
+    # "sevenths" contains the letters of a class name but not its whole-word token ("seven" + "ths</w>").
+    check_prompts(tok, ["a photo of sevenths", "a drawing of the digit", "a photo of eighty"], DIGITS)
+
+
+def test_token_level_semantics(tiny_tok):
+    # The check is on ids, not letters: in this generated vocabulary "someone" has no token of its own and
+    # BPE ends it with the class token "one</w>", which then does reach the encoder.
+    assert tiny_tok.tokenize("someone")[-1] == "one</w>"
+    with pytest.raises(LeakageError, match="'one'"):
+        check_prompts(tiny_tok, ["a photo of someone"], DIGITS)
+
+
+def test_guard_object_and_bad_arguments(tok):
+    guard = LeakageGuard(tok, DIGITS)
+    guard(["a photo of the digit <x>"])
+    assert len(guard.leaks(["two", "two", "nine"])) == 2  # deduplicated prompts
+    with pytest.raises(ValueError, match="class_names is empty"):
+        LeakageGuard(tok, [])
+    with pytest.raises(ValueError, match=r"class_names\[1\]"):
+        LeakageGuard(tok, ["cat", ""])
+    with pytest.raises(TypeError, match="prompts"):
+        guard.check([3])
