@@ -104,6 +104,7 @@ from multiprocessing.connection import wait as wait_connections
 
 import torch
 
+from .portable import portable, spawning  # notebooks / stdin scripts (see portable.py)
 from .ring import SlotRing
 
 __all__ = ["Job", "ProducerError", "ProducerPool"]
@@ -474,7 +475,7 @@ class _Core:
 
     def spawn(self, h: _Handle) -> None:
         cfg = self.cfg
-        child = _ChildConfig(h.producer, h.device, cfg["synthesizer"], cfg["source"], cfg["capacity"],
+        child = _ChildConfig(h.producer, h.device, cfg["synthesizer"], portable(cfg["source"]), cfg["capacity"],
                              cfg["latent_cache_path"], os.getpid(), cfg["threads"], cfg["warmup"])
         h.requests = self.ctx.Queue()
         h.requests.cancel_join_thread()  # never let a dead producer's full pipe hang our exit
@@ -482,7 +483,8 @@ class _Core:
         h.process = self.ctx.Process(target=_producer_main, args=(child, h.requests, writer, self.stop_event),
                                      name=f"fusionloader-producer-{h.producer}", daemon=True)
         try:
-            h.process.start()
+            with spawning():
+                h.process.start()
         except BaseException:
             reader.close()
             writer.close()
