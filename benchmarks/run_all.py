@@ -75,7 +75,9 @@ def run_all(quick: bool = False, json_path: str = "out/bench.json", plots_dir: s
             device: str | None = None) -> dict:  # fmt: skip
     """Run every benchmark; write ``json_path`` and the plots; return the result dict."""
     from fusionloader.benchmarks import bench_engine, bench_kernels, bench_loader
+    from fusionloader.extras import require
 
+    require("matplotlib", "fusionloader bench", "bench")  # the plots; checked before minutes of benchmarks
     started = time.perf_counter()
     result = {"environment": environment(device or "cpu"), "quick": quick}
     result["engine"] = bench_engine.run(quick=quick, model=model, device=device)
