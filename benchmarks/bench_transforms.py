@@ -13,7 +13,9 @@ or workers) this benchmark measures. The trainer step is a simulated accelerator
 free meanwhile), *calibrated in the same run*: the producers' capacity is measured first (a
 ``late_policy="wait"`` loader, synthetic images delivered per second), then the step is set so that demand
 (alpha x batch per step) is ``demand_over_capacity`` (0.6) of it -- the producers keep up, and what is left
-to compare is the loaders' own cost. The JSON records the capacity and demand measured during the timed
+to compare is the loaders' own cost. Because a slow (CPU) producer needs a long calibrated step, beside which
+a fixed per-batch cost is small in steps/s, the JSON also gives ``trainer_overhead_s_per_step``: the median
+wait for the next batch with FusionLoader less DataLoader's. The JSON records the capacity and demand measured during the timed
 steps and the fresh share of synthetic samples, so "producers keep up" is checked, not assumed.
 
     python -m fusionloader.benchmarks.bench_transforms [--quick] [--device cuda] [--json out/bench_transforms.json]
@@ -255,6 +257,9 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
         "fresh_fraction": fused["fresh_fraction"],
         "achieved_alpha": fused["achieved_alpha"],
         "capacity_over_demand": capacity / demand,  # during the timed run (the producers' own busy rate)
+        # What FusionLoader adds to the trainer's wait per step, whatever the step: a slow CPU producer needs
+        # a long calibrated step, beside which a fixed per-batch cost looks small in steps/s alone.
+        "trainer_overhead_s_per_step": fused["median_wait_s"] - plain["median_wait_s"],
         "step_s": step_s,
         "calibration": cal,
         "plain": plain,

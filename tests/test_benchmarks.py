@@ -127,5 +127,6 @@ def test_transform_benchmark_smoke(tiny_sd1_path, monkeypatch):
     assert r["step_s"] == pytest.approx(max(0.0, want))
     assert r["plain"]["timed_steps"] == r["fusion"]["timed_steps"] == 3 and r["fusion"]["samples"] == 12
     assert r["fusion_vs_plain"] > 0 and r["capacity_over_demand"] >= 0  # 0 when no job finished in 3 tiny steps
+    assert r["trainer_overhead_s_per_step"] == r["fusion"]["median_wait_s"] - r["plain"]["median_wait_s"]
     with pytest.raises(ValueError, match="num_workers must be >= 2"):
         bench_transforms.run(model=tiny_sd1_path, device="cpu", settings=bench_transforms.Settings(num_workers=1))
