@@ -8,17 +8,28 @@
 
 Every way generates with the same settings (img2img, strength 0.5, guidance 7.5, ``sampler_steps``) on the
 same device. Two regimes differ only in demand, set by the training step: a (simulated) accelerator step
-during which the host CPU is free -- what a GPU trainer looks like to its data pipeline:
+during which the host CPU is free -- what a GPU trainer looks like to its data pipeline. The step is
+calibrated in the same run: first the producers' capacity is *measured* (a FusionLoader under
+``late_policy="wait"`` with the same producers, the trainer computing beside them, synthetic images
+delivered per second), then each regime's step is set so that demand (alpha x batch per step) is a fixed
+fraction of that capacity:
 
-- ``ample``: a heavier step, so the producers' capacity exceeds the demand (alpha x batch per step);
-- ``scarce``: a light step, so demand far exceeds capacity (``late_policy="reuse"`` fills the gap).
+- ``ample``: demand 0.6x capacity (capacity 1.67x demand), so the producers keep up even when the machine
+  is loaded (a fixed step turned scarce on a busy machine: capacity 0.69x demand, 42% fresh in one run);
+- ``scarce``: demand 4x capacity (``late_policy="reuse"`` fills the gap).
 
-Each regime records demand and capacity, so which one it ran in is measured, not assumed. Per way: steps/s
+Each regime still records demand and capacity as they were during its own timed steps, so which one it ran
+in is measured, not assumed. Per way: steps/s
 = 1 / median step time over the timed steps (after producers are ready and a burn-in), time to first step,
 and the stall fraction (time waiting for the next batch / step time, timed steps). For (d) the fresh and
 synthetic counts come from ``return_meta`` on the timed steps, and are checked against ``loader.stats()``.
 
     python -m fusionloader.benchmarks.bench_loader [--quick] [--device cuda] [--model PATH] [--json out/bench_loader.json]
+
+JSON: the ample regime's figures under the names issue 4 fixed (``fusion_steps_per_s``, ``plain_steps_per_s``,
+``inline_steps_per_s``, ``stall_fraction``, ``fresh_fraction``, ``achieved_alpha``, ``*_time_to_first_step_s``,
+``*_disk_bytes``), every regime's beside them as ``<regime>_<name>``, the calibration under ``calibration``
+and everything per way under ``regimes``.
 
 The model is the tiny random SD-shaped pipeline the engine benchmark uses (no download), so absolute
 numbers say nothing about SD-1.5; the ratios are what the issue's targets are about. CPU "producers"
@@ -39,7 +50,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fusionloader.benchmarks.common import environment, tiny_sd_model, write_json
+from fusionloader.benchmarks.common import (
+    calibrated_step_s,
+    environment,
+    producers_ready,
+    synthetic_capacity,
+    tiny_sd_model,
+    write_json,
+)
 
 __all__ = ["Regime", "Settings", "run"]
 
@@ -52,7 +70,7 @@ GUIDANCE = 7.5
 @dataclass(frozen=True)
 class Regime:
     name: str
-    step_s: float  # simulated accelerator time per training step (the host CPU is free meanwhile)
+    demand_over_capacity: float  # sets the simulated step: demand / the capacity measured at the run's start
     timed_steps: int
 
 
@@ -66,13 +84,15 @@ class Settings:
     sampler_steps: int = 20  # at strength 0.5: 10 denoising steps per variant
     producers: int = 2
     producer_capacity: int = 16  # continuous batch per producer: 16 samples (32 UNet rows) is a CPU's best
-    regimes: tuple = (Regime("ample", 0.12, 120), Regime("scarce", 0.01, 600))
+    regimes: tuple = (Regime("ample", 0.6, 120), Regime("scarce", 4.0, 600))
     inline_steps: int = 8
     burn_in: int = 8  # steps after the producers are ready (the look-ahead and the store settle)
     width: int = 16  # classifier width
+    calibration_steps: int = 40  # capacity measurement: timed steps under late_policy="wait" (after burn_in)
 
 
-QUICK = Settings(images=32, regimes=(Regime("ample", 0.12, 60), Regime("scarce", 0.01, 300)), inline_steps=10)
+QUICK = Settings(images=32, regimes=(Regime("ample", 0.6, 60), Regime("scarce", 4.0, 300)), inline_steps=10,
+                 calibration_steps=24)  # fmt: skip
 FULL = Settings()
 
 
@@ -206,19 +226,37 @@ def train(loader, timed_steps: int, width: int, step_s: float, burn_in: int, rea
     return out
 
 
-def _producers_ready(loader) -> bool:
-    producers = loader.stats()["producer"].get("producers", [])
-    return bool(producers) and all(p["state"] == "ready" for p in producers)
-
-
-def fusion(base, s: Settings, r: Regime, path: str, device: str) -> dict:
+def _fusion_loader(base, s: Settings, path: str, device: str, late_policy: str, seed: int):
     from fusionloader import FusionLoader
 
+    return FusionLoader(base, batch_size=s.batch_size, shuffle=True, synthesizer=path, alpha=ALPHA, strengths=STRENGTH,
+                        guidance_scale=GUIDANCE, num_inference_steps=s.sampler_steps, producer_devices=(device,) * s.producers,
+                        producer_capacity=s.producer_capacity, late_policy=late_policy, seed=seed, return_meta=True)  # fmt: skip
+
+
+def calibrate(base, s: Settings, path: str, device: str) -> dict:
+    """The producers' capacity, measured: synthetic images per second a ``late_policy="wait"`` loader with the
+    same producers delivers while the trainer runs its CPU step (forward/backward/SGD) beside them -- so the
+    load of this machine right now is in the figure. Also the median CPU part of a training step."""
+    torch.manual_seed(0)
+    model = classifier(s.width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step(batch):
+        x, y = batch
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    with _fusion_loader(base, s, path, device, "wait", seed=1) as loader:  # another seed: no variant reused later
+        return synthetic_capacity(loader, s.calibration_steps, s.burn_in, step)
+
+
+def fusion(base, s: Settings, r: Regime, path: str, device: str, step_s: float) -> dict:
     t0 = time.perf_counter()
-    with FusionLoader(base, batch_size=s.batch_size, shuffle=True, synthesizer=path, alpha=ALPHA, strengths=STRENGTH,
-                      guidance_scale=GUIDANCE, num_inference_steps=s.sampler_steps, producer_devices=(device,) * s.producers,
-                      producer_capacity=s.producer_capacity, late_policy="reuse", seed=0, return_meta=True) as loader:  # fmt: skip
-        out = train(loader, r.timed_steps, s.width, r.step_s, s.burn_in, ready=lambda: _producers_ready(loader),
+    with _fusion_loader(base, s, path, device, "reuse", seed=0) as loader:
+        out = train(loader, r.timed_steps, s.width, step_s, s.burn_in, ready=lambda: producers_ready(loader),
                     stall_s=lambda: loader.stats()["cumulative"]["stall_s"], t_start=t0)  # fmt: skip
         stats = loader.stats()
     c, p = stats["cumulative"], stats["producer"]
@@ -232,22 +270,24 @@ def fusion(base, s: Settings, r: Regime, path: str, device: str) -> dict:
     return out
 
 
-def regime(r: Regime, s: Settings, base, pipe, path: str, device: str, offline: dict, threads: dict) -> dict:
+def regime(r: Regime, s: Settings, base, pipe, path: str, device: str, offline: dict, threads: dict, cal: dict) -> dict:
     out: dict = asdict(r)
+    step_s = calibrated_step_s(cal["images_per_s"], ALPHA * s.batch_size, r.demand_over_capacity, cal["step_compute_s"])
+    out["step_s"] = step_s  # the simulated accelerator time per step this regime ran with
     torch.set_num_threads(threads["trainer"])
-    out["plain"] = train(DataLoader(base, batch_size=s.batch_size, shuffle=True), r.timed_steps, s.width, r.step_s, s.burn_in)
+    out["plain"] = train(DataLoader(base, batch_size=s.batch_size, shuffle=True), r.timed_steps, s.width, step_s, s.burn_in)
     # Inline generation has the machine to itself: all cores (the producers' and the trainer's) are its own.
     torch.set_num_threads(threads["generation"])
     inline = DataLoader(InlineSynthesis(base, pipe, s.sampler_steps), batch_size=s.batch_size, shuffle=True)
-    out["inline"] = train(inline, s.inline_steps, s.width, r.step_s, burn_in=1)
+    out["inline"] = train(inline, s.inline_steps, s.width, step_s, burn_in=1)
     torch.set_num_threads(threads["trainer"])
     # The variants on disk are the same for both regimes (same generation settings): generated once, and
     # each regime's time to first step is that generation time plus its own time to the first step.
     png = DataLoader(PNGFolder(base, offline["root"], s.variants), batch_size=s.batch_size, shuffle=True)
-    out["offline"] = train(png, r.timed_steps, s.width, r.step_s, s.burn_in)
+    out["offline"] = train(png, r.timed_steps, s.width, step_s, s.burn_in)
     out["offline"]["time_to_first_step_s"] += offline["generation_s"]
     out["offline"].update(generation_s=offline["generation_s"], disk_bytes=offline["disk_bytes"])
-    out["fusion"] = fusion(base, s, r, path, device)
+    out["fusion"] = fusion(base, s, r, path, device, step_s)
     return out
 
 
@@ -279,11 +319,17 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
             t0 = time.perf_counter()
             disk_bytes = write_variants(pipe, base, root, s.variants, s.sampler_steps)
             offline = {"root": root, "generation_s": time.perf_counter() - t0, "disk_bytes": disk_bytes}
-            regimes = {r.name: regime(r, s, base, pipe, path, device, offline, threads) for r in s.regimes}
+            torch.set_num_threads(threads["trainer"])
+            cal = calibrate(base, s, path, device)  # the producers' capacity, measured before any regime runs
+            regimes = {r.name: regime(r, s, base, pipe, path, device, offline, threads, cal) for r in s.regimes}
     finally:
         torch.set_num_threads(saved)
+    required = _summary(regimes["ample"]) if "ample" in regimes else {}
     return {
+        # issue 4's keys (loader.fusion_steps_per_s, ...) hold the ample regime; every regime's sit beside them
+        **required,
         **{f"{name}_{k}": v for name in regimes for k, v in _summary(regimes[name]).items()},
+        "calibration": cal,
         "settings": asdict(s),
         "quick": quick,
         "producer_device": device,

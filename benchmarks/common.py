@@ -11,7 +11,16 @@ from typing import Callable
 
 import torch
 
-__all__ = ["environment", "median_seconds", "synchronize", "tiny_sd_model", "write_json"]
+__all__ = [
+    "calibrated_step_s",
+    "environment",
+    "median_seconds",
+    "producers_ready",
+    "synchronize",
+    "synthetic_capacity",
+    "tiny_sd_model",
+    "write_json",
+]
 
 
 def synchronize(device) -> None:
@@ -76,3 +85,57 @@ def tiny_sd_model(folder: str, wide: bool = False) -> str:
 
     unet, text = ((64, 128), 64) if wide else ((32, 64), 32)
     return save_tiny_pipeline(folder, sample_size=64, unet_channels=unet, vae_channels=(32, 32, 64, 64), text_hidden=text)
+
+
+def synthetic_capacity(loader, steps: int, burn_in: int, step: Callable[[object], object] = lambda batch: None) -> dict:
+    """The producers' capacity as a trainer sees it: synthetic images per second that ``loader`` delivers.
+
+    ``loader``: a FusionLoader with ``late_policy="wait"`` (every synthetic position waits for its own image,
+    so the rate is what the producers make, not what a policy papers over) and ``return_meta=True``. After
+    ``burn_in`` untimed batches (producers warm, look-ahead filled), ``steps`` batches are timed, each passed
+    to ``step`` (the trainer's own CPU work, so its load on the machine is in the figure). Epochs cycle.
+    Returns ``images_per_s``, the counts, and ``step_compute_s``: the median time ``step`` took."""
+    batches = _cycle(loader)
+    for _ in range(burn_in):
+        batch, _meta = next(batches)
+        step(batch)
+    synthetic = fresh = samples = 0
+    compute = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        batch, meta = next(batches)
+        t = time.perf_counter()
+        step(batch)
+        compute.append(time.perf_counter() - t)
+        synthetic += int(meta["synthetic"].sum())
+        fresh += int(meta["fresh"].sum())
+        samples += len(meta["index"])
+    seconds = time.perf_counter() - t0
+    if synthetic == 0:
+        raise RuntimeError(f"no synthetic sample in {steps} calibration steps: raise the steps or alpha")
+    return {"images_per_s": synthetic / seconds, "synthetic": synthetic, "fresh": fresh, "samples": samples,
+            "seconds": seconds, "steps": steps, "step_compute_s": statistics.median(compute) if compute else 0.0}  # fmt: skip
+
+
+def calibrated_step_s(capacity_images_per_s: float, synthetic_per_step: float, demand_over_capacity: float,
+                      compute_s: float = 0.0) -> float:  # fmt: skip
+    """The simulated accelerator time per step that puts demand at ``demand_over_capacity`` x capacity.
+
+    A step that takes T seconds asks for ``synthetic_per_step / T`` images per second; T is chosen so that
+    is ``demand_over_capacity * capacity``, and the part of T the trainer's CPU already spends
+    (``compute_s``) is not slept again. Never negative: a demand the CPU step alone exceeds gives 0."""
+    if capacity_images_per_s <= 0 or demand_over_capacity <= 0:
+        raise ValueError(f"capacity and demand_over_capacity must be positive, got {capacity_images_per_s}, {demand_over_capacity}")
+    step = synthetic_per_step / (demand_over_capacity * capacity_images_per_s)
+    return max(0.0, step - compute_s)
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def producers_ready(loader) -> bool:
+    """Whether every producer of a FusionLoader has loaded its model (from ``loader.stats()``)."""
+    producers = loader.stats()["producer"].get("producers", [])
+    return bool(producers) and all(p["state"] == "ready" for p in producers)

@@ -1,8 +1,8 @@
-"""Run the engine, loader and kernel benchmarks in one process -> one JSON file plus PNG plots.
+"""Run the engine, loader, transform and kernel benchmarks in one process -> one JSON file plus PNG plots.
 
     fusionloader bench --quick --json out/bench.json      # or: python -m fusionloader.benchmarks.run_all
 
-The JSON has one section per benchmark (``engine``, ``loader``, ``kernels``) with every figure from this
+The JSON has one section per benchmark (``engine``, ``loader``, ``transforms``, ``kernels``) with every figure from this
 run, plus ``environment`` and ``targets`` (each target of the issues, the measured ratio, and whether it
 is met).
 """
@@ -18,7 +18,7 @@ from fusionloader.benchmarks.common import environment, write_json
 __all__ = ["run_all"]
 
 
-def _targets(engine: dict, loader: dict) -> dict:
+def _targets(engine: dict, loader: dict, transforms: dict | None = None) -> dict:
     """The speed targets of the engine and loader issues, evaluated on this run's figures."""
     t = {}
     if engine:
@@ -43,6 +43,13 @@ def _targets(engine: dict, loader: dict) -> dict:
             for regime in regimes:
                 v = loader[f"{regime}_{key}"]
                 t[f"loader_{regime}_{name}"] = {"target": target, "value": v, "met": bool(ok(v))}
+    if transforms:  # realistic train transforms at batch 256: the loaders' own cost, producers keeping up
+        for key, name, target, ok in (
+            ("fusion_vs_plain", "transforms_fusion_vs_plain_steps", ">= 0.95", lambda v: v >= 0.95),
+            ("capacity_over_demand", "transforms_capacity_over_demand", ">= 1", lambda v: v >= 1),
+            ("fresh_fraction", "transforms_every_synthetic_fresh", "== 1", lambda v: v == 1),
+        ):
+            t[name] = {"target": target, "value": transforms[key], "met": bool(ok(transforms[key]))}
     return t
 
 
@@ -50,7 +57,7 @@ def _plots(result: dict, folder: str) -> list[str]:
     from fusionloader.plots import bar_chart
 
     paths = []
-    e, lo, k = result.get("engine", {}), result.get("loader", {}), result.get("kernels", {})
+    e, lo, k, tr = result.get("engine", {}), result.get("loader", {}), result.get("kernels", {}), result.get("transforms", {})
     if e:
         bars = {name: e[f"{key}_ms_per_image"] for name, key in (
             ("fusionloader augment", "fusion"), ("model compute alone", "model_compute"),
@@ -63,6 +70,9 @@ def _plots(result: dict, folder: str) -> list[str]:
                 ("DataLoader, no synthesis", "plain"), ("FusionLoader", "fusion"), ("inline pipeline in __getitem__", "inline"))}  # fmt: skip
         panels["time to first step (s)"] = {"offline (DA-Fusion)": lo["ample_offline_time_to_first_step_s"],
                                             "FusionLoader": lo["ample_fusion_time_to_first_step_s"]}  # fmt: skip
+        if tr:
+            panels["train transforms, batch 256: steps/s"] = {"DataLoader": tr["plain_steps_per_s"],
+                                                              "FusionLoader a=0.5": tr["fusion_steps_per_s"]}  # fmt: skip
         paths.append(bar_chart(panels, os.path.join(folder, "bench_loader.png")))
     if k:
         per = {f"{name} {impl}": k[name][f"{impl}_ms_per_step"] for name in ("ddim", "euler", "dpmpp_2m")
@@ -74,14 +84,17 @@ def _plots(result: dict, folder: str) -> list[str]:
 def run_all(quick: bool = False, json_path: str = "out/bench.json", plots_dir: str | None = None, model: str | None = None,
             device: str | None = None) -> dict:  # fmt: skip
     """Run every benchmark; write ``json_path`` and the plots; return the result dict."""
-    from fusionloader.benchmarks import bench_engine, bench_kernels, bench_loader
+    from fusionloader.benchmarks import bench_engine, bench_kernels, bench_loader, bench_transforms
+    from fusionloader.extras import require
 
+    require("matplotlib", "fusionloader bench", "bench")  # the plots; checked before minutes of benchmarks
     started = time.perf_counter()
     result = {"environment": environment(device or "cpu"), "quick": quick}
     result["engine"] = bench_engine.run(quick=quick, model=model, device=device)
     result["loader"] = bench_loader.run(quick=quick, model=model)
+    result["transforms"] = bench_transforms.run(quick=quick, model=model, device=device)
     result["kernels"] = bench_kernels.run(quick=quick, device=device)
-    result["targets"] = _targets(result["engine"], result["loader"])
+    result["targets"] = _targets(result["engine"], result["loader"], result["transforms"])
     result["wall_s"] = time.perf_counter() - started
     result["plots"] = _plots(result, plots_dir or os.path.dirname(os.path.abspath(json_path)))
     write_json(json_path, result)

@@ -162,8 +162,13 @@ def main(argv=None) -> None:
         from fusionloader.methods.inversion import invert_main
 
         return invert_main(argv[1:])
+    from fusionloader.extras import MissingExtraError
+
     args = _parser().parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except MissingExtraError as e:  # a one-line message (what to install), not a traceback
+        sys.exit(f"fusionloader: {e}")
 
 
 if __name__ == "__main__":

@@ -233,8 +233,13 @@ def _preview(synth, test_x, test_y, classes, template: str, cfg: DemoConfig, pat
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; write ``preview.png``, ``stats.png`` and ``summary.json`` under ``cfg.out``."""
     from fusionloader import FusionLoader, Synthesizer
+    from fusionloader.extras import require
     from fusionloader.plots import save_loader_plot
 
+    # Before any work: the plots need matplotlib, the embedded digits scikit-learn (the [demo] extra).
+    require("matplotlib", "fusionloader demo", "demo")
+    if cfg.images is None:
+        require("sklearn.datasets", "fusionloader demo", "demo")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)

@@ -28,6 +28,7 @@ import traceback
 from multiprocessing.connection import wait as wait_connections
 
 from . import protocol as P
+from .portable import portable, spawning
 from .producer_child import producer_main
 from .protocol import ChildConfig, ErrorInfo, PoolConfig, ProducerError
 
@@ -114,7 +115,7 @@ class Supervisor:
 
     def spawn(self, p: ProducerProcess) -> None:
         cfg = self.cfg
-        child = ChildConfig(p.producer, p.device, cfg.synthesizer, cfg.source, cfg.capacity, cfg.latent_cache_path,
+        child = ChildConfig(p.producer, p.device, cfg.synthesizer, portable(cfg.source), cfg.capacity, cfg.latent_cache_path,
                             os.getpid(), cfg.threads, cfg.warmup, cfg.slot_dtype)
         p.requests = self.ctx.Queue()
         p.requests.cancel_join_thread()  # never let a dead producer's full pipe hang our exit
@@ -122,7 +123,8 @@ class Supervisor:
         p.process = self.ctx.Process(target=producer_main, args=(child, p.requests, writer, self.stop_event),
                                      name=f"fusionloader-producer-{p.producer}", daemon=True)
         try:
-            p.process.start()
+            with spawning():  # notebooks / stdin scripts (NOTE in portable.py)
+                p.process.start()
         except BaseException:
             reader.close()
             writer.close()

@@ -8,11 +8,14 @@ the real loading path is exercised.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 import torch
+
+# Re-exported: the component builders live with the shipped model's code, which must not import test helpers.
+from fusionloader.pretrained.components import DEFAULT_WORDS as _DEFAULT_WORDS
+from fusionloader.pretrained.components import build_clip_text_encoder, build_clip_tokenizer, sd1_scheduler
 
 __all__ = [
     "build_clip_text_encoder",
@@ -22,96 +25,6 @@ __all__ = [
     "save_tiny_pipeline",
     "sd1_scheduler",
 ]
-
-# Words that get whole-word BPE tokens in the generated vocabulary; every other word still tokenizes
-# (byte-level fallback), just into more pieces.
-_DEFAULT_WORDS = (
-    "a photo of the an image picture zero one two three four five six seven eight nine digit "
-    "cat dog bird car plane ship truck horse frog deer bad good sculpture drawing"
-).split()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte -> printable-character table of GPT-2/CLIP byte-level BPE (openai/CLIP simple_tokenizer).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def build_clip_tokenizer(directory: str, words=_DEFAULT_WORDS, model_max_length: int = 77):
-    """Write a CLIP vocabulary/merges pair for ``words`` into ``directory`` and load a ``CLIPTokenizer``."""
-    from transformers import CLIPTokenizer
-
-    chars = list(_bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    seen = set(vocab)
-    for word in words:
-        # Merge left to right: "cat" -> "c a", "ca t</w>" so the whole word becomes one token.
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            merged = pair[0] + pair[1]
-            if merged not in seen:
-                merges.append(f"{pair[0]} {pair[1]}")
-                vocab.append(merged)
-                seen.add(merged)
-            symbols = [merged] + symbols[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
-    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(
-        os.path.join(directory, "vocab.json"),
-        os.path.join(directory, "merges.txt"),
-        model_max_length=model_max_length,
-        pad_token="<|endoftext|>",
-    )
-
-
-def build_clip_text_encoder(tokenizer, hidden: int, layers: int, intermediate_size: int, heads: int = 4):
-    """A randomly initialised ``CLIPTextModel`` sized for ``tokenizer`` (its special ids and vocabulary)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=hidden,
-            intermediate_size=intermediate_size,
-            num_attention_heads=heads,
-            num_hidden_layers=layers,
-            max_position_embeddings=tokenizer.model_max_length,
-            vocab_size=len(tokenizer),
-            projection_dim=hidden,
-        )
-    )
-
-
-def sd1_scheduler(prediction_type: str = "epsilon"):
-    """A ``DDIMScheduler`` with Stable Diffusion 1.x's settings (scaled-linear betas, steps_offset 1, leading)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-        timestep_spacing="leading",
-    )
-
 
 def build_tiny_pipeline(
     prediction_type: str = "epsilon",

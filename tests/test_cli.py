@@ -76,3 +76,43 @@ def test_plots(tmp_path):
     per_epoch = {e: {"real": 10, "fresh": 4, "reused": 1, "fallback": 1, "stall_fraction": 0.01} for e in range(3)}
     assert os.path.getsize(save_loader_plot(per_epoch, {"x": [0.1, 0.5, 0.7]}, str(tmp_path / "s.png"))) > 0
     assert os.path.getsize(bar_chart({"p": {"a": 1.0, "b": 2.0}}, str(tmp_path / "b.png"))) > 0
+
+
+# -- optional dependencies: a missing one names the extra that installs it ----------------------------------
+
+
+def _block(monkeypatch, *modules):
+    import sys
+
+    for name in modules:  # a None entry makes `import name` raise ModuleNotFoundError, as if not installed
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_demo_without_scikit_learn_says_which_extra(monkeypatch, tmp_path, capsys):
+    _block(monkeypatch, "sklearn", "sklearn.datasets")
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--no-progress"])
+    assert str(e.value.code) == "fusionloader: fusionloader demo needs scikit-learn: pip install 'fusionloader[demo]'"
+    assert not (tmp_path / "demo").exists()  # refused before any work
+
+
+def test_bench_without_matplotlib_says_which_extra(monkeypatch, tmp_path):
+    _block(monkeypatch, "matplotlib", "matplotlib.pyplot")
+    with pytest.raises(SystemExit, match=r"fusionloader bench needs matplotlib: pip install 'fusionloader\[bench\]'"):
+        main(["bench", "--quick", "--json", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_require_translates_only_the_missing_module_itself(tmp_path, monkeypatch):
+    from fusionloader.extras import MissingExtraError, require
+
+    assert require("json", "x", "demo").dumps([1]) == "[1]"
+    with pytest.raises(MissingExtraError, match=r"fusionloader\[retrieval\]") as e:
+        require("faiss_not_installed_here", "retrieval", "retrieval")
+    assert isinstance(e.value, ModuleNotFoundError) and e.value.name == "faiss_not_installed_here"
+    # An installed module whose own import fails is a real error: it propagates unchanged.
+    (tmp_path / "fl_broken_mod.py").write_text("import fl_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError) as e:
+        require("fl_broken_mod", "x", "demo")
+    assert not isinstance(e.value, MissingExtraError) and e.value.name == "fl_no_such_dependency"

@@ -21,3 +21,16 @@ def test_demo_runs_and_writes_its_files(tmp_path):
     assert os.path.getsize(summary["files"]["stats_plot"]) > 0
     assert json.load(open(tmp_path / "demo" / "summary.json"))["train_images"] == 20
     assert "achieved alpha" in format_summary(summary)
+
+
+def test_demo_without_matplotlib_names_the_extra_before_any_work(monkeypatch, tmp_path):
+    import sys
+
+    import pytest
+
+    from fusionloader.extras import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtraError, match=r"fusionloader demo needs matplotlib: pip install 'fusionloader\[demo\]'"):
+        run_demo(DemoConfig(out=str(tmp_path / "demo"), epochs=1, progress=False))
+    assert not (tmp_path / "demo").exists()

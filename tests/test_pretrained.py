@@ -83,3 +83,81 @@ def test_loads_with_diffusers_and_generates():
     out = pipe(prompts_for([0, 1]), image=src, strength=0.5, num_inference_steps=4, guidance_scale=3.0,
                generator=g, output_type="np").images
     assert out.shape == (2, 32, 32, 3) and np.isfinite(out).all()
+
+
+# -- shipped code stands on its own; shipped files record no path of the machine that built them ---------
+
+
+def test_shipped_trainer_builds_its_components_without_the_test_helpers(monkeypatch):
+    import sys
+
+    from fusionloader.pretrained import train
+
+    monkeypatch.setitem(sys.modules, "fusionloader.testing", None)  # importing it now raises ImportError
+    vae, unet, text_encoder, tokenizer, scheduler = train.build_components(seed=0)
+    assert all(len(tokenizer(name, add_special_tokens=False).input_ids) == 1 for name in class_names)
+    assert scheduler.config.steps_offset == 1 and text_encoder.config.hidden_size == unet.config.cross_attention_dim
+
+
+def test_testing_re_exports_the_component_builders():
+    from fusionloader import testing
+    from fusionloader.pretrained import components
+
+    assert testing.build_clip_tokenizer is components.build_clip_tokenizer
+    assert testing.sd1_scheduler is components.sd1_scheduler
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+@needs_model
+@pytest.mark.parametrize("name", ["eval.json", "train_info.json"])
+def test_shipped_records_have_no_absolute_paths(name):
+    record = json.load(open(os.path.join(MODEL, name)))
+    for text in _strings(record):
+        for word in text.split():
+            assert not os.path.isabs(word), (name, text)
+    if name == "eval.json":
+        assert record["model"] == os.path.join("fusionloader", "assets", "digits-ldm")
+
+
+def test_recorded_path(tmp_path):
+    from fusionloader.pretrained import recorded_path
+    from fusionloader.pretrained.train import _command
+
+    assert recorded_path(MODEL) == os.path.join("fusionloader", "assets", "digits-ldm")
+    assert recorded_path(str(tmp_path / "run" / "digits-ldm")) == str(tmp_path / "run" / "digits-ldm")  # not there: as given
+    (tmp_path / "out").mkdir()
+    assert recorded_path(str(tmp_path / "out") + "/") == "out"
+    assert recorded_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+    cmd = _command(["--out", MODEL, "--threads", "1"], MODEL)
+    assert cmd == "python -m fusionloader.pretrained.train --out fusionloader/assets/digits-ldm --threads 1"
+
+
+@needs_model
+def test_evaluate_writes_no_absolute_model_path(tmp_path):
+    from fusionloader.pretrained import evaluate
+
+    out = tmp_path / "eval.json"
+    evaluate.main(["--per-class", "1", "--steps", "2", "--guidance", "3.0", "--strengths", "0.5",
+                   "--img2img-per-class", "1", "--threads", "1", "--json", str(out)])  # fmt: skip
+    assert json.load(open(out))["model"] == os.path.join("fusionloader", "assets", "digits-ldm")
+
+
+def test_missing_scikit_learn_names_the_extra(monkeypatch):
+    import sys
+
+    from fusionloader.extras import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(MissingExtraError, match=r"needs scikit-learn: pip install 'fusionloader\[demo\]'"):
+        load_digits_splits()

@@ -30,6 +30,7 @@ __all__ = [
     "default_model_path",
     "load_digits_splits",
     "prompts_for",
+    "recorded_path",
 ]
 
 #: Class names, indexed by label; each is one whole-word token of the model's tokenizer.
@@ -45,6 +46,20 @@ SPLIT_FRACTIONS = (0.5, 0.25)  # generator, train; test gets the rest
 def default_model_path() -> str:
     """Path of the shipped model folder (``fusionloader/assets/digits-ldm``), loadable by diffusers."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits-ldm")
+
+
+def recorded_path(path: str) -> str:
+    """``path`` as shipped files record it: never an absolute path of the machine that wrote them.
+
+    Inside the installed package: relative to the package's parent (``fusionloader/assets/digits-ldm``);
+    a hub id (no such folder): unchanged; any other folder: its name."""
+    if not os.path.exists(path):
+        return path
+    full = os.path.realpath(path)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # parent of fusionloader/
+    if full.startswith(os.path.join(root, "fusionloader") + os.sep):
+        return os.path.relpath(full, root)
+    return os.path.basename(full.rstrip(os.sep)) or full
 
 
 class DigitsSplit(NamedTuple):
@@ -84,9 +99,9 @@ def load_digits_splits(size: int = 32, seed: int = SPLIT_SEED) -> DigitsSplits:
 
     With the defaults: 898 generator, 450 train, 449 test images (class-stratified).
     """
-    from sklearn.datasets import load_digits
+    from fusionloader.extras import require
 
-    digits = load_digits()
+    digits = require("sklearn.datasets", "the embedded digits data (fusionloader.pretrained)", "demo").load_digits()
     labels = np.asarray(digits.target, dtype=np.int64)
     x = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0)[:, None]  # (N,1,8,8) in [0,1]
     if size != 8:

@@ -25,7 +25,14 @@ import time
 import numpy as np
 import torch
 
-from fusionloader.pretrained import PROMPT_TEMPLATE, class_names, default_model_path, load_digits_splits, prompts_for
+from fusionloader.pretrained import (
+    PROMPT_TEMPLATE,
+    class_names,
+    default_model_path,
+    load_digits_splits,
+    prompts_for,
+    recorded_path,
+)
 
 
 def features(images) -> np.ndarray:
@@ -39,8 +46,9 @@ def features(images) -> np.ndarray:
 
 
 def train_classifier(splits):
-    from sklearn.linear_model import LogisticRegression
+    from fusionloader.extras import require
 
+    LogisticRegression = require("sklearn.linear_model", "fusionloader.pretrained.evaluate", "demo").LogisticRegression
     clf = LogisticRegression(max_iter=5000, C=1.0)
     clf.fit(features(splits.train.images), splits.train.labels.numpy())
     return clf
@@ -70,7 +78,7 @@ def evaluate(args) -> dict:
     splits = load_digits_splits()
     clf = train_classifier(splits)
     res: dict = {
-        "model": os.path.abspath(args.model),
+        "model": recorded_path(args.model),  # no absolute path of this machine in the shipped eval.json
         "classifier": "sklearn LogisticRegression on grey 8x8-pooled real classifier-train split",
         "classifier_train_images": len(splits.train),
         "real_test_accuracy": float(clf.score(features(splits.test.images), splits.test.labels.numpy())),
@@ -164,7 +172,7 @@ pipe = StableDiffusionImg2ImgPipeline.from_pretrained(default_model_path())   # 
 - **Components**: UNet2DConditionModel (channels 64/128/128, cross-attention at 8x8 and 4x4, epsilon
   prediction; stored in fp16, loads as float32 by default), AutoencoderKL (16/32/64), CLIPTextModel (64 wide,
   2 layers, trained jointly with the UNet), CLIPTokenizer (generated vocabulary,
-  `fusionloader.testing.build_clip_tokenizer`), DDIMScheduler with SD-1.x settings (scaled_linear
+  `fusionloader.pretrained.components.build_clip_tokenizer`), DDIMScheduler with SD-1.x settings (scaled_linear
   0.00085..0.012, 1000 steps, steps_offset 1, set_alpha_to_one False, clip_sample False, leading spacing).
 - **Size on disk**: {size / 1e6:.2f} MB.
 

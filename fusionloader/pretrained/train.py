@@ -15,7 +15,7 @@ What it does, in order:
    1 / std of the generator latents so the UNet sees ~unit-variance latents (as SD's 0.18215 does).
 3. UNet + text encoder: a ``UNet2DConditionModel`` (channels 64/128/128, cross-attention at 8x8 and
    4x4) and a small ``CLIPTextModel`` (64 wide, 2 layers, tokenizer from
-   ``fusionloader.testing.build_clip_tokenizer`` in which every class name is one token), trained
+   ``fusionloader.components.build_clip_tokenizer`` in which every class name is one token), trained
    jointly with epsilon prediction on SD-1.x's scaled-linear 1000-step schedule, min-SNR(5) loss
    weighting, EMA weights, several prompt templates and 10% prompt dropout to "" (so classifier-free
    guidance works).
@@ -42,7 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fusionloader.pretrained import PROMPT_TEMPLATE, class_names, load_digits_splits
+from fusionloader.pretrained import PROMPT_TEMPLATE, class_names, load_digits_splits, recorded_path
 
 #: Prompt templates seen in training (the first, PROMPT_TEMPLATE, is drawn half of the time).
 TRAIN_TEMPLATES = (
@@ -79,11 +79,22 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.Tenso
     return torch.stack([pad[i, :, d[i, 0] : d[i, 0] + h, d[i, 1] : d[i, 1] + w] for i in range(n)])
 
 
+def _command(argv: list[str], out: str) -> str:
+    """The command line as train_info.json records it: ``--out`` as :func:`recorded_path` gives it."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--out" and i + 1 < len(argv):
+            argv[i + 1] = recorded_path(out)
+        elif a.startswith("--out="):
+            argv[i] = "--out=" + recorded_path(out)
+    return " ".join(["python -m fusionloader.pretrained.train", *argv])
+
+
 def build_components(seed: int):
     """Fresh (untrained) VAE, UNet, text encoder, tokenizer and scheduler of the shipped model's shape."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from fusionloader import testing
+    from fusionloader.pretrained import components
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -98,10 +109,10 @@ def build_components(seed: int):
         sample_size=32,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        words = tuple(testing._DEFAULT_WORDS) + tuple(w for w in EXTRA_WORDS if w not in testing._DEFAULT_WORDS)
-        tokenizer = testing.build_clip_tokenizer(tmp, words)
+        words = tuple(components.DEFAULT_WORDS) + tuple(w for w in EXTRA_WORDS if w not in components.DEFAULT_WORDS)
+        tokenizer = components.build_clip_tokenizer(tmp, words)
     text_hidden = 64
-    text_encoder = testing.build_clip_text_encoder(tokenizer, text_hidden, layers=2, intermediate_size=4 * text_hidden)
+    text_encoder = components.build_clip_text_encoder(tokenizer, text_hidden, layers=2, intermediate_size=4 * text_hidden)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -114,7 +125,7 @@ def build_components(seed: int):
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    scheduler = testing.sd1_scheduler("epsilon")
+    scheduler = components.sd1_scheduler("epsilon")
     for m in (vae, unet, text_encoder):
         m.train()
     return vae, unet, text_encoder, tokenizer, scheduler
@@ -237,7 +248,7 @@ def main(argv=None) -> int:
     _log(f"generator split: {len(labels)} images {tuple(x.shape[1:])}; threads {torch.get_num_threads()}")
 
     vae, unet, text_encoder, tokenizer, scheduler = build_components(args.seed)
-    info = {"command": "python -m fusionloader.pretrained.train " + " ".join(argv if argv is not None else sys.argv[1:])}
+    info = {"command": _command(argv if argv is not None else sys.argv[1:], args.out)}
     info.update(train_vae(vae, x, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.seed))
 
     vae.eval()
@@ -292,7 +303,7 @@ def main(argv=None) -> int:
     )
     with open(os.path.join(args.out, "train_info.json"), "w") as f:
         json.dump(info, f, indent=2)
-    _log(f"saved to {args.out} ({size / 1e6:.2f} MB); wall {info['wall_seconds'] / 60:.1f} min")
+    _log(f"saved to {recorded_path(args.out)} ({size / 1e6:.2f} MB); wall {info['wall_seconds'] / 60:.1f} min")
     return 0
 
 

@@ -1,0 +1,288 @@
+"""Realistic-transform throughput (issue 10): ImageNet-style train transforms, FusionLoader vs DataLoader.
+
+A map-style dataset of decoded images (seeded uint8, ``image_size`` = 256 x 320, a typical decoded
+ImageNet size) with a ``transform`` attribute, as a torchvision ``VisionDataset`` has: random resized crop
+to 224 (scale 0.08-1, ratio 3/4-4/3, torchvision's algorithm), horizontal flip, to-tensor and ImageNet
+normalisation -- written with PIL and torch here, since torchvision is not a dependency. Batch 256,
+``num_workers`` DataLoader workers (>= 2) for both loaders.
+
+FusionLoader runs at alpha = 0.5 (strength 0.5, guidance 7.5) with CPU producers and ``late_policy="reuse"``;
+every synthetic image comes back at the generator's resolution and must be resized to the real image's
+size, go through the same train transform and be collated -- the post-processing whose place (trainer thread
+or workers) this benchmark measures. The trainer step is a simulated accelerator step (the host CPU is
+free meanwhile), *calibrated in the same run*: the producers' capacity is measured first (a
+``late_policy="wait"`` loader, synthetic images delivered per second), then the step is set so that demand
+(alpha x batch per step) is ``demand_over_capacity`` (0.6) of it -- the producers keep up, and what is left
+to compare is the loaders' own cost. Because a slow (CPU) producer needs a long calibrated step, beside which
+a fixed per-batch cost is small in steps/s, the JSON also gives ``trainer_overhead_s_per_step``: the median
+wait for the next batch with FusionLoader less DataLoader's. The JSON records the capacity and demand measured during the timed
+steps and the fresh share of synthetic samples, so "producers keep up" is checked, not assumed.
+
+    python -m fusionloader.benchmarks.bench_transforms [--quick] [--device cuda] [--json out/bench_transforms.json]
+
+Per loader: steps/s = 1 / median step time over the timed steps (after producers are ready and a burn-in),
+and the share of step time spent waiting for the next batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fusionloader.benchmarks.common import (
+    calibrated_step_s,
+    environment,
+    producers_ready,
+    synthetic_capacity,
+    tiny_sd_model,
+    write_json,
+)
+
+__all__ = ["Compose", "Normalize", "RandomHorizontalFlip", "RandomResizedCrop", "Settings", "ToTensor", "run"]
+
+ALPHA = 0.5
+STRENGTH = 0.5
+GUIDANCE = 7.5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLASSES = ["cat", "dog", "bird", "car"]
+
+
+# -- the train transform (PIL + torch; draws from torch's global RNG, which FusionLoader seeds per position) ----
+
+
+class RandomResizedCrop:
+    """torchvision's ``RandomResizedCrop``: a random area (``scale``) and aspect (``ratio``, log-uniform),
+    10 tries, else a centre crop at the nearest allowed aspect; then a bilinear resize to ``size``."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * torch.empty(1).uniform_(*self.scale).item()
+            aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,)).item())
+                left = int(torch.randint(0, width - w + 1, (1,)).item())
+                return left, top, left + w, top + h
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, image):
+        from PIL import Image
+
+        return image.resize((self.size, self.size), Image.BILINEAR, box=self.box(*image.size))
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image):
+        from PIL import Image
+
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(1).item() < self.p else image
+
+
+class ToTensor:
+    """PIL RGB -> float (3, H, W) in [0, 1]."""
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class Normalize:
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(self.mean).div_(self.std)
+
+
+class Compose:
+    def __init__(self, *steps):
+        self.steps = steps
+
+    def __call__(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def train_transform(crop: int) -> Compose:
+    return Compose(RandomResizedCrop(crop), RandomHorizontalFlip(), ToTensor(), Normalize())
+
+
+class DecodedImages(Dataset):
+    """Decoded RGB images held as uint8 arrays; ``__getitem__`` hands a PIL image to ``transform``
+    (VisionDataset-style, so FusionLoader applies the same transform to synthetic images)."""
+
+    classes = CLASSES
+
+    def __init__(self, n: int, size: tuple[int, int], transform=None):
+        rng = np.random.default_rng(0)
+        h, w = size
+        # Smooth colour gradients plus noise: a resize has real work to do (not a flat image).
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], axis=-1) * 200
+        self.images = [np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+        self.targets = [i % len(CLASSES) for i in range(n)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        image = Image.fromarray(self.images[i])
+        return (self.transform(image) if self.transform is not None else image), self.targets[i]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one run (``QUICK`` and ``FULL`` below; the smoke test shrinks them further)."""
+
+    images: int = 512
+    image_size: tuple = (256, 320)  # (H, W) of the decoded real images
+    crop: int = 224
+    batch_size: int = 256
+    num_workers: int = 2
+    sampler_steps: int = 10  # at strength 0.5: 5 denoising steps per variant
+    producers: int = 2
+    producer_capacity: int = 16
+    demand_over_capacity: float = 0.6  # the simulated step puts demand at 0.6x the measured capacity
+    calibration_steps: int = 3
+    burn_in: int = 2
+    timed_steps: int = 20
+
+
+QUICK = Settings(images=256, batch_size=64, calibration_steps=4, timed_steps=12)
+FULL = Settings()
+
+
+def _loop(loader, step_s: float, timed_steps: int, burn_in: int, ready=lambda: True) -> dict:
+    """Batches until ``timed_steps`` steps ran after ``ready()`` and ``burn_in`` more (epochs cycle); a step is
+    waiting for the batch, then ``step_s`` of simulated accelerator time (the CPU is free meanwhile)."""
+    step_times, waits, metas, timed_from = [], [], [], None
+    while timed_from is None or len(step_times) - timed_from < timed_steps:
+        t0 = time.perf_counter()
+        for batch in loader:
+            got = time.perf_counter()
+            time.sleep(step_s)
+            now = time.perf_counter()
+            step_times.append(now - t0)
+            waits.append(got - t0)
+            if timed_from is None and ready():
+                timed_from = len(step_times) + burn_in
+            if timed_from is not None and len(step_times) > timed_from:
+                metas.append(batch[1] if isinstance(batch[1], dict) else None)
+                if len(step_times) - timed_from >= timed_steps:
+                    break
+            t0 = now
+    timed, wait = step_times[timed_from:], waits[timed_from:]
+    out = {"steps_per_s": 1.0 / statistics.median(timed), "data_wait_fraction": sum(wait) / sum(timed),
+           "median_wait_s": statistics.median(wait), "timed_steps": len(timed), "untimed_steps": timed_from}  # fmt: skip
+    if metas and metas[0] is not None:
+        synthetic = sum(int(m["synthetic"].sum()) for m in metas)
+        fresh = sum(int(m["fresh"].sum()) for m in metas)
+        samples = sum(len(m["index"]) for m in metas)
+        out.update(synthetic=synthetic, fresh=fresh, samples=samples, achieved_alpha=synthetic / samples,
+                   fresh_fraction=fresh / synthetic if synthetic else float("nan"))  # fmt: skip
+    return out
+
+
+def run(quick: bool = False, model: str | None = None, device: str | None = None, settings: Settings | None = None) -> dict:
+    """One run: capacity calibration, FusionLoader (alpha 0.5) and DataLoader at the calibrated step."""
+    from fusionloader import FusionLoader
+
+    s = settings or (QUICK if quick else FULL)
+    if s.num_workers < 2:
+        raise ValueError(f"num_workers must be >= 2 (the issue's setting), got {s.num_workers}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trainer only waits and sleeps; workers and producers get the cores
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = model or tiny_sd_model(os.path.join(tmp, "tiny"))
+            ds = DecodedImages(s.images, tuple(s.image_size), train_transform(s.crop))
+
+            def fusion(late_policy: str, seed: int):
+                return FusionLoader(ds, batch_size=s.batch_size, shuffle=True, num_workers=s.num_workers,
+                                    persistent_workers=True, synthesizer=path, alpha=ALPHA, strengths=STRENGTH,
+                                    guidance_scale=GUIDANCE, num_inference_steps=s.sampler_steps,
+                                    producer_devices=(device,) * s.producers, producer_capacity=s.producer_capacity,
+                                    late_policy=late_policy, seed=seed, return_meta=True)  # fmt: skip
+
+            with fusion("wait", seed=1) as loader:  # another seed than the timed run: no variant carried over
+                cal = synthetic_capacity(loader, s.calibration_steps, s.burn_in)
+            step_s = calibrated_step_s(cal["images_per_s"], ALPHA * s.batch_size, s.demand_over_capacity, cal["step_compute_s"])
+            with fusion("reuse", seed=0) as loader:
+                fused = _loop(loader, step_s, s.timed_steps, s.burn_in, ready=lambda: producers_ready(loader))
+                stats = loader.stats()
+            plain_loader = DataLoader(ds, batch_size=s.batch_size, shuffle=True, num_workers=s.num_workers,
+                                      persistent_workers=True, generator=torch.Generator().manual_seed(0))  # fmt: skip
+            plain = _loop(plain_loader, step_s, s.timed_steps, s.burn_in)
+            del plain_loader  # its persistent workers end here
+    finally:
+        torch.set_num_threads(saved)
+    capacity = sum(p["busy_images_per_s"] for p in stats["producer"].get("producers", []))
+    demand = ALPHA * s.batch_size * fused["steps_per_s"]
+    return {
+        "plain_steps_per_s": plain["steps_per_s"],
+        "fusion_steps_per_s": fused["steps_per_s"],
+        "fusion_vs_plain": fused["steps_per_s"] / plain["steps_per_s"],
+        "fresh_fraction": fused["fresh_fraction"],
+        "achieved_alpha": fused["achieved_alpha"],
+        "capacity_over_demand": capacity / demand,  # during the timed run (the producers' own busy rate)
+        # What FusionLoader adds to the trainer's wait per step, whatever the step: a slow CPU producer needs
+        # a long calibrated step, beside which a fixed per-batch cost looks small in steps/s alone.
+        "trainer_overhead_s_per_step": fused["median_wait_s"] - plain["median_wait_s"],
+        "step_s": step_s,
+        "calibration": cal,
+        "plain": plain,
+        "fusion": fused,
+        "stats_counts": {k: stats["cumulative"][k] for k in ("real", "fresh", "reused", "fallback")},
+        "settings": asdict(s),
+        "quick": quick,
+        "producer_device": device,
+        "environment": environment(device),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default=None, help="producer device (default: cuda if available, else cpu)")
+    parser.add_argument("--model", default=None, help="diffusers checkpoint (default: tiny random pipeline)")
+    parser.add_argument("--json", default="out/bench_transforms.json")
+    args = parser.parse_args(argv)
+    result = run(quick=args.quick, model=args.model, device=args.device)
+    write_json(args.json, result)
+    print({k: v for k, v in result.items() if k not in ("plain", "fusion", "environment", "settings", "calibration")})
+
+
+if __name__ == "__main__":
+    main()
