@@ -267,7 +267,8 @@ def test_alpha_half_wait_synthesizes_exactly_the_planned_positions():
     pool = InlinePool.instances[-1]
     assert pool.taken == k
     # every synthetic sample is a variant of its own index (made from its seed and strength)
-    from fusionloader.plan import batch_order, plan_epoch, random_order
+    from fusionloader.order import batch_order, random_order
+    from fusionloader.plan import plan_epoch
 
     plan = plan_epoch(batch_order(random_order(40, 0, 0), 6, False), seed=0, epoch=0, alpha=0.5, strengths="randomized")
     assert torch.equal(meta["index"], torch.from_numpy(plan.indices))
@@ -301,7 +302,7 @@ def test_late_policies_reuse_real_wait():
     st = loader.stats()
     assert st["per_epoch"][1]["reused"] == 12 and st["cumulative"]["fresh"] == 12
     pool = InlinePool.instances[-1]
-    late = {key for key, _, _ in loader._late}
+    late = {key for key, _, _ in loader._mixer.late}
     assert len(late) == 12 and not late & set(pool.cancelled)  # late jobs keep running, to be stored when done
     loader.close()
     assert late <= set(pool.cancelled) and pool.closed
@@ -312,11 +313,11 @@ def test_late_policies_reuse_real_wait():
     assert not m["synthetic"].any() and m["planned"].all() and torch.equal(x, ds.images)
     assert loader.stats()["current"]["fallback"] == 12 and loader.stats()["current"]["achieved_alpha"] == 0.0
 
-    # wait: blocks up to wait_timeout per late position, then real; the stall is counted
-    loader = fusion(ds, "never", batch_size=4, return_meta=True, alpha=1.0, late_policy="wait", wait_timeout=0.02)
+    # wait: blocks until the batch's one deadline (wait_timeout from its arrival, not per position), then real
+    loader = fusion(ds, "never", batch_size=4, return_meta=True, alpha=1.0, late_policy="wait", wait_timeout=0.05)
     x, m = run_epoch(loader)
     assert not m["synthetic"].any() and torch.equal(x, ds.images)
-    assert loader.stats()["current"]["stall_s"] >= 12 * 0.02
+    assert 3 * 0.05 <= loader.stats()["current"]["stall_s"] < 6 * 0.05  # 3 batches of 4 late positions
 
 
 def test_synthetic_gets_the_dataset_transform_in_the_raw_form():
@@ -538,7 +539,8 @@ def test_producer_failure_reraises_in_the_training_loop():
 
 def epoch_plan(n, batch_size, epoch):
     """The plan of a seed-0, shuffled, alpha=1 epoch, as the loader makes it."""
-    from fusionloader.plan import batch_order, plan_epoch, random_order
+    from fusionloader.order import batch_order, random_order
+    from fusionloader.plan import plan_epoch
 
     return plan_epoch(batch_order(random_order(n, 0, epoch), batch_size, False), seed=0, epoch=epoch, alpha=1.0)
 
@@ -593,3 +595,67 @@ def test_late_jobs_are_harvested_into_the_store():
         if m1["synthetic"][p]:
             assert not torch.equal(x1[p], ds.images[int(m1["index"][p])])
     loader.close()
+
+
+# -- DataLoader's contracts (issue 10) ----------------------------------------------------------------
+
+
+class _Failing(Dataset):
+    """Raises the dataset's own exception type at index 7 (a missing key, as a dict-backed dataset would)."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        if i == 7:
+            raise KeyError(f"no record {i}")
+        return torch.full((2,), float(i))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_dataset_exception_type_reaches_the_trainer(num_workers, alpha):
+    import traceback
+
+    loader = fusion(_Failing(), batch_size=4, num_workers=num_workers, alpha=alpha, late_policy="real")
+    with pytest.raises(KeyError) as info:  # DataLoader re-raises the dataset's own type
+        list(loader)
+    text = "".join(traceback.format_exception(info.value))
+    assert "no record 7" in text and "dataset index 7" in text  # and the loader says where it happened
+    loader.close()
+
+
+def test_assigning_dataloader_attributes_after_init_raises_value_error_like_dataloader():
+    ds = TensorImages(n=8)
+    ref, loader = DataLoader(ds, batch_size=2), fusion(ds, batch_size=2, alpha=0.0)
+    for attr, value in (("batch_size", 3), ("sampler", None), ("batch_sampler", None), ("drop_last", True),
+                        ("dataset", ds), ("persistent_workers", True)):
+        with pytest.raises(ValueError) as want:
+            setattr(ref, attr, value)
+        with pytest.raises(ValueError) as got:
+            setattr(loader, attr, value)
+        assert str(got.value) == str(want.value).replace("DataLoader", "FusionLoader")
+    loader.num_workers = 0  # DataLoader allows this one (and so do we)
+    assert loader.batch_size == 2
+
+
+class _ListIndexed(Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, idx):  # a sampler hands whole lists of indices (batch_size=None)
+        return torch.tensor(idx) * 10
+
+
+def test_batch_size_none_with_a_sampler_yielding_lists_is_dataloader():
+    sampler = [[0, 1, 2], [5, 6], [9]]
+    ref = list(DataLoader(_ListIndexed(), batch_size=None, sampler=sampler))
+    loader = fusion(_ListIndexed(), batch_size=None, sampler=sampler, alpha=0.0)
+    assert same(list(loader), ref)
+    with pytest.raises(ValueError, match="integer"):  # synthesis needs one dataset index per position
+        next(iter(fusion(_ListIndexed(), batch_size=None, sampler=sampler, alpha=1.0)))
+
+
+def test_subscriptable_for_typing():
+    alias = FusionLoader[torch.Tensor]
+    assert alias.__origin__ is FusionLoader
