@@ -659,3 +659,100 @@ def test_batch_size_none_with_a_sampler_yielding_lists_is_dataloader():
 def test_subscriptable_for_typing():
     alias = FusionLoader[torch.Tensor]
     assert alias.__origin__ is FusionLoader
+
+
+# -- every setting validated at construction (issue 10, item 5) --------------------------------------------
+
+
+@pytest.mark.parametrize("kw,err,words", [
+    (dict(guidance_scale=float("nan")), ValueError, ["guidance_scale", "nan"]),
+    (dict(guidance_scale="high"), TypeError, ["guidance_scale", "high"]),
+    (dict(num_inference_steps=0), ValueError, ["num_inference_steps", "0"]),
+    (dict(num_inference_steps=2.5), TypeError, ["num_inference_steps", "2.5"]),
+    (dict(strengths=0.1, num_inference_steps=5), ValueError, ["strength", "0.1", "num_inference_steps=5"]),
+    (dict(strengths=(0.25, 0.5), num_inference_steps=3), ValueError, ["0.25", "0 denoising steps"]),
+    (dict(wait_timeout=float("nan")), ValueError, ["wait_timeout", "nan"]),
+    (dict(wait_timeout=0), ValueError, ["wait_timeout", "0"]),
+    (dict(alpha=float("nan")), ValueError, ["alpha", "nan"]),
+    (dict(late_policy="sometimes"), ValueError, ["late_policy", "sometimes"]),
+    (dict(variants_per_index=-1), ValueError, ["variants_per_index", "-1"]),
+    (dict(lookahead=0), ValueError, ["lookahead", "0"]),
+    (dict(image_size=100), ValueError, ["image_size", "100"]),
+    (dict(producer_capacity=0), ValueError, ["producer_capacity", "0"]),
+    (dict(producer_timeout=-1.0), ValueError, ["producer_timeout", "-1.0"]),
+    (dict(on_producer_error="ignore"), ValueError, ["on_producer_error", "ignore"]),
+    (dict(max_restarts=-2), ValueError, ["max_restarts", "-2"]),
+    (dict(distributed="yes"), ValueError, ["distributed", "yes"]),
+    (dict(producer_devices=("tpu:0",)), ValueError, ["producer_devices", "tpu:0"]),
+    (dict(producer_devices=()), ValueError, ["producer_devices"]),
+    (dict(log_every=-1), ValueError, ["log_every", "-1"]),
+    (dict(progress=object()), TypeError, ["progress"]),
+    (dict(prompts=3), TypeError, ["prompts", "3"]),
+    (dict(prompts={0: "a cat", 1: "a dog"}), ValueError, ["prompts", "label 2"]),  # TensorImages has 3 classes
+    (dict(prompts=["a", "b"]), ValueError, ["prompts", "label 2"]),
+    (dict(bogus_setting=1), TypeError, ["bogus_setting"]),
+])  # fmt: skip
+def test_every_setting_is_validated_at_construction(kw, err, words):
+    InlinePool.instances.clear()
+    with pytest.raises(err) as info:
+        fusion(TensorImages(n=6), **kw)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+    assert InlinePool.instances == []  # nothing started
+
+
+def test_cuda_device_on_a_cpu_build_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"producer_devices: 'cuda:0' needs CUDA"):
+        fusion(TensorImages(n=6), producer_devices=["cpu", "cuda:0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"'cuda:3' does not exist; this machine has 1 CUDA"):
+        fusion(TensorImages(n=6), producer_devices="cuda:3")
+    assert fusion(TensorImages(n=6), producer_devices="cuda:0").config.producer_devices == ("cuda:0",)
+
+
+def test_a_missing_synthesizer_path_is_file_not_found(tmp_path):
+    missing = str(tmp_path / "no-such-checkpoint")
+    with pytest.raises(FileNotFoundError, match="no-such-checkpoint"):
+        FusionLoader(TensorImages(n=6), synthesizer=missing, alpha=0.5)
+    with pytest.raises(FileNotFoundError, match="models/sd"):
+        FusionLoader(TensorImages(n=6), synthesizer="./models/sd", alpha=0.5)
+    FusionLoader(TensorImages(n=6), synthesizer=str(tmp_path), alpha=0.5).close()  # exists: accepted, nothing started
+
+
+def test_config_object_and_keyword_arguments():
+    from fusionloader import FusionConfig, LatePolicy
+
+    cfg = FusionConfig(synthesizer="stand-in", alpha=0.25, late_policy="wait", pool_factory=inline())
+    loader = FusionLoader(TensorImages(n=8), batch_size=2, config=cfg, seed=4)
+    assert loader.config.alpha == 0.25 and loader.config.seed == 4 and loader.late_policy == "wait"
+    assert loader.config.late_policy == LatePolicy("wait") and loader.config.late_policy.waits
+    assert cfg.seed is None  # the caller's object is not changed
+    loader.set_synthesis(alpha=0.75, strengths="randomized")
+    assert loader.alpha == 0.75 and loader.strengths == "randomized"
+    with pytest.raises(ValueError, match="alpha"):
+        loader.set_synthesis(alpha=2.0)
+    with pytest.raises(ValueError, match="denoising steps"):
+        fusion(TensorImages(n=6), num_inference_steps=2).set_synthesis(strengths=0.25)
+    with pytest.raises(AttributeError):
+        loader.alpha = 0.5  # through set_synthesis only (validated once, in one place)
+
+
+class _StalledPool(InlinePool):
+    """Never delivers, and says its producer is stuck (the pool's public stalled() query)."""
+
+    def stalled(self):
+        return True
+
+
+def test_a_stalled_producer_ends_the_wait_at_once():
+    ds = TensorImages(n=8)
+    loader = FusionLoader(ds, batch_size=4, alpha=1.0, late_policy="wait", wait_timeout=30.0, seed=0,
+                          synthesizer="stand-in", return_meta=True,
+                          pool_factory=lambda s, src, devices, **kw: _StalledPool(s, src, devices, behavior="never"))
+    t0 = time.monotonic()
+    x, meta = run_epoch(loader)
+    assert time.monotonic() - t0 < 5 and not meta["synthetic"].any()  # not 30 s per batch
+    assert loader.stats()["current"]["fallback"] == 8
+    loader.close()

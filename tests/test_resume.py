@@ -248,3 +248,39 @@ def test_a_sampler_with_its_own_state_dict_is_restored_through_it(save_after):
 
     check_resume(make, 2, save_after)
     assert made[-1].sampler.loaded is not None
+
+
+class _PythonRandomSampler:
+    """Draws from Python's ``random`` and has no state_dict: its order cannot be re-derived, so the loader
+    stores what is left of it (the one case whose state holds indices)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        order = list(range(self.n))
+        random.shuffle(order)
+        return iter(order)
+
+    def __len__(self):
+        return self.n
+
+
+def test_a_sampler_that_cannot_re_derive_its_order_stores_the_rest():
+    ds = TensorImages(n=16)
+    random.seed(0)
+    make = lambda: fusion(ds, batch_size=4, sampler=_PythonRandomSampler(16), return_meta=True,  # noqa: E731
+                          late_policy="wait")
+    loader, reference = make(), []
+    it = iter(loader)
+    reference += [next(it) for _ in range(2)]
+    state = loader.state_dict()
+    reference += list(it)
+    loader.close()
+    assert "stored_rest" in state and len(state["stored_rest"]["batches"]) == 2
+    random.seed(99)  # another process
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    rest = list(resumed)
+    assert [m["index"].tolist() for _, m in rest] == [m["index"].tolist() for _, m in reference[2:]]
+    assert [m["planned"].tolist() for _, m in rest] == [m["planned"].tolist() for _, m in reference[2:]]
