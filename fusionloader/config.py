@@ -179,8 +179,6 @@ class FusionConfig:
     #: a tqdm-like object (``set_postfix``) for live counts; ``log_every`` batches between log lines (0: never).
     progress: Any = None
     log_every: int = 0
-    #: threads that resize, transform and collate synthetic samples off the trainer's thread (0: inline).
-    postprocess_threads: int = 2
     #: a ``ProducerPool``-like factory ``(synthesizer, source, devices=..., **kwargs)`` (tests, custom pools).
     pool_factory: Callable | None = field(default=None, repr=False)
 
@@ -223,7 +221,6 @@ class FusionConfig:
         if self.progress is not None and not callable(getattr(self.progress, "set_postfix", None)):
             raise TypeError(f"progress must have set_postfix (a tqdm bar), got {self.progress!r}")
         self.log_every = _int("log_every", self.log_every, 0)
-        self.postprocess_threads = _int("postprocess_threads", self.postprocess_threads, 0)
         for name in ("transform", "pool_factory"):
             value = getattr(self, name)
             if value is not None and not callable(value):

@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from .config import LATE_POLICIES, FusionConfig, LatePolicy
 from .distributed import devices_for_rank, dist_info, local_info
-from .mixing import Mixer, PostProcessor
+from .mixing import Mixer
 from .order import (ArrayOrder, OrderSnapshot, StreamOrder, distributed_order, from_json, mix_seed, random_order,
                     recomputable, sequential_order, to_json)  # fmt: skip
 from .plan import EpochPlan, normalize_strengths
@@ -67,7 +67,7 @@ from .sources.dataset import DatasetError, ImageSource
 from .stats import LoaderStats
 from .store import VariantStore
 from .window import RequestWindow
-from .worker import Batch, PlannedDataset, PlanSampler, WorkerCollate, WorkerInit
+from .worker import Batch, Key, PlannedDataset, PlanSampler, WorkerCollate, WorkerInit
 
 __all__ = ["LATE_POLICIES", "FusionConfig", "FusionLoader", "LatePolicy"]
 
@@ -205,7 +205,6 @@ class FusionLoader(Generic[T_co]):
         self._source = ImageSource(self._dl.dataset, cfg.transform) if not self._passthrough else None
         self._store = VariantStore(cfg.variants_per_index, cfg.store_bytes)
         self._mixer = Mixer(self._store, cfg.late_policy, cfg.wait_timeout)
-        self._post = PostProcessor(self._source.transform if self._source is not None else None, cfg.postprocess_threads)
         self._window = RequestWindow(self._make_jobs)
         self._pool = None
         self._runner: DataLoader | None = None
@@ -422,24 +421,22 @@ class FusionLoader(Generic[T_co]):
         self._progress = progress
         if self.config.alpha > 0:
             self._start_pool()
-        runner_iter = self._runner_iter(plan, progress, gen, resumed=resume is not None)
         adopted = self._window.adopt(plan) if resume is None else (self._window.drop_ahead() or None)
-        if adopted is None:
-            key_base, submitted = self._window.new_key_base(), None
-        else:
-            key_base, submitted = adopted
-        it = _EpochIterator(self, plan, progress, runner_iter, key_base, submitted)
-        self._active = weakref.ref(it)
+        key_base, submitted = (self._window.new_key_base(), None) if adopted is None else adopted
         self._stats.begin(epoch)
+        it = _EpochIterator(self, plan, progress, key_base, submitted)  # requests its first window now
+        # the runner dispatches its first batches at iter(): their synthetic images are resolved then
+        it.runner_iter = self._runner_iter(plan, progress, gen, resumed=resume is not None, dispatch=it.dispatch)
+        self._active = weakref.ref(it)
         return it
 
-    def _runner_iter(self, plan: EpochPlan, progress: _Progress, gen, resumed: bool):
+    def _runner_iter(self, plan: EpochPlan, progress: _Progress, gen, resumed: bool, dispatch):
         dl = self._dl
         auto = dl.batch_sampler is not None
         if self._runner is None:
             self._plan_sampler = PlanSampler(batched=auto)
             self._worker_init = WorkerInit(dl.worker_init_fn)
-            wrapped = PlannedDataset(dl.dataset, self._source, self.config.transform)
+            wrapped = PlannedDataset(dl.dataset, self._source, self.config.transform)  # the source: picklable
             kw = dict(
                 num_workers=dl.num_workers, collate_fn=WorkerCollate(dl.collate_fn, auto), pin_memory=dl.pin_memory,
                 timeout=dl.timeout, worker_init_fn=self._worker_init, multiprocessing_context=dl.multiprocessing_context,
@@ -459,7 +456,7 @@ class FusionLoader(Generic[T_co]):
             self._worker_init.states = {int(k): v for k, v in progress.workers.items()}
         else:
             self._worker_init.shift, self._worker_init.states = 0, {}
-        self._plan_sampler.set(plan, progress.prefix, progress.extra)
+        self._plan_sampler.set(plan, progress.prefix, progress.extra, dispatch)
         if gen is not None:
             self._runner.generator = gen
         return iter(self._runner)
@@ -668,7 +665,6 @@ class FusionLoader(Generic[T_co]):
         self._window.drop_ahead()
         self._mixer.cancel_late(self._pool)
         self._shutdown_runner()
-        self._post.close()
         pool, self._pool = self._pool, None
         self._window.pool = None
         if pool is not None:
@@ -690,7 +686,7 @@ class FusionLoader(Generic[T_co]):
     def __getstate__(self):
         # Pickled to spawned trainer processes (Lightning's ddp_spawn): runtime state stays behind.
         state = self.__dict__.copy()
-        for key in ("_source", "_store", "_mixer", "_post", "_window", "_pool", "_runner", "_plan_sampler",
+        for key in ("_source", "_store", "_mixer", "_window", "_pool", "_runner", "_plan_sampler",
                     "_worker_init", "_active", "_dist_sampler", "_closed", "_progress"):
             state.pop(key, None)
         return state
@@ -707,12 +703,13 @@ class FusionLoader(Generic[T_co]):
 
 
 class _EpochIterator:
-    """One epoch: requests ahead, takes the runner's batches, mixes, records progress and counts."""
+    """One epoch: requests ahead, resolves each batch's synthetic images as the runner dispatches it, takes
+    the runner's collated batches, records progress and counts."""
 
-    def __init__(self, loader: FusionLoader, plan: EpochPlan, progress: _Progress, runner_iter, key_base: int,
+    def __init__(self, loader: FusionLoader, plan: EpochPlan, progress: _Progress, key_base: int,
                  submitted: int | None):  # fmt: skip
-        self.loader, self.plan, self.progress, self.runner_iter = loader, plan, progress, runner_iter
-        self.key_base = key_base
+        self.loader, self.plan, self.progress, self.key_base = loader, plan, progress, key_base
+        self.runner_iter = None
         self.window = loader._window
         span = plan.span(progress.prefix)
         self.submitted = (span[0] if span else plan.order.known_positions) if submitted is None else submitted
@@ -735,6 +732,40 @@ class _EpochIterator:
         self.submitted = max(self.submitted, self.window.submit(self.plan, self.key_base, self.submitted, end,
                                                                  self.window.outstanding))  # fmt: skip
 
+    def _request_ahead(self, position: int) -> None:
+        """Keep the window ``horizon`` samples ahead of ``position`` (into the next epochs when it ends)."""
+        L = self.loader
+        horizon = position + L._horizon()
+        self._submit_upto(horizon)
+        if self.plan.order.exhausted and horizon > self.plan.order.known_positions:
+            L._plan_ahead(self.plan.epoch + 1, horizon - self.plan.order.known_positions)
+
+    def dispatch(self, keys: list[Key]) -> list[Key]:
+        """The runner hands this batch to a worker: resolve its synthetic positions (NOTE [Mixing])."""
+        L, pool = self.loader, self.loader._pool
+        if self.done or L._closed or not any(k.synthetic for k in keys):
+            return keys
+        if pool is not None:
+            pool.check()  # a dead producer raises here, before anything waits
+            self._request_ahead(keys[-1].position + 1)
+        d = self.plan.draws(keys[0].position, keys[-1].position + 1)
+        deadline = L._mixer.deadline()  # one deadline for the whole batch
+        out = []
+        for j, key in enumerate(keys):
+            if not key.synthetic:
+                out.append(key)
+                continue
+            job = self.key_base + key.position
+            if job in self.window.outstanding:
+                self.window.outstanding.discard(job)
+            else:
+                job = None
+            image, s, kind, waited = L._mixer.resolve(pool, job, key.index, self.plan.job_strength(d.strength[j]),
+                                                      key.seed, deadline, self.allowed)  # fmt: skip
+            L._stats.add_time("stall_s", waited)
+            out.append(key._replace(image=image, kind=kind, strength=float("nan") if s is None else float(s)))
+        return out
+
     def __next__(self):
         if self.done:
             raise StopIteration
@@ -748,10 +779,7 @@ class _EpochIterator:
             if L._mixer.late:
                 L._mixer.harvest(pool)
             nxt = self.plan.span(self.progress.prefix + 1)
-            horizon = (nxt[0] if nxt else self.plan.order.known_positions) + L._horizon()
-            self._submit_upto(horizon)
-            if self.plan.order.exhausted and horizon > self.plan.order.known_positions:  # into the next epoch
-                L._plan_ahead(self.plan.epoch + 1, horizon - self.plan.order.known_positions)
+            self._request_ahead(nxt[0] if nxt else self.plan.order.known_positions)
         t0 = time.perf_counter()
         try:
             batch = next(self.runner_iter)
@@ -759,7 +787,7 @@ class _EpochIterator:
             self._finish()
             raise
         L._stats.add_time("real_wait_s", time.perf_counter() - t0)
-        out = self._mix(batch)
+        out = self._deliver(batch)
         self.progress.consume(batch.batch, batch.worker, batch.rng)
         self.plan.order.release(self.progress.prefix)
         now = time.perf_counter()
@@ -775,62 +803,28 @@ class _EpochIterator:
             self._end_of_epoch()  # not done: the runner's next call pulls the sampler past its end, as DataLoader's
         return out
 
-    def _mix(self, batch: Batch):
+    def _deliver(self, batch: Batch):
         L, plan = self.loader, self.plan
-        n = len(batch.positions)
-        fresh = np.zeros(n, dtype=bool)
-        delivered = np.zeros(n, dtype=bool)
-        strength = np.full(n, np.nan, dtype=np.float32)
-        start = batch.positions[0] if n else 0
-        d = plan.draws(start, start + n) if n else None  # a batch is a contiguous span of positions
-        if batch.items is None:
-            L._stats.record("real", n)
-            data = batch.data
-        else:
-            samples, jobs, slots = [], [], []
-            deadline = L._mixer.deadline()
-            for j, item in enumerate(batch.items):
-                if not item.synthetic:
-                    L._stats.record("real")
-                    samples.append(item.sample)
-                    continue
-                key = self.key_base + item.position
-                if key in self.window.outstanding:
-                    self.window.outstanding.discard(key)
-                else:
-                    key = None
-                image, s, kind, waited = L._mixer.resolve(L._pool, key, item.index, plan.job_strength(d.strength[j]),
-                                                          int(d.sample_seed[j]), deadline, self.allowed)  # fmt: skip
-                L._stats.add_time("stall_s", waited)
-                L._stats.record(kind)
-                samples.append(item.sample)
-                if image is None:
-                    continue
-                delivered[j], fresh[j], strength[j] = True, kind == "fresh", np.nan if s is None else s
-                jobs.append((item, image, int(d.sample_seed[j])))
-                slots.append(j)
-            for j, sample in zip(slots, L._post.samples(jobs)):
-                samples[j] = sample
-            auto = L._dl.batch_sampler is not None
-            data = L._dl.collate_fn(samples if auto else samples[0])
-            if getattr(self.runner_iter, "_pin_memory", False):
-                from torch.utils.data._utils.pin_memory import pin_memory
-
-                data = pin_memory(data, L._dl.pin_memory_device or None)
+        for kind in batch.kinds:
+            L._stats.record(kind)
         if not L.config.return_meta:
-            return data
-        idx = [it.index for it in batch.items] if batch.items is not None else None
-        if idx is None:
-            s, e = plan.span(batch.batch)
-            idx = plan.order.batch(batch.batch) if plan.order.integer else [-1] * n
+            return batch.data
+        n = len(batch.positions)
+        start = batch.positions[0] if n else 0
+        d = plan.draws(start, start + n)  # a batch is a contiguous span of positions
+        kinds = np.asarray(batch.kinds)
+        if plan.order.integer:
+            index = torch.from_numpy(np.asarray(plan.order.batch(batch.batch), dtype=np.int64).copy())
+        else:
+            index = torch.full((n,), -1, dtype=torch.int64)
         meta = {
-            "index": torch.as_tensor(np.asarray(idx, dtype=np.int64)) if plan.order.integer else torch.full((n,), -1),
-            "planned": torch.from_numpy(d.synthetic.copy()) if n else torch.zeros(0, dtype=torch.bool),
-            "synthetic": torch.from_numpy(delivered),
-            "fresh": torch.from_numpy(fresh),
-            "strength": torch.from_numpy(strength),
+            "index": index,
+            "planned": torch.from_numpy(d.synthetic.copy()),
+            "synthetic": torch.from_numpy((kinds == "fresh") | (kinds == "reused")),
+            "fresh": torch.from_numpy(kinds == "fresh"),
+            "strength": torch.tensor(batch.strengths, dtype=torch.float32),
         }
-        return data, meta
+        return batch.data, meta
 
     def _end_of_epoch(self) -> None:
         if self.ended:

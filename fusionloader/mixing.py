@@ -3,6 +3,11 @@
 NOTE [Mixing]
 ~~~~~~~~~~~~~
 
+* When. A batch's synthetic positions are resolved when DataLoader hands the batch to a runner worker (the
+  runner's sampler calls the epoch's dispatch hook; NOTE [Worker side]): with ``num_workers=0`` that is the
+  trainer's ``next()``, as before; with workers it is up to ``prefetch_factor * num_workers`` batches
+  earlier, so producers have that much less time for those positions -- the price of doing the synthetic
+  post-processing in the workers. The request window is kept ahead of dispatch, not of consumption.
 * Resolve (:meth:`Mixer.resolve`). For each synthetic position of a batch the producer's image is taken
   from the pool. Under ``wait`` the whole batch shares ONE deadline (``wait_timeout`` from the batch's
   arrival), and a pool that reports its producers stuck (``stalled()``, when the pool has it) ends the wait at
@@ -10,31 +15,23 @@ NOTE [Mixing]
   store. A late position gets a stored variant of the same index (``reuse``) or the real sample already
   fetched (``real``/``wait``; counted as fallback). Under ``real``/``wait`` the late job is cancelled; under
   ``reuse`` it keeps running and is harvested into the store when done (:meth:`Mixer.harvest`).
-* Post-process (:class:`PostProcessor`). The synthetic image is resized back to the real image's size and
-  form (PIL/array/tensor) and passed through the *same* train transform under an RNG seeded by the
-  position's seed (so a resumed run reproduces it), then the batch is collated with the user's
-  ``collate_fn``. The resizes run on the loader's thread pool (PIL and torch release the GIL); the seeded
-  transform calls are serialised under one lock, because the seeding is of torch's and Python's *global*
-  RNGs, which threads share -- that keeps results bit-for-bit those of a serial run.
+* Post-process (worker.py, :func:`~fusionloader.worker.synthetic_sample`). In the runner's workers: the
+  image is resized back to the real image's size and form (PIL/array/tensor) and passed through the *same*
+  train transform under an RNG seeded by the position's seed (a resumed run reproduces it; the worker's own
+  RNG streams are left as they were), then the batch is collated with the user's ``collate_fn``.
 """
 
 from __future__ import annotations
 
 import collections
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .config import LatePolicy
-from .sources.dataset import from_float, replace_image
 from .store import VariantStore
-from .worker import Item, seeded_call
 
-__all__ = ["Mixer", "PostProcessor"]
-
-_TRANSFORM_LOCK = threading.Lock()  # seeded transforms seed process-global RNGs: one at a time
+__all__ = ["Mixer"]
 
 
 class Mixer:
@@ -119,32 +116,3 @@ class Mixer:
                 pool.cancel([entry[0] for entry in late])
             except Exception:  # a failed pool has nothing left to cancel
                 pass
-
-
-class PostProcessor:
-    """Synthetic images -> samples (resize back, seeded train transform, the real sample's structure)."""
-
-    def __init__(self, transform, threads: int):
-        self.transform, self.threads = transform, threads
-        self._executor: ThreadPoolExecutor | None = None
-
-    def sample(self, item: Item, image: torch.Tensor, seed: int):
-        raw_like = from_float(image, item.info) if item.info is not None else image
-        if self.transform is not None:
-            with _TRANSFORM_LOCK:
-                raw_like = seeded_call(self.transform, raw_like, seed)
-        return replace_image(item.sample, raw_like)
-
-    def samples(self, jobs: list[tuple[Item, torch.Tensor, int]]) -> list:
-        """``sample`` for each job, on the thread pool when there is more than one."""
-        if self.threads <= 0 or len(jobs) < 2:
-            return [self.sample(*job) for job in jobs]
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fusionloader-post")
-        return list(self._executor.map(lambda job: self.sample(*job), jobs))
-
-    def close(self) -> None:
-        ex, self._executor = self._executor, None
-        if ex is not None:
-            ex.shutdown(wait=True, cancel_futures=True)
-

@@ -4,14 +4,20 @@ NOTE [Worker side]
 ~~~~~~~~~~~~~~~~~~
 
 * Keys. The runner's (batch) sampler (:class:`PlanSampler`) yields :class:`Key` s -- (position, index,
-  synthetic, seed, batch) -- reading the plan lazily, batch by batch, skipping batches already consumed
-  before a resume. It runs in the trainer's process, as any DataLoader sampler does.
+  coin, seed, batch, and for a synthetic position the image resolved for it) -- reading the plan lazily,
+  batch by batch, skipping batches already consumed before a resume. It runs in the trainer's process, as
+  any DataLoader sampler does, when DataLoader hands a batch to a worker; that is when the epoch's mixing
+  resolves the batch's synthetic images (NOTE [Mixing]); they travel to the worker with the keys (tensors
+  through shared memory, as DataLoader's results travel back).
 * Items. :class:`PlannedDataset` runs ``dataset[index]`` unchanged (plus ``transform=`` when given, seeded
-  per position). An exception keeps the dataset's own type and object, as DataLoader's: the loader adds a
-  note naming the index and path (PEP 678), which torch's ``ExceptionWrapper`` carries into the message it
-  re-raises in the trainer. For a synthetic position the worker also reports the raw image's form and size.
-* Collation. :class:`WorkerCollate` collates with the user's ``collate_fn`` when the batch has no synthetic
-  position (so ``alpha=0`` is bit-exact DataLoader output); else the items come back for mixing.
+  per position). For a position with a synthetic image it then does the post-processing -- resize back to
+  the real image's size and form, the train transform under the position's seed, the real sample's
+  structure (:func:`synthetic_sample`) -- so synthetic images cost the trainer's thread nothing, exactly as
+  real ones. An exception keeps the dataset's own type and object, as DataLoader's: the loader adds a note
+  naming the index and path (PEP 678), which torch's ``ExceptionWrapper`` carries into the message it
+  re-raises in the trainer.
+* Collation. :class:`WorkerCollate` collates every batch with the user's ``collate_fn`` in the worker; a
+  batch without synthetic images is exactly DataLoader's (``alpha=0`` is bit-exact).
 * Worker RNG (resume). After each batch a worker attaches its RNG states (torch, ``random``, numpy) and
   its *logical* id to the batch. The loader keeps, per logical worker, the state after its last consumed
   batch; a resumed run's :class:`WorkerInit` (after the user's ``worker_init_fn``, as torchdata restores
@@ -25,33 +31,45 @@ NOTE [Worker side]
 from __future__ import annotations
 
 import random
+import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .sources.dataset import ImageSource, RawInfo, describe, get_image, replace_image
+from .sources.dataset import ImageSource, RawInfo, describe, from_float, get_image, replace_image
 
 __all__ = ["Batch", "Item", "Key", "PlanSampler", "PlannedDataset", "WorkerCollate", "WorkerInit", "rng_state",
-           "seeded_call", "set_rng_state"]  # fmt: skip
+           "seeded_call", "set_rng_state", "synthetic_sample"]  # fmt: skip
 
 
 class Key(NamedTuple):
     position: int
     index: Any  # an int; any object a sampler yields for real-only positions (batch_size=None with lists)
-    synthetic: bool
+    synthetic: bool  # the coin
     seed: int
     batch: int
+    image: Any = None  # the synthetic image resolved for this position at dispatch (None: serve the real one)
+    kind: str = "real"  # "real" | "fresh" | "reused" | "fallback"
+    strength: float = float("nan")  # of the delivered synthetic image (NaN when real)
 
 
 class Item(NamedTuple):
     position: int
-    index: Any
-    synthetic: bool
     sample: Any
-    info: RawInfo | None
+    kind: str
+    strength: float
     batch: int
+
+
+def synthetic_sample(sample, image: torch.Tensor, info: RawInfo | None, transform, seed: int):
+    """The synthetic image in the real image's form and size (DA-Fusion resizes back), through the train
+    transform under the position's seed, in the real sample's structure (its label kept)."""
+    raw_like = from_float(image, info) if info is not None else image
+    if transform is not None:
+        raw_like = seeded_call(transform, raw_like, seed)
+    return replace_image(sample, raw_like)
 
 
 def seeded_call(fn, x, seed: int):
@@ -128,22 +146,22 @@ class WorkerInit:
 
 
 class Batch:
-    """What a runner worker returns: collated data (no synthetic position) or the items to mix."""
+    """What a runner worker returns: the collated batch, each position's kind and strength, and the worker's
+    logical id and RNG state after making it (NOTE [Worker side])."""
 
-    __slots__ = ("positions", "batch", "data", "items", "worker", "rng")
+    __slots__ = ("positions", "batch", "data", "kinds", "strengths", "worker", "rng")
 
-    def __init__(self, positions, batch, data=None, items=None):
-        self.positions, self.batch, self.data, self.items = positions, batch, data, items
+    def __init__(self, positions, batch, data, kinds, strengths):
+        self.positions, self.batch, self.data, self.kinds, self.strengths = positions, batch, data, kinds, strengths
         self.worker, self.rng = None, None
         if get_worker_info() is not None:
             self.worker = _LOGICAL_ID if _LOGICAL_ID is not None else get_worker_info().id
             self.rng = rng_state()
 
     def pin_memory(self, device=None):  # called by DataLoader's pin-memory thread
-        if self.data is not None:
-            from torch.utils.data._utils.pin_memory import pin_memory
+        from torch.utils.data._utils.pin_memory import pin_memory
 
-            self.data = pin_memory(self.data, device)
+        self.data = pin_memory(self.data, device)
         return self
 
 
@@ -161,22 +179,22 @@ class PlannedDataset(Dataset):
         return self.source.path(index) if isinstance(index, (int, np.integer)) else None
 
     def _finish(self, key: Key, sample) -> Item:
-        info = None
         try:
-            if self.transform is not None:
-                raw = get_image(sample)
-                if key.synthetic:
-                    info = describe(raw)
-                sample = replace_image(sample, seeded_call(self.transform, raw, key.seed))
-            elif key.synthetic:
-                info = self._infos.get(key.index)
-                if info is None:
-                    info = self.source.info(key.index) if self.source.reads_raw else describe(get_image(sample))
-                    if len(self._infos) < 100_000:
-                        self._infos[key.index] = info
+            if key.image is not None:  # a synthetic image was resolved for this position at dispatch
+                if self.transform is not None:
+                    info = describe(get_image(sample))
+                else:
+                    info = self._infos.get(key.index)
+                    if info is None:
+                        info = self.source.info(key.index) if self.source.reads_raw else describe(get_image(sample))
+                        if len(self._infos) < 100_000:
+                            self._infos[key.index] = info
+                sample = synthetic_sample(sample, key.image, info, self.source.transform, key.seed)
+            elif self.transform is not None:
+                sample = replace_image(sample, seeded_call(self.transform, get_image(sample), key.seed))
         except Exception as e:
             raise _note(e, key.index, self._path(key.index))
-        return Item(key.position, key.index, key.synthetic, sample, info, key.batch)
+        return Item(key.position, sample, key.kind, key.strength, key.batch)
 
     def __getitem__(self, key: Key) -> Item:
         try:
@@ -197,33 +215,33 @@ class PlannedDataset(Dataset):
 
 
 class WorkerCollate:
-    """Collate in the worker when nothing needs mixing (the DataLoader path), else pass items through."""
+    """Collate with the user's ``collate_fn`` in the worker, synthetic positions included."""
 
     def __init__(self, collate_fn, auto_collation: bool):
         self.collate_fn, self.auto = collate_fn, auto_collation
 
     def __call__(self, data):
         items = data if self.auto else [data]
-        positions = [it.position for it in items]
-        batch = items[0].batch
-        if any(it.synthetic for it in items):
-            return Batch(positions, batch, items=items)
         samples = [it.sample for it in items]
-        return Batch(positions, batch, data=self.collate_fn(samples if self.auto else samples[0]))
+        return Batch([it.position for it in items], items[0].batch, self.collate_fn(samples if self.auto else samples[0]),
+                     [it.kind for it in items], [it.strength for it in items])  # fmt: skip
 
 
 class PlanSampler:
     """The runner's (batch) sampler: the plan's keys batch by batch from ``start``, skipping ``skip``.
 
     Reads the plan lazily, so the user's sampler is iterated no faster than DataLoader would iterate it plus
-    the request window's look-ahead. ``on_batch(b)`` is told every batch handed out (for the window)."""
+    the request window's look-ahead. ``dispatch(keys)`` (the epoch's mixing) returns the keys with the
+    synthetic images resolved, as DataLoader hands the batch to a worker (NOTE [Mixing])."""
 
     def __init__(self, batched: bool):
         self.batched = batched
-        self.plan, self.start, self.skip = None, 0, frozenset()
+        self.plan, self.start, self.skip, self.dispatch = None, 0, frozenset(), None
 
-    def set(self, plan, start: int, skip=frozenset()) -> None:
+    def set(self, plan, start: int, skip=frozenset(), dispatch=None) -> None:
         self.plan, self.start, self.skip = plan, start, frozenset(skip)
+        # weakly: the epoch iterator owns the runner's iterator, and a dropped loader must be collectable
+        self.dispatch = weakref.WeakMethod(dispatch) if dispatch is not None else None
 
     def keys(self, b: int) -> list[Key] | None:
         plan = self.plan
@@ -247,6 +265,9 @@ class PlanSampler:
             keys = self.keys(b)
             if keys is None:
                 return
+            dispatch = self.dispatch() if self.dispatch is not None else None
+            if dispatch is not None:
+                keys = dispatch(keys)
             yield keys if self.batched else keys[0]
             b += 1
 
