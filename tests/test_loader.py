@@ -756,3 +756,32 @@ def test_a_stalled_producer_ends_the_wait_at_once():
     assert time.monotonic() - t0 < 5 and not meta["synthetic"].any()  # not 30 s per batch
     assert loader.stats()["current"]["fallback"] == 8
     loader.close()
+
+
+# -- synthetic post-processing off the trainer's thread (issue 10, item 3) ---------------------------------
+
+
+class _PidTransform:
+    """A random train transform that also says which process ran it (channel 0 of pixel 0)."""
+
+    def __call__(self, img):
+        out = img.clone() * torch.rand(())
+        out[0, 0, 0] = float(os.getpid())
+        return out
+
+
+def test_synthetic_post_processing_runs_in_the_workers_with_the_same_results():
+    ds = TensorImages(n=16)
+    runs = {}
+    for workers in (0, 2):
+        loader = fusion(ds, batch_size=4, alpha=0.5, return_meta=True, transform=_PidTransform(), late_policy="wait",
+                        num_workers=workers)  # fmt: skip
+        runs[workers] = run_epoch(loader)
+        loader.close()
+    (x0, m0), (x2, m2) = runs[0], runs[2]
+    syn = m2["synthetic"]
+    assert syn.any() and torch.equal(syn, m0["synthetic"])
+    assert (x0[syn][:, 0, 0, 0] == os.getpid()).all()  # num_workers=0: in the trainer's process, as DataLoader
+    assert (x2[syn][:, 0, 0, 0] != os.getpid()).all()  # with workers: made there, not on the trainer's thread
+    # bit-for-bit the same samples wherever they are made: the transform RNG is seeded per position
+    torch.testing.assert_close(x2[syn][:, :, 1:], x0[syn][:, :, 1:], rtol=0, atol=0)
