@@ -424,7 +424,9 @@ class FusionLoader(Generic[T_co]):
         adopted = self._window.adopt(plan) if resume is None else (self._window.drop_ahead() or None)
         key_base, submitted = (self._window.new_key_base(), None) if adopted is None else adopted
         self._stats.begin(epoch)
-        it = _EpochIterator(self, plan, progress, key_base, submitted)  # requests its first window now
+        it = _EpochIterator(plan, progress, key_base, submitted, pool=self._pool, window=self._window, mixer=self._mixer,
+                            stats=self._stats, config=self.config, horizon=self._horizon, plan_ahead=self._plan_ahead,
+                            length=self.__len__)  # requests its first window now; fmt: skip
         # the runner dispatches its first batches at iter(): their synthetic images are resolved then
         it.runner_iter = self._runner_iter(plan, progress, gen, resumed=resume is not None, dispatch=it.dispatch)
         self._active = weakref.ref(it)
@@ -706,11 +708,12 @@ class _EpochIterator:
     """One epoch: requests ahead, resolves each batch's synthetic images as the runner dispatches it, takes
     the runner's collated batches, records progress and counts."""
 
-    def __init__(self, loader: FusionLoader, plan: EpochPlan, progress: _Progress, key_base: int,
-                 submitted: int | None):  # fmt: skip
-        self.loader, self.plan, self.progress, self.key_base = loader, plan, progress, key_base
-        self.runner_iter = None
-        self.window = loader._window
+    def __init__(self, plan: EpochPlan, progress: _Progress, key_base: int, submitted: int | None, *, pool, window,
+                 mixer: Mixer, stats: LoaderStats, config: FusionConfig, horizon, plan_ahead, length):  # fmt: skip
+        self.plan, self.progress, self.key_base = plan, progress, key_base
+        self.pool, self.window, self.mixer, self.stats, self.config = pool, window, mixer, stats, config
+        self.horizon, self.plan_ahead, self.length = horizon, plan_ahead, length
+        self.runner_iter = None  # set by the loader once the runner can dispatch to this iterator
         span = plan.span(progress.prefix)
         self.submitted = (span[0] if span else plan.order.known_positions) if submitted is None else submitted
         self.done = self.ended = False
@@ -718,15 +721,15 @@ class _EpochIterator:
         # strengths a reused variant may have this epoch (the current curriculum stage's)
         choices = normalize_strengths(plan.strengths)
         self.allowed = {None} if choices is None else {float(np.float32(c)) for c in choices}
-        if loader._pool is not None:  # producers start on the first look-ahead window at once
-            self._submit_upto(self.submitted + loader._horizon())
+        if pool is not None:  # producers start on the first look-ahead window at once
+            self._submit_upto(self.submitted + horizon())
 
     def __iter__(self):
         return self
 
     def __len__(self) -> int:
         n = self.plan.num_batches
-        return n if n is not None else len(self.loader)
+        return n if n is not None else self.length()
 
     def _submit_upto(self, end: int) -> None:
         self.submitted = max(self.submitted, self.window.submit(self.plan, self.key_base, self.submitted, end,
@@ -734,22 +737,21 @@ class _EpochIterator:
 
     def _request_ahead(self, position: int) -> None:
         """Keep the window ``horizon`` samples ahead of ``position`` (into the next epochs when it ends)."""
-        L = self.loader
-        horizon = position + L._horizon()
+        horizon = position + self.horizon()
         self._submit_upto(horizon)
         if self.plan.order.exhausted and horizon > self.plan.order.known_positions:
-            L._plan_ahead(self.plan.epoch + 1, horizon - self.plan.order.known_positions)
+            self.plan_ahead(self.plan.epoch + 1, horizon - self.plan.order.known_positions)
 
     def dispatch(self, keys: list[Key]) -> list[Key]:
         """The runner hands this batch to a worker: resolve its synthetic positions (NOTE [Mixing])."""
-        L, pool = self.loader, self.loader._pool
-        if self.done or L._closed or not any(k.synthetic for k in keys):
+        pool = self.pool
+        if self.done or not any(k.synthetic for k in keys):
             return keys
         if pool is not None:
             pool.check()  # a dead producer raises here, before anything waits
             self._request_ahead(keys[-1].position + 1)
         d = self.plan.draws(keys[0].position, keys[-1].position + 1)
-        deadline = L._mixer.deadline()  # one deadline for the whole batch
+        deadline = self.mixer.deadline()  # one deadline for the whole batch
         out = []
         for j, key in enumerate(keys):
             if not key.synthetic:
@@ -760,24 +762,20 @@ class _EpochIterator:
                 self.window.outstanding.discard(job)
             else:
                 job = None
-            image, s, kind, waited = L._mixer.resolve(pool, job, key.index, self.plan.job_strength(d.strength[j]),
-                                                      key.seed, deadline, self.allowed)  # fmt: skip
-            L._stats.add_time("stall_s", waited)
+            image, s, kind, waited = self.mixer.resolve(pool, job, key.index, self.plan.job_strength(d.strength[j]),
+                                                        key.seed, deadline, self.allowed)  # fmt: skip
+            self.stats.add_time("stall_s", waited)
             out.append(key._replace(image=image, kind=kind, strength=float("nan") if s is None else float(s)))
         return out
 
     def __next__(self):
-        if self.done:
+        if self.done:  # also after the loader's close() or a new iter() (they mark it done)
             raise StopIteration
-        L = self.loader
-        if L._closed:
-            self.done = True
-            raise StopIteration
-        pool = L._pool
+        pool, stats = self.pool, self.stats
         if pool is not None:
             pool.check()
-            if L._mixer.late:
-                L._mixer.harvest(pool)
+            if self.mixer.late:
+                self.mixer.harvest(pool)
             nxt = self.plan.span(self.progress.prefix + 1)
             self._request_ahead(nxt[0] if nxt else self.plan.order.known_positions)
         t0 = time.perf_counter()
@@ -786,28 +784,28 @@ class _EpochIterator:
         except StopIteration:
             self._finish()
             raise
-        L._stats.add_time("real_wait_s", time.perf_counter() - t0)
+        stats.add_time("real_wait_s", time.perf_counter() - t0)
         out = self._deliver(batch)
         self.progress.consume(batch.batch, batch.worker, batch.rng)
         self.plan.order.release(self.progress.prefix)
         now = time.perf_counter()
-        L._stats.add_time("wall_s", now - self.t_last)
+        stats.add_time("wall_s", now - self.t_last)
         self.t_last = now
-        L._stats.end_batch()
-        cfg = L.config
+        stats.end_batch()
+        cfg = self.config
         if cfg.progress is not None:
-            cfg.progress.set_postfix(L._stats.postfix(), refresh=False)
-        if cfg.log_every and L._stats.current.batches % cfg.log_every == 0:
-            L._stats.log()
+            cfg.progress.set_postfix(stats.postfix(), refresh=False)
+        if cfg.log_every and stats.current.batches % cfg.log_every == 0:
+            stats.log()
         if self.progress.finished():
             self._end_of_epoch()  # not done: the runner's next call pulls the sampler past its end, as DataLoader's
         return out
 
     def _deliver(self, batch: Batch):
-        L, plan = self.loader, self.plan
+        plan = self.plan
         for kind in batch.kinds:
-            L._stats.record(kind)
-        if not L.config.return_meta:
+            self.stats.record(kind)
+        if not self.config.return_meta:
             return batch.data
         n = len(batch.positions)
         start = batch.positions[0] if n else 0
@@ -831,9 +829,8 @@ class _EpochIterator:
             return
         self.ended = True
         self.window.cancel_outstanding()
-        cfg = self.loader.config
-        if cfg.log_every or cfg.progress is not None:
-            self.loader._stats.log()
+        if self.config.log_every or self.config.progress is not None:
+            self.stats.log()
 
     def _finish(self) -> None:
         if self.done:
