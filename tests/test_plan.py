@@ -156,3 +156,38 @@ def test_order_snapshot_round_trips_through_json():
     nested = {1: (b"x", np.arange(3), torch.arange(2)), "k": [1.5, None]}
     out = from_json(json.loads(json.dumps(to_json(nested))))
     assert out[1][0] == b"x" and out[1][1].tolist() == [0, 1, 2] and out[1][2].tolist() == [0, 1] and out["k"] == [1.5, None]
+
+
+class _CountingSampler:
+    """A long sampler that counts how far it has been read."""
+
+    def __init__(self, n):
+        self.n, self.read = n, 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.read += 1
+            yield i % 40
+
+    def __len__(self):
+        return self.n
+
+    def state_dict(self):  # deterministic: nothing to save, but says so (torchdata's protocol)
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_the_loader_reads_a_user_sampler_only_a_window_ahead():
+    from test_loader import TensorImages, fusion
+
+    sampler = _CountingSampler(1_000_000)
+    loader = fusion(TensorImages(n=40), batch_size=8, sampler=sampler, alpha=0.5, lookahead=64, late_policy="real")
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    assert sampler.read <= 4 * 8 + 64 + 8  # consumed + next batch + look-ahead: not the epoch
+    state = loader.state_dict()
+    assert len(json.dumps(state)) < 20_000 and "stored_rest" not in state
+    loader.close()
