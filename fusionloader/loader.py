@@ -112,6 +112,7 @@ class _Progress:
         self.last_worker = last_worker
         self.stored_rest: dict | None = None  # the remaining order, for samplers that cannot re-derive it
         self.plan = None  # the epoch's plan (not saved)
+        self.draws_base_seed = True  # whether this epoch's iter() drew the workers' base seed (DataLoader's rule)
 
     @property
     def consumed(self) -> int:
@@ -407,13 +408,20 @@ class FusionLoader(Generic[T_co]):
         if resume is not None and resume.get("stored_rest") is not None:
             rest = resume["stored_rest"]
             order = ArrayOrder.from_batches(rest["batches"], rest["first_batch"], rest["first_position"])
-            gen, snapshot = torch.Generator(), None
+            gen, snapshot, draw = torch.Generator(), None, True
             gen.manual_seed(mix_seed(self._seed, epoch, 0xD2))
         else:
-            order, gen, snapshot = self._epoch_order(epoch, fresh_workers=not persistent)
+            # DataLoader draws a base seed only when it starts workers; persistent ones are started once. A resumed
+            # epoch follows what the saved run did, even if it needs to start workers now.
+            draw = not persistent if resume is None else bool(resume.get("draws_base_seed", True))
+            order, gen, snapshot = self._epoch_order(epoch, fresh_workers=draw)
+            if gen is None and self._runner is None:  # new workers the saved run did not draw a seed for
+                gen = torch.Generator()
+                gen.manual_seed(mix_seed(self._seed, epoch, 0xD3))
         plan = self._plan(epoch, order)
         progress = _Progress(epoch, plan.num_batches, snapshot)
         progress.plan = plan
+        progress.draws_base_seed = draw
         if resume is not None:
             progress.prefix, progress.extra = resume["batch"], set(resume.get("extra", ()))
             progress.workers = dict(resume.get("workers", {}))
@@ -567,7 +575,7 @@ class FusionLoader(Generic[T_co]):
         state: dict[str, Any] = {"version": _STATE_VERSION, "seed": self._seed, "alpha": self.config.alpha,
                                  "stats": self._stats.state_dict()}  # fmt: skip
         if in_progress:
-            state.update(next_epoch=cur.epoch, batch=cur.prefix, extra=sorted(cur.extra),
+            state.update(next_epoch=cur.epoch, batch=cur.prefix, extra=sorted(cur.extra), draws_base_seed=cur.draws_base_seed,
                          workers={str(k): v for k, v in cur.workers.items()}, last_worker=cur.last_worker)  # fmt: skip
             if cur.snapshot is not None and not (recomputable(self._dl.sampler) and recomputable(self._dl.batch_sampler)):
                 cur.snapshot = None  # this sampler cannot re-derive its order: store what is left of it
@@ -577,11 +585,12 @@ class FusionLoader(Generic[T_co]):
                 state["stored_rest"] = self._stored_rest()
         elif cur is not None and cur.consumed == 0 and not cur.finished() and not self._epoch_pinned:
             # iter() was called but nothing consumed (a trainer's probe): that epoch, from its start
-            state.update(next_epoch=cur.epoch, batch=0)
+            state.update(next_epoch=cur.epoch, batch=0, draws_base_seed=cur.draws_base_seed)
             if cur.snapshot is not None:
                 state["order"] = cur.snapshot
         else:
-            state.update(next_epoch=self._next_epoch, batch=0)
+            state.update(next_epoch=self._next_epoch, batch=0,
+                         draws_base_seed=not (self._dl.persistent_workers and self._runner is not None))
             if cur is not None and cur.plan is not None and not cur.plan.order.exhausted:
                 cur.plan.order.extend_to(1 << 62)  # the sampler's draws past its end (DataLoader's next call)
             if self._order_mode() == "sampler":
@@ -621,7 +630,8 @@ class FusionLoader(Generic[T_co]):
             OrderSnapshot.restore(state["order"], self._dl.generator, self._order_objects())
         resume = {"raw": raw, "epoch": int(state["next_epoch"]), "batch": int(state["batch"]),
                   "extra": state.get("extra", []), "workers": state.get("workers", {}),
-                  "last_worker": state.get("last_worker"), "stored_rest": state.get("stored_rest")}  # fmt: skip
+                  "last_worker": state.get("last_worker"), "stored_rest": state.get("stored_rest"),
+                  "draws_base_seed": state.get("draws_base_seed", True)}  # fmt: skip
         self._resume = resume
         self._epoch_pinned = True
         self._stats.load_state_dict(state.get("stats", {}))

@@ -77,14 +77,15 @@ def test_resume_seeded_order(save_after):
     assert any(s for *_, s in got) and not all(s for *_, s in got)
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent-workers"])
 @pytest.mark.parametrize("save_after", SAVE_POINTS, ids=IDS)
-def test_resume_user_generator_and_workers(save_after):
+def test_resume_user_generator_and_workers(save_after, persistent):
     ds = TensorImages(n=20)
 
     def make():
         g = torch.Generator().manual_seed(9)
         return fusion(ds, batch_size=4, shuffle=True, generator=g, seed=1, num_workers=2, return_meta=True,
-                      late_policy="wait")
+                      late_policy="wait", persistent_workers=persistent)
 
     check_resume(make, 2, save_after)
 
