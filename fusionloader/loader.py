@@ -40,6 +40,8 @@ the parts it composes each have their own file and NOTE (docs/ARCHITECTURE.md dr
   order cannot be re-derived), the workers' RNG states (NOTE [Worker side]) and the counts; it is
   JSON-serialisable. ``load_state_dict`` makes the next ``iter()`` continue there, and ``state_dict()``
   before that ``iter()`` returns the loaded position. Synthetic content is recomputed from the plan's seeds.
+  DataLoader draws the workers' base seed only when it starts workers (once, with ``persistent_workers``);
+  the state records whether the saved epoch drew one, and the resumed epoch does the same.
 """
 
 from __future__ import annotations
