@@ -849,3 +849,19 @@ class _EpochIterator:
             return
         self.done = True
         self._end_of_epoch()
+
+
+def _signature() -> inspect.Signature:
+    """``FusionLoader.__init__``'s signature as tools show it: DataLoader's parameters, ``config``, and every
+    ``FusionConfig`` field as a keyword-only parameter with its default (they arrive through ``**settings``)."""
+    import dataclasses
+
+    own = inspect.signature(FusionLoader.__init__)
+    params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for f in dataclasses.fields(FusionConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=f.type))
+    return own.replace(parameters=params)
+
+
+FusionLoader.__init__.__signature__ = _signature()

@@ -785,3 +785,14 @@ def test_synthetic_post_processing_runs_in_the_workers_with_the_same_results():
     assert (x2[syn][:, 0, 0, 0] != os.getpid()).all()  # with workers: made there, not on the trainer's thread
     # bit-for-bit the same samples wherever they are made: the transform RNG is seeded per position
     torch.testing.assert_close(x2[syn][:, :, 1:], x0[syn][:, :, 1:], rtol=0, atol=0)
+
+
+def test_signature_shows_every_setting():
+    import inspect
+
+    from fusionloader import FusionConfig
+
+    params = inspect.signature(FusionLoader).parameters
+    dl = [p for p in inspect.signature(DataLoader).parameters if p != "self"]
+    assert [p for p in params if p in dl] == dl  # DataLoader's parameters, in DataLoader's order
+    assert set(FusionConfig.field_names()) <= set(params) and params["alpha"].default == 0.5
