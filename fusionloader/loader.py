@@ -600,9 +600,9 @@ class FusionLoader(Generic[T_co]):
         return to_json(state)
 
     def _stored_rest(self) -> dict:
-        cur, active = self._progress, self._active() if self._active is not None else None
+        cur = self._progress
         if cur.stored_rest is None:
-            order = active.plan.order
+            order = cur.plan.order
             order.extend_to(1 << 62)
             batches, first_position = [], None
             for b in range(cur.prefix, order.num_batches):
