@@ -14,7 +14,8 @@ from .engine import (
     PromptPolicy,
     Synthesizer,
 )
-from .loader import LATE_POLICIES, FusionLoader
+from .config import LATE_POLICIES, FusionConfig, LatePolicy
+from .loader import FusionLoader
 from .producer import ProducerError
 from .sources.folder import ImageFolder
 
@@ -22,10 +23,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLIP_IMAGENET_TEMPLATES",
+    "FusionConfig",
     "FusionLoader",
     "IMAGENET_TEMPLATES_SMALL",
     "ImageFolder",
     "LATE_POLICIES",
+    "LatePolicy",
     "LatentCache",
     "NonFiniteOutputError",
     "ProducerError",

@@ -4,89 +4,83 @@ NOTE [Loader design]
 ~~~~~~~~~~~~~~~~~~~~
 
 A real ``torch.utils.data.DataLoader`` does all real-image work; FusionLoader only chooses the keys it
-fetches and replaces some samples afterwards.
+fetches and replaces some samples afterwards. This file is the front, the iteration state and the lifetime;
+the parts it composes each have their own file and NOTE (docs/ARCHITECTURE.md draws the map):
 
-* Validation. The constructor builds a plain ``DataLoader`` from the user's arguments (``self._dl``),
-  so every argument is validated by torch itself and ``sampler``/``batch_sampler``/``collate_fn``/
-  ``len()`` mean exactly what they mean there. That object is never iterated.
-* Plan. At the start of every epoch the batches of indices are fixed up front (NOTE in plan.py): the
-  default samplers' orders are reproduced (``seed=`` given: a pure function of (seed, epoch); under
-  torch.distributed: ``DistributedSampler``'s), otherwise the user's sampler is iterated and its order
-  recorded. Recording follows DataLoader's RNG draw order exactly: DataLoader draws its worker base
-  seed from ``generator`` (or the global RNG) *before* the sampler draws its permutation; we draw the
-  base seed, record the order, and hand the runner a generator replaying the pre-draw state, so workers
-  get the same seeds and the user's generator ends in the same state. ``plan_epoch`` then adds one alpha
-  coin, strength and seed per position.
-* Runner. A second ``DataLoader`` (same workers, pin_memory, timeout, worker_init_fn, prefetch,
-  persistence, multiprocessing context) iterates a wrapper dataset with a batch sampler yielding the
-  planned keys ``(position, index, synthetic)``. Workers run ``dataset[index]`` unchanged (plus
-  ``transform=`` when given) and collate with the user's ``collate_fn`` when the batch has no
-  synthetic position — so ``alpha=0`` is bit-exact DataLoader output. Batches with synthetic positions
-  come back uncollated; for those positions the worker also reports the raw image's form and size.
-* Mix (main process). For a synthetic position the producer's image is taken from the pool (``take``
-  with the late policy's timeout): fresh images go into the variant store. A late position gets a stored
-  variant of the same index (``reuse``) or the real sample already fetched (``real``/``wait`` after its
-  timeout; counted as fallback). Under ``real``/``wait`` the late job is cancelled; under ``reuse`` it
-  keeps running and is *harvested* into the store when done (across epochs, bounded): cancelling every
-  late job livelocks producers slower than the trainer (each would be cancelled in flight, nothing
-  would finish, the store would stay empty). The synthetic image is resized back to the
-  real image's size and form (PIL/array/tensor) and passed through the *same* train transform
-  (``dataset.transform`` for ImageFolder/VisionDataset-style datasets, else ``transform=``) under an
-  RNG seeded by the position's seed (so a resumed run reproduces it), then the batch is collated with the
-  user's ``collate_fn``. The real sample of a synthetic position is fetched anyway: it costs what the
-  DataLoader would have cost, carries the label, and makes fallback free.
-* Requests. Before each batch, synthetic positions up to ``lookahead`` samples ahead are submitted to
-  the ``ProducerPool`` in consumption order (job key = iteration base + position). When the window runs
-  past the epoch's end and the coming epochs' order is a pure function of them (``seed=`` given, or
-  distributed default sampling), as many coming epochs as the window covers are planned early and their
-  positions requested, so producers never idle at an epoch boundary and, when slower than the trainer,
-  can work far enough ahead to deliver in time (few-shot epochs are shorter than one job's latency); each
-  ``iter()`` adopts its epoch's requests, or cancels them all if it turns out to be another epoch.
+* Validation. The constructor builds a plain ``DataLoader`` from the user's arguments (``self._dl``), so
+  every DataLoader argument is validated by torch itself and ``sampler``/``batch_sampler``/``collate_fn``/
+  ``len()`` mean exactly what they mean there; that object is never iterated. The synthesis settings are a
+  :class:`~fusionloader.config.FusionConfig` (config.py), each field validated once at construction;
+  assigning ``batch_size``, ``sampler``, ... afterwards raises ``ValueError`` as DataLoader does.
+* Order (order.py, NOTE [Epoch order]) and plan (plan.py, NOTE [Plan draws]). An epoch's order is read a
+  batch at a time: the default samplers' orders are reproduced as numpy arrays (``seed=`` given; under
+  torch.distributed ``DistributedSampler``'s), any other sampler is iterated lazily exactly as DataLoader
+  iterates it. RNG draw order: DataLoader draws its workers' base seed from ``generator`` (or the global RNG)
+  *before* the sampler draws; so do we -- we draw the base seed, hand the runner a generator replaying the
+  pre-draw state (workers get DataLoader's seeds), then iterate the sampler, so the user's generator and
+  the global RNG end in DataLoader's states. Coins, strengths and seeds per position come from a
+  counter-based generator, drawn per batch.
+* Runner (worker.py, NOTE [Worker side]). A second ``DataLoader`` (same workers, pin_memory, timeout,
+  worker_init_fn, prefetch, persistence, multiprocessing context, in_order) iterates a wrapper dataset with
+  a (batch) sampler yielding the planned keys; ``alpha=0`` is bit-exact DataLoader output, and a dataset's
+  exception reaches the trainer with its own type.
+* Requests (window.py, NOTE [Request window]) and mixing (mixing.py, NOTE [Mixing]): synthetic positions
+  are requested ahead from the ``ProducerPool`` (only through its public methods), resolved against the
+  late policy (a :class:`~fusionloader.config.LatePolicy`), post-processed and collated.
 * Lifetime. Nothing is started before the first ``iter()``. ``close()`` (also ``__exit__``, ``__del__``
-  and interpreter exit) cancels outstanding jobs, stops the runner's workers and closes the pool, whose
-  own shutdown protocol (NOTE in producer.py) bounds it to a few seconds. A new ``iter()`` abandons the
-  previous epoch iterator (its outstanding jobs are cancelled; if it is resumed it falls back to real).
+  and interpreter exit) cancels outstanding jobs, stops the runner's workers, the post-processing threads
+  and the pool. A new ``iter()`` abandons the previous epoch iterator (its jobs are cancelled).
 * Epochs. ``set_epoch(e)`` sets the next epoch and is forwarded to the sampler; without it the loader
   counts epochs itself. Under torch.distributed with default sampling, ``sampler`` is a
   ``DistributedSampler`` with the same shard; a ``set_epoch`` made on it by a trainer is honoured.
-* Resume. ``state_dict()`` holds (seed, epoch, batches consumed, the recorded order when the sampler's
-  order cannot be recomputed, the user generator's state); ``load_state_dict`` makes the next ``iter()``
-  continue there. Synthetic content is recomputed from the plan's seeds; nothing of the ring is saved.
-  A state saved after the last batch of an epoch resumes at the next epoch.
+  ``set_synthesis(alpha=, strengths=)`` changes what the next epochs synthesise (the curriculum hook).
+* Resume (torchdata's contract). ``state_dict()`` holds the epoch, the batches consumed (a prefix plus the
+  few consumed out of order under ``in_order=False``), the order's snapshot at the epoch's start (NOTE
+  [Epoch order]: generator/global RNG/sampler state -- never the order itself, except for a sampler whose
+  order cannot be re-derived), the workers' RNG states (NOTE [Worker side]) and the counts; it is
+  JSON-serialisable. ``load_state_dict`` makes the next ``iter()`` continue there, and ``state_dict()``
+  before that ``iter()`` returns the loaded position. Synthetic content is recomputed from the plan's seeds.
+  DataLoader draws the workers' base seed only when it starts workers (once, with ``persistent_workers``);
+  the state records whether the saved epoch drew one, and the resumed epoch does the same.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import inspect
 import logging
 import math
-import random
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, NamedTuple
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
+from .config import LATE_POLICIES, FusionConfig, LatePolicy
 from .distributed import devices_for_rank, dist_info, local_info
-from .plan import batch_order, distributed_order, mix_seed, normalize_strengths, plan_epoch, random_order, sequential_order
-from .sources.dataset import DatasetError, ImageSource, RawInfo, describe, from_float, get_image, replace_image
+from .mixing import Mixer
+from .order import (ArrayOrder, OrderSnapshot, StreamOrder, distributed_order, from_json, mix_seed, random_order,
+                    recomputable, sequential_order, to_json)  # fmt: skip
+from .plan import EpochPlan, normalize_strengths
+from .sources.dataset import DatasetError, ImageSource
 from .stats import LoaderStats
 from .store import VariantStore
+from .window import RequestWindow
+from .worker import Batch, Key, PlannedDataset, PlanSampler, WorkerCollate, WorkerInit
 
-__all__ = ["FusionLoader", "LATE_POLICIES"]
+__all__ = ["LATE_POLICIES", "FusionConfig", "FusionLoader", "LatePolicy"]
 
 logger = logging.getLogger("fusionloader")
 
-LATE_POLICIES = ("reuse", "real", "wait")
-_KEY_STRIDE = 1 << 32  # job keys: iteration serial * stride + position
-_MAX_EPOCHS_AHEAD = 64  # bounds the look-ahead in epochs (an epoch may hold a single sample)
+T_co = TypeVar("T_co", covariant=True)
 _LIVE: "weakref.WeakSet[FusionLoader]" = weakref.WeakSet()
 _HAS_IN_ORDER = "in_order" in inspect.signature(DataLoader.__init__).parameters  # torch >= 2.6
+_STATE_VERSION = 2
+# DataLoader refuses these after init (DataLoader.__setattr__); so do we, with its message.
+_FROZEN = ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers")
 
 
 @atexit.register
@@ -96,119 +90,6 @@ def _close_live_loaders() -> None:
             loader.close()
         except Exception:  # interpreter exit: never let one loader stop the others closing
             pass
-
-
-# --- what workers run --------------------------------------------------------------------------
-
-
-class _Key(NamedTuple):
-    position: int
-    index: int
-    synthetic: bool
-    seed: int
-
-
-def _seeded_call(fn, x, seed: int):
-    """``fn(x)`` with torch's CPU RNG and Python's ``random`` seeded by ``seed``, restored afterwards: random
-    train transforms become a function of the position (resumable) and leave the caller's RNG alone."""
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            return fn(x)
-        finally:
-            random.setstate(py_state)
-
-
-class _Item(NamedTuple):
-    position: int
-    index: int
-    synthetic: bool
-    sample: Any
-    info: RawInfo | None
-
-
-class _Batch:
-    """What a runner worker returns: collated data (no synthetic position) or the items to mix."""
-
-    __slots__ = ("positions", "data", "items")
-
-    def __init__(self, positions, data=None, items=None):
-        self.positions, self.data, self.items = positions, data, items
-
-    def pin_memory(self, device=None):  # called by DataLoader's pin-memory thread
-        if self.data is not None:
-            from torch.utils.data._utils.pin_memory import pin_memory
-
-            self.data = pin_memory(self.data, device)
-        return self
-
-
-class _PlannedDataset(Dataset):
-    """``dataset[index]`` for planned keys; errors name the index and path."""
-
-    def __init__(self, dataset, source: ImageSource, transform):
-        self.dataset, self.source, self.transform = dataset, source, transform
-        self._infos: dict[int, RawInfo] = {}
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def _finish(self, key: _Key, sample) -> _Item:
-        info = None
-        try:
-            if self.transform is not None:
-                raw = get_image(sample)
-                if key.synthetic:
-                    info = describe(raw)
-                sample = replace_image(sample, _seeded_call(self.transform, raw, key.seed))
-            elif key.synthetic:
-                info = self._infos.get(key.index)
-                if info is None:
-                    own = self.source._folder or self.source._raw_view is not None
-                    info = self.source.info(key.index) if own else describe(get_image(sample))
-                    if len(self._infos) < 100_000:
-                        self._infos[key.index] = info
-        except DatasetError:
-            raise
-        except Exception as e:
-            raise DatasetError(key.index, self.source.path(key.index), e) from e
-        return _Item(key.position, key.index, key.synthetic, sample, info)
-
-    def __getitem__(self, key: _Key) -> _Item:
-        try:
-            sample = self.dataset[key.index]
-        except Exception as e:
-            raise DatasetError(key.index, self.source.path(key.index), e) from e
-        return self._finish(key, sample)
-
-    def __getitems__(self, keys):
-        getitems = getattr(self.dataset, "__getitems__", None)
-        if not getitems:
-            return [self[k] for k in keys]
-        try:
-            samples = getitems([k.index for k in keys])
-        except DatasetError:
-            raise
-        except Exception as e:
-            raise DatasetError(keys[0].index, None, e) from e
-        return [self._finish(k, s) for k, s in zip(keys, samples)]
-
-
-class _WorkerCollate:
-    """Collate in the worker when nothing needs mixing (the DataLoader path), else pass items through."""
-
-    def __init__(self, collate_fn, auto_collation: bool):
-        self.collate_fn, self.auto = collate_fn, auto_collation
-
-    def __call__(self, data):
-        items = data if self.auto else [data]
-        positions = [it.position for it in items]
-        if any(it.synthetic for it in items):
-            return _Batch(positions, items=items)
-        samples = [it.sample for it in items]
-        return _Batch(positions, data=self.collate_fn(samples if self.auto else samples[0]))
 
 
 class _TrackedDistributedSampler(torch.utils.data.DistributedSampler):
@@ -221,60 +102,48 @@ class _TrackedDistributedSampler(torch.utils.data.DistributedSampler):
         self.set_by_caller = True
 
 
-class _PlanSampler:
-    """The runner's (batch) sampler: the planned keys from ``start`` on; reads the current plan lazily."""
+class _Progress:
+    """How far the current epoch is: the consumed batches (a prefix plus out-of-order ones), the order's
+    snapshot at its start, and per logical worker the RNG state after its last consumed batch."""
 
-    def __init__(self, batched: bool):
-        self.batched = batched
-        self.keys: list[list[_Key]] = []
-        self.start = 0
+    def __init__(self, epoch: int, num_batches: int | None, snapshot: dict | None, prefix: int = 0,
+                 extra=(), workers: dict | None = None, last_worker: int | None = None):  # fmt: skip
+        self.epoch, self.num_batches, self.snapshot = epoch, num_batches, snapshot
+        self.prefix, self.extra = prefix, set(extra)
+        self.workers = dict(workers or {})
+        self.last_worker = last_worker
+        self.stored_rest: dict | None = None  # the remaining order, for samplers that cannot re-derive it
+        self.plan = None  # the epoch's plan (not saved)
+        self.draws_base_seed = True  # whether this epoch's iter() drew the workers' base seed (DataLoader's rule)
 
-    def set(self, plan, start: int) -> None:
-        self.keys = [
-            [_Key(p, int(plan.indices[p]), bool(plan.synthetic[p]), int(plan.sample_seed[p])) for p in range(s, e)]
-            for s, e in zip(plan.batch_starts[:-1].tolist(), plan.batch_starts[1:].tolist())
-        ]
-        self.start = start
+    @property
+    def consumed(self) -> int:
+        return self.prefix + len(self.extra)
 
-    def __iter__(self):
-        for batch in self.keys[self.start :]:
-            yield batch if self.batched else batch[0]
+    def consume(self, batch: int, worker: int | None, rng) -> None:
+        if batch == self.prefix:
+            self.prefix += 1
+            while self.prefix in self.extra:
+                self.extra.discard(self.prefix)
+                self.prefix += 1
+        elif batch > self.prefix:
+            self.extra.add(batch)
+        if worker is not None:
+            self.workers[worker] = rng
+            self.last_worker = worker
 
-    def __len__(self):
-        return len(self.keys) - self.start
+    def finished(self) -> bool:
+        return self.num_batches is not None and self.prefix >= self.num_batches
 
 
-# --- the front ---------------------------------------------------------------------------------
-
-
-class FusionLoader:
+class FusionLoader(Generic[T_co]):
     """A ``DataLoader`` that replaces a fraction ``alpha`` of samples with synthetic variants of themselves.
 
-    Positional and DataLoader keyword arguments are exactly ``torch.utils.data.DataLoader``'s. The
-    keyword-only arguments configure synthesis (defaults follow DA-Fusion: alpha 0.5, strength 0.5,
-    guidance 7.5, 50 steps, M = 10 variants per image):
-
-    synthesizer: a ``fusionloader.Synthesizer``, a checkpoint path, or a spec the producer pool accepts.
-    alpha: probability that a position is synthetic (one coin per position).
-    strengths: SDEdit strength: a float, a sequence (uniform choice), ``"randomized"`` (DA-Fusion's
-        randomized intensity, uniform over {0.25, 0.5, 0.75, 1.0}) or ``None`` (text-only).
-    prompts: a template string (``"a photo of a {}"``, filled with ``dataset.classes[label]`` or the
-        label), a sequence indexed by class label, a mapping label -> prompt (a list value = uniform choice
-        per sample), or a callable ``(index, label) -> prompt``. Default: ``"a photo of a {}"`` when the
-        dataset has ``classes``, else ``"a photo"``.
-    transform: the train transform, for datasets returning raw images: applied to real images in workers
-        and to synthetic ones. Leave ``None`` for datasets with their own ``transform`` attribute
-        (ImageFolder, VisionDataset): theirs is applied to both.
-    producer_devices: one producer per device, split among the local ranks of a node.
-    late_policy: what a synthetic position gets when its image is not ready: ``"reuse"`` a stored variant
-        of the same index (real if none), ``"real"``, or ``"wait"`` up to ``wait_timeout`` s, then real.
-    variants_per_index, store_bytes: bounds of the in-memory variant store.
-    lookahead: how many samples ahead requests are submitted (default: adaptive, at least
-        ``max(64, 8 * batch_size)`` and 1.5x what the trainer consumes during one producer job's latency).
-    seed: one seed for coins, strengths, sample seeds and (when given, with default sampling) the order.
-        Default: ``torch.initial_seed()``.
-    return_meta: yield ``(batch, meta)`` with ``meta`` a dict of tensors ``index``, ``planned``
-        (the coin), ``synthetic`` (delivered synthetic), ``fresh``, ``strength`` (NaN when real).
+    Positional and DataLoader keyword arguments are exactly ``torch.utils.data.DataLoader``'s. The synthesis
+    settings are a :class:`~fusionloader.config.FusionConfig`: pass ``config=`` or its fields as keyword
+    arguments (``synthesizer=``, ``alpha=``, ``strengths=``, ``prompts=``, ``transform=``, ``late_policy=``,
+    ``seed=``, ``return_meta=``, ...; keyword arguments override ``config``'s fields). See config.py for
+    every field and its meaning; each is validated here, with an error naming it and the value.
     """
 
     def __init__(
@@ -285,11 +154,11 @@ class FusionLoader:
         sampler=None,
         batch_sampler=None,
         num_workers: int = 0,
-        collate_fn: Callable | None = None,
+        collate_fn=None,
         pin_memory: bool = False,
         drop_last: bool = False,
         timeout: float = 0,
-        worker_init_fn: Callable | None = None,
+        worker_init_fn=None,
         multiprocessing_context=None,
         generator: torch.Generator | None = None,
         *,
@@ -297,32 +166,8 @@ class FusionLoader:
         persistent_workers: bool = False,
         pin_memory_device: str = "",
         in_order: bool = True,
-        synthesizer=None,
-        alpha: float = 0.5,
-        strengths=0.5,
-        prompts=None,
-        transform: Callable | None = None,
-        producer_devices=("cpu",),
-        late_policy: str = "reuse",
-        variants_per_index: int = 10,
-        lookahead: int | None = None,
-        seed: int | None = None,
-        return_meta: bool = False,
-        guidance_scale: float = 7.5,
-        num_inference_steps: int = 50,
-        wait_timeout: float = 30.0,
-        store_bytes: int = 1 << 30,
-        image_size: int | None = None,
-        producer_capacity: int = 8,
-        producer_slots: int | None = None,
-        producer_timeout: float | None = None,
-        on_producer_error: str = "raise",
-        max_restarts: int = 3,
-        latent_cache_path: str | None = None,
-        distributed: str | bool = "auto",
-        progress=None,
-        log_every: int = 0,
-        pool_factory: Callable | None = None,
+        config: FusionConfig | None = None,
+        **settings,
     ):
         # torch validates every DataLoader argument (and picks the default collate_fn / samplers).
         self._dl = DataLoader(
@@ -331,81 +176,57 @@ class FusionLoader:
             persistent_workers=persistent_workers, pin_memory_device=pin_memory_device,
             **({"in_order": in_order} if _HAS_IN_ORDER else {}),
         )
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        if late_policy not in LATE_POLICIES:
-            raise ValueError(f"late_policy must be one of {LATE_POLICIES}, got {late_policy!r}")
-        if distributed not in ("auto", True, False):
-            raise ValueError("distributed must be 'auto', True or False")
-        normalize_strengths(strengths)  # validate now, not at the first iter()
+        unknown = sorted(set(settings) - set(FusionConfig.field_names()))
+        if unknown:
+            raise TypeError(f"FusionLoader got unexpected keyword argument(s) {unknown}; the synthesis settings are "
+                            f"FusionConfig's fields: {', '.join(FusionConfig.field_names())}")  # fmt: skip
+        if config is not None and not isinstance(config, FusionConfig):
+            raise TypeError(f"config must be a FusionConfig, got {config!r}")
+        cfg = FusionConfig(**settings) if config is None else config.__class__(**{**vars(config), **settings})
         self._passthrough = isinstance(dataset, IterableDataset)
-        if self._passthrough and alpha > 0:
-            raise ValueError("synthesis needs a map-style dataset (an index per sample); "
-                             "an IterableDataset works only with alpha=0")
-        if alpha > 0 and synthesizer is None and pool_factory is None:
-            raise ValueError("alpha > 0 needs a synthesizer (a Synthesizer, a checkpoint path or a spec)")
-        if transform is not None and getattr(dataset, "transform", None) is not None:
-            raise ValueError("the dataset applies its own transform; pass transform= only for datasets returning raw images")
-
-        self.alpha = float(alpha)
-        self.synthesizer = synthesizer
-        self.strengths = strengths
-        self.prompts = prompts
-        self.transform = transform
-        self.producer_devices = (producer_devices,) if isinstance(producer_devices, str) else tuple(producer_devices)
-        self.late_policy = late_policy
-        self.variants_per_index = variants_per_index
-        self.lookahead = lookahead if lookahead is not None else max(64, 8 * (self._dl.batch_size or 1))
-        self._adaptive_lookahead = lookahead is None
-        self.return_meta = return_meta
-        self.guidance_scale = float(guidance_scale)
-        self.num_inference_steps = int(num_inference_steps)
-        self.wait_timeout = float(wait_timeout)
-        self.progress, self.log_every = progress, int(log_every)
-        self._seed_given = seed is not None
-        self.seed = int(seed) if seed is not None else torch.initial_seed()
+        if self._passthrough and cfg.alpha > 0:
+            raise ValueError(f"alpha={cfg.alpha}: synthesis needs a map-style dataset (an index per sample); "
+                             "an IterableDataset works only with alpha=0")  # fmt: skip
+        if cfg.transform is not None and getattr(dataset, "transform", None) is not None:
+            raise ValueError("transform: the dataset applies its own transform; pass transform= only for datasets "
+                             "returning raw images")  # fmt: skip
+        self.config = cfg
+        self._seed = cfg.seed if cfg.seed is not None else torch.initial_seed()
         self._user_sampler = sampler is not None or batch_sampler is not None
-        self._distributed = distributed
-        self._pool_kwargs = dict(
-            on_error=on_producer_error, max_restarts=max_restarts, latent_cache_path=latent_cache_path,
-            capacity=producer_capacity, image_size=image_size, slots=producer_slots, timeout=producer_timeout,
-            # Training does not wait for producers to load and warm up, except under late_policy="wait",
-            # whose promise is that every planned position gets its own fresh image.
-            wait_ready=late_policy == "wait",
-            # A trainer that waits for every job needs them in order: made out of order, results far ahead
-            # would hold the ring slots the awaited job needs (NOTE [Deadlines] in producer.py).
-            deadlines=late_policy != "wait",
-        )
-        self._pool_factory = pool_factory
-        self._store_bytes = store_bytes
         self._init_runtime()
+        if not self._passthrough:
+            cfg.check_dataset(dataset, self._source.label_set())
         self._next_epoch = 0
         self._epoch_pinned = False
-        self._resume: dict | None = None
-        self._cur: dict | None = None  # the epoch in progress (for state_dict)
-        self._iter_serial = 0
+        self._resume: dict | None = None  # a loaded state, until the next iter() continues from it
+        self._progress: _Progress | None = None  # the epoch in progress (for state_dict)
         self._stats = LoaderStats()
+        self._initialized = True
 
     def _init_runtime(self) -> None:
-        self._source = ImageSource(self._dl.dataset, self.transform) if not self._passthrough else None
-        self._store = VariantStore(self.variants_per_index, getattr(self, "_store_bytes", 1 << 30))
+        cfg = self.config
+        self._source = ImageSource(self._dl.dataset, cfg.transform) if not self._passthrough else None
+        self._store = VariantStore(cfg.variants_per_index, cfg.store_bytes)
+        self._mixer = Mixer(self._store, cfg.late_policy, cfg.wait_timeout)
+        self._window = RequestWindow(self._make_jobs)
         self._pool = None
         self._runner: DataLoader | None = None
-        self._plan_sampler: _PlanSampler | None = None
+        self._plan_sampler: PlanSampler | None = None
+        self._worker_init: WorkerInit | None = None
         self._active = None  # weakref to the live epoch iterator
-        self._outstanding: set[int] = set()  # its submitted, not yet taken job keys
-        self._ahead: dict[int, dict] = {}  # epoch -> requests already made for a coming epoch (see _plan_ahead)
-        self._harvested = 0
-        self._late: collections.deque = collections.deque()  # (key, index, strength): late jobs left running
         self._dist_sampler = None
         self._closed = False
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _FROZEN and self.__dict__.get("_initialized", False):
+            raise ValueError(f"{name} attribute should not be set after {type(self).__name__} is initialized")
+        super().__setattr__(name, value)
 
     # -- DataLoader's face --------------------------------------------------------------------------
 
     dataset = property(lambda self: self._dl.dataset)
     batch_size = property(lambda self: self._dl.batch_size)
     drop_last = property(lambda self: self._dl.drop_last)
-    num_workers = property(lambda self: self._dl.num_workers)
     collate_fn = property(lambda self: self._dl.collate_fn)
     pin_memory = property(lambda self: self._dl.pin_memory)
     timeout = property(lambda self: self._dl.timeout)
@@ -414,6 +235,15 @@ class FusionLoader:
     prefetch_factor = property(lambda self: self._dl.prefetch_factor)
     persistent_workers = property(lambda self: self._dl.persistent_workers)
     multiprocessing_context = property(lambda self: self._dl.multiprocessing_context)
+
+    @property
+    def num_workers(self) -> int:
+        return self._dl.num_workers
+
+    @num_workers.setter
+    def num_workers(self, value: int) -> None:  # DataLoader allows it; takes effect with the next runner
+        self._dl.num_workers = value
+        self._runner = None
 
     @property
     def sampler(self):
@@ -439,11 +269,36 @@ class FusionLoader:
             return per_rank // bs if self._dl.drop_last else math.ceil(per_rank / bs)
         return len(self._dl)
 
+    # -- synthesis settings ---------------------------------------------------------------------------
+
+    alpha = property(lambda self: self.config.alpha)
+    strengths = property(lambda self: self.config.strengths)
+    late_policy = property(lambda self: self.config.late_policy.name)
+    seed = property(lambda self: self._seed)
+    synthesizer = property(lambda self: self.config.synthesizer)
+    return_meta = property(lambda self: self.config.return_meta)
+
+    @property
+    def synthesizes(self) -> bool:
+        """Whether this loader can synthesise (it was given a synthesizer or a pool factory)."""
+        return self.config.synthesizer is not None or self.config.pool_factory is not None
+
+    def set_synthesis(self, alpha: float | None = None, strengths=...) -> None:
+        """Change ``alpha`` and/or ``strengths`` for the epochs planned from now on (the next ``iter()``);
+        validated as at construction. The hook for schedules (``fusionloader.methods.curriculum.apply``)."""
+        cfg = self.config.with_synthesis(alpha, strengths)
+        if cfg.alpha > 0 and self._passthrough:
+            raise ValueError(f"alpha={cfg.alpha}: synthesis needs a map-style dataset")
+        self.config = cfg
+
+    # -- epochs ---------------------------------------------------------------------------------------
+
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` epoch ``epoch``; forwarded to the sampler and batch sampler."""
         self._next_epoch = int(epoch)
         self._epoch_pinned = True
-        self._resume = None if self._resume and self._resume["epoch"] != epoch else self._resume
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
         seen = set()
         for obj in (self.sampler, self.batch_sampler, getattr(self.batch_sampler, "sampler", None)):
             fn = getattr(obj, "set_epoch", None)
@@ -454,13 +309,13 @@ class FusionLoader:
     def _choose_epoch(self) -> int:
         """The epoch of a new ``iter()`` (no resume pending); see NOTE [Loader design], "Epochs"."""
         ds = self._distributed_sampler() if self._order_mode() == "distributed" else None
-        cur = self._cur
+        cur = self._progress
         if ds is not None and ds.set_by_caller:  # a trainer (Lightning) called sampler.set_epoch
             epoch = ds.epoch
         elif self._epoch_pinned:
             epoch = self._next_epoch
-        elif cur is not None and cur["batch"] == 0 and cur["num_batches"] > 0:
-            epoch = cur["epoch"]  # the previous iter() yielded nothing (e.g. a trainer's iterability probe)
+        elif cur is not None and cur.consumed == 0 and cur.num_batches != 0:
+            epoch = cur.epoch  # the previous iter() yielded nothing (e.g. a trainer's iterability probe)
         else:
             epoch = self._next_epoch
         if ds is not None:
@@ -468,63 +323,79 @@ class FusionLoader:
         self._epoch_pinned = False
         return epoch
 
-    # -- ordering -----------------------------------------------------------------------------------
+    # -- orders ---------------------------------------------------------------------------------------
 
     def _order_mode(self) -> str:
         if self._passthrough:
             return "passthrough"
-        if not self._user_sampler and self._distributed is not False and dist_info()[1] > 1:
+        if not self._user_sampler and self.config.distributed is not False and dist_info()[1] > 1:
             return "distributed"
-        if not self._user_sampler and self._seed_given and self._dl.generator is None:
+        if not self._user_sampler and self.config.seed is not None and self._dl.generator is None:
             return "seeded"
-        return "recorded"
+        return "sampler"
 
-    @property
-    def _order_seed(self) -> int:
-        # DistributedSampler needs one seed on every rank; its default is 0.
-        return self.seed if self._seed_given else 0
+    def _rank_world(self) -> tuple[int, int]:
+        return dist_info() if self._order_mode() == "distributed" else (0, 1)
 
     def _distributed_sampler(self):
         rank, world = dist_info()
         ds = self._dist_sampler
         if ds is None or (ds.rank, ds.num_replicas) != (rank, world):
-            ds = _TrackedDistributedSampler(self._dl.dataset, world, rank, shuffle=bool(self._shuffle),
-                                            seed=self._order_seed, drop_last=self._dl.drop_last)
+            # DistributedSampler needs one seed on every rank; its default is 0.
+            seed = self.config.seed if self.config.seed is not None else 0
+            ds = _TrackedDistributedSampler(self._dl.dataset, world, rank, shuffle=isinstance(self._dl.sampler, RandomSampler),
+                                            seed=seed, drop_last=self._dl.drop_last)  # fmt: skip
             self._dist_sampler = ds
         return ds
 
-    @property
-    def _shuffle(self) -> bool:
-        from torch.utils.data import RandomSampler
+    def _order_objects(self) -> dict:
+        """Things whose state decides a sampler's order (besides the generator)."""
+        objs = {"sampler": self._dl.sampler, "batch_sampler": self._dl.batch_sampler}
+        return {k: v for k, v in objs.items() if v is not None}
 
-        return isinstance(self._dl.sampler, RandomSampler)
+    def _index_sampler(self):
+        return self._dl.batch_sampler if self._dl.batch_sampler is not None else self._dl.sampler
 
-    def _epoch_batches(self, epoch: int, fresh_runner_iter: bool):
-        """(batches, runner generator, recorded?) for ``epoch``; see NOTE [Loader design]."""
-        mode = self._order_mode()
-        rank, world = dist_info() if mode == "distributed" else (0, 1)
-        bs, drop = self._dl.batch_size, self._dl.drop_last
-        if mode in ("distributed", "seeded"):
-            n = len(self._dl.dataset)
-            if mode == "distributed":
-                order = distributed_order(n, rank, world, self._shuffle, self._order_seed, epoch, drop)
-            else:
-                order = random_order(n, self.seed, epoch) if self._shuffle else sequential_order(n)
+    def _array_order(self, epoch: int) -> ArrayOrder:
+        n = len(self._dl.dataset)
+        shuffle = isinstance(self._dl.sampler, RandomSampler)
+        if self._order_mode() == "distributed":
+            rank, world = dist_info()
+            seed = self.config.seed if self.config.seed is not None else 0
+            order = distributed_order(n, rank, world, shuffle, seed, epoch, self._dl.drop_last)
+        else:
+            order = random_order(n, self._seed, epoch) if shuffle else sequential_order(n)
+        return ArrayOrder.batched(order, self._dl.batch_size, self._dl.drop_last)
+
+    def _plan(self, epoch: int, order) -> EpochPlan:
+        rank, world = self._rank_world()
+        return EpochPlan(order, seed=self._seed, epoch=epoch, alpha=self.config.alpha, strengths=self.config.strengths,
+                         rank=rank, world_size=world)  # fmt: skip
+
+    def _epoch_order(self, epoch: int, fresh_workers: bool):
+        """(order, runner generator or None, snapshot or None) for ``epoch``; NOTE [Loader design], "Order"."""
+        if self._order_mode() in ("distributed", "seeded"):
             gen = torch.Generator()
-            gen.manual_seed(mix_seed(self.seed, epoch, rank, 0xD1))
-            return batch_order(order, bs, drop), gen, False
+            gen.manual_seed(mix_seed(self._seed, epoch, self._rank_world()[0], 0xD1))
+            return self._array_order(epoch), gen, None
         user_gen = self._dl.generator
+        snapshot = OrderSnapshot.take(user_gen, self._order_objects())
         gen = None
-        if fresh_runner_iter:  # DataLoader draws the workers' base seed before the sampler draws
+        if fresh_workers:  # DataLoader draws the workers' base seed before the sampler draws
             state = user_gen.get_state() if user_gen is not None else torch.get_rng_state()
             torch.empty((), dtype=torch.int64).random_(generator=user_gen)
             gen = torch.Generator()
             gen.set_state(state)
-        index_sampler = self._dl._index_sampler
-        batches = [list(b) for b in index_sampler] if self._dl._auto_collation else [[i] for i in index_sampler]
-        return batches, gen, True
+        index_sampler = self._index_sampler()
+        try:
+            num_batches = len(index_sampler)
+        except TypeError:
+            num_batches = None
+        order = StreamOrder(iter(index_sampler), self._dl.batch_sampler is not None, num_batches)
+        order.extend_to(1)  # the sampler draws now, as DataLoader's first batch would make it draw
+        return order, gen, snapshot
 
-    # -- iteration ----------------------------------------------------------------------------------
+    # -- iteration ------------------------------------------------------------------------------------
 
     def __iter__(self):
         if self._closed:
@@ -532,126 +403,55 @@ class FusionLoader:
         if self._passthrough:
             return iter(self._dl)
         self._abandon_active()
-        rank, world = dist_info() if self._order_mode() == "distributed" else (0, 1)
-
         resume, self._resume = self._resume, None
-        if resume is not None:
-            epoch, start = resume["epoch"], resume["batch"]
-        else:
-            epoch, start = self._choose_epoch(), 0
+        epoch = resume["epoch"] if resume is not None else self._choose_epoch()
         self._next_epoch = epoch + 1
-
         persistent = self._dl.persistent_workers and self._runner is not None
-        if resume is not None and resume.get("batches") is not None:
-            batches, gen, recorded = resume["batches"], torch.Generator(), True
-            gen.manual_seed(mix_seed(self.seed, epoch, rank, 0xD2))
+        if resume is not None and resume.get("stored_rest") is not None:
+            rest = resume["stored_rest"]
+            order = ArrayOrder.from_batches(rest["batches"], rest["first_batch"], rest["first_position"])
+            gen, snapshot, draw = torch.Generator(), None, True
+            gen.manual_seed(mix_seed(self._seed, epoch, 0xD2))
         else:
-            batches, gen, recorded = self._epoch_batches(epoch, fresh_runner_iter=not persistent)
-        plan = plan_epoch(batches, seed=self.seed, epoch=epoch, alpha=self.alpha, strengths=self.strengths,
-                          rank=rank, world_size=world)
-        start = min(start, len(plan.batches))
-        self._cur = {
-            "epoch": epoch, "batch": start, "num_batches": len(plan.batches),
-            "batches": [list(b) for b in plan.batches] if recorded else None,
-            "rng": self._order_rng_state() if recorded else None,
-        }
-        if self.alpha > 0:
+            # DataLoader draws a base seed only when it starts workers; persistent ones are started once. A resumed
+            # epoch follows what the saved run did, even if it needs to start workers now.
+            draw = not persistent if resume is None else bool(resume.get("draws_base_seed", True))
+            order, gen, snapshot = self._epoch_order(epoch, fresh_workers=draw)
+            if gen is None and self._runner is None:  # new workers the saved run did not draw a seed for
+                gen = torch.Generator()
+                gen.manual_seed(mix_seed(self._seed, epoch, 0xD3))
+        plan = self._plan(epoch, order)
+        progress = _Progress(epoch, plan.num_batches, snapshot)
+        progress.plan = plan
+        progress.draws_base_seed = draw
+        if resume is not None:
+            progress.prefix, progress.extra = resume["batch"], set(resume.get("extra", ()))
+            progress.workers = dict(resume.get("workers", {}))
+            progress.last_worker = resume.get("last_worker")
+        self._progress = progress
+        if self.config.alpha > 0:
             self._start_pool()
-        runner_iter = self._runner_iter(plan, start, gen)
-        ahead = self._ahead.pop(epoch, None)
-        if (ahead is not None and resume is None
-                and np.array_equal(ahead["plan"].indices, plan.indices)
-                and np.array_equal(ahead["plan"].synthetic, plan.synthetic)
-                # a curriculum may have changed alpha/strengths since the requests were made
-                and np.array_equal(ahead["plan"].strength, plan.strength, equal_nan=True)):
-            key_base, submitted = ahead["key_base"], ahead["submitted"]  # adopt what was requested ahead
-            self._outstanding |= ahead["keys"]
-            for e in [e for e in self._ahead if e < epoch]:  # skipped epochs (set_epoch jumped ahead)
-                self._drop_ahead(e)
-        else:
-            # Later epochs' keys were made for consumption after this one's: they cannot follow new keys.
-            if ahead is not None:
-                self._ahead[epoch] = ahead
-            self._drop_ahead()
-            self._iter_serial += 1
-            key_base, submitted = self._iter_serial * _KEY_STRIDE, None
-        it = _EpochIterator(self, plan, start, runner_iter, key_base, submitted)
-        self._active = weakref.ref(it)
+        adopted = self._window.adopt(plan) if resume is None else (self._window.drop_ahead() or None)
+        key_base, submitted = (self._window.new_key_base(), None) if adopted is None else adopted
         self._stats.begin(epoch)
+        it = _EpochIterator(plan, progress, key_base, submitted, pool=self._pool, window=self._window, mixer=self._mixer,
+                            stats=self._stats, config=self.config, horizon=self._horizon, plan_ahead=self._plan_ahead,
+                            length=self.__len__)  # requests its first window now; fmt: skip
+        # the runner dispatches its first batches at iter(): their synthetic images are resolved then
+        it.runner_iter = self._runner_iter(plan, progress, gen, resumed=resume is not None, dispatch=it.dispatch)
+        self._active = weakref.ref(it)
         return it
 
-    def _horizon(self) -> int:
-        """How many samples ahead to request. A fixed ``lookahead`` when given; by default at least 2x
-        the samples the trainer consumes while a producer makes one job (pool latency), so that when
-        producers are slower than the trainer they make images for positions they can still reach in
-        time (NOTE [Deadlines] in producer.py) instead of chasing the trainer and always arriving late."""
-        if not self._adaptive_lookahead or self._pool is None:
-            return self.lookahead
-        # The rate over the whole run: an epoch's first batches say little (a few-shot epoch has few).
-        total = self._stats.total
-        latency = getattr(self._pool, "latency_s", 0.0)
-        if total.wall_s <= 0 or latency <= 0:
-            return self.lookahead
-        rate = total.samples / total.wall_s  # samples per second
-        return int(min(max(self.lookahead, math.ceil(2.0 * rate * latency)), 1 << 16))
-
-    def _plan_ahead(self, epoch: int, positions: int) -> None:
-        """Request the first ``positions`` samples from the start of ``epoch`` on (running into the epochs
-        after it when it is shorter: a few-shot epoch can be shorter than the look-ahead) while the current
-        epoch ends, so producers do not idle at the boundary and can make images in time -- only where an
-        epoch's order is a pure function of it (``seed=`` given, or distributed default sampling) and nobody
-        has pinned the next epoch. Keys grow with the epoch, as the pool's deadline order needs."""
-        if self._pool is None or self._epoch_pinned or self._order_mode() not in ("seeded", "distributed"):
-            return
-        last = epoch
-        for e in range(epoch, epoch + _MAX_EPOCHS_AHEAD):
-            if positions <= 0:
-                break
-            last = e
-            ahead = self._ahead.get(e)
-            if ahead is None:
-                rank, world = dist_info() if self._order_mode() == "distributed" else (0, 1)
-                batches, _, _ = self._epoch_batches(e, fresh_runner_iter=False)
-                plan = plan_epoch(batches, seed=self.seed, epoch=e, alpha=self.alpha, strengths=self.strengths,
-                                  rank=rank, world_size=world)
-                self._iter_serial += 1
-                ahead = self._ahead[e] = {"plan": plan, "key_base": self._iter_serial * _KEY_STRIDE, "submitted": 0,
-                                          "keys": set()}  # fmt: skip
-            plan, done = ahead["plan"], ahead["submitted"]
-            end = min(positions, plan.num_positions)
-            if end > done:
-                picked = np.flatnonzero(plan.synthetic[done:end]) + done
-                jobs = [self._make_job(ahead["key_base"] + int(p), plan, int(p)) for p in picked]
-                if jobs:
-                    self._pool.submit(jobs)
-                    ahead["keys"].update(j.key for j in jobs)
-                ahead["submitted"] = end
-            positions -= plan.num_positions
-        # The look-ahead shrank: free what it no longer covers -- past a margin of three times as many epochs,
-        # or a look-ahead that breathes with the latency estimate would cancel and re-request the same jobs.
-        for e in [e for e in self._ahead if e > last + 3 * (last - epoch + 1)]:
-            self._drop_ahead(e)
-
-    def _drop_ahead(self, epoch: int | None = None) -> None:
-        """Cancel the requests made ahead for ``epoch`` (default: every epoch)."""
-        aheads = getattr(self, "_ahead", None) or {}
-        for e in [epoch] if epoch is not None else list(aheads):
-            ahead = aheads.pop(e, None)
-            if ahead is not None and ahead["keys"] and self._pool is not None:
-                try:
-                    self._pool.cancel(list(ahead["keys"]))
-                except Exception:  # a failed pool has nothing left to cancel
-                    pass
-
-    def _runner_iter(self, plan, start: int, gen):
+    def _runner_iter(self, plan: EpochPlan, progress: _Progress, gen, resumed: bool, dispatch):
+        dl = self._dl
+        auto = dl.batch_sampler is not None
         if self._runner is None:
-            dl = self._dl
-            auto = dl._auto_collation
-            self._plan_sampler = _PlanSampler(batched=auto)
-            wrapped = _PlannedDataset(dl.dataset, self._source, self.transform)
+            self._plan_sampler = PlanSampler(batched=auto)
+            self._worker_init = WorkerInit(dl.worker_init_fn)
+            wrapped = PlannedDataset(dl.dataset, self._source, self.config.transform)  # the source: picklable
             kw = dict(
-                num_workers=dl.num_workers, collate_fn=_WorkerCollate(dl.collate_fn, auto), pin_memory=dl.pin_memory,
-                timeout=dl.timeout, worker_init_fn=dl.worker_init_fn, multiprocessing_context=dl.multiprocessing_context,
+                num_workers=dl.num_workers, collate_fn=WorkerCollate(dl.collate_fn, auto), pin_memory=dl.pin_memory,
+                timeout=dl.timeout, worker_init_fn=self._worker_init, multiprocessing_context=dl.multiprocessing_context,
                 prefetch_factor=dl.prefetch_factor if dl.num_workers > 0 else None, persistent_workers=dl.persistent_workers,
                 pin_memory_device=dl.pin_memory_device,
             )
@@ -661,45 +461,87 @@ class FusionLoader:
                 self._runner = DataLoader(wrapped, batch_sampler=self._plan_sampler, **kw)
             else:
                 self._runner = DataLoader(wrapped, batch_size=None, sampler=self._plan_sampler, **kw)
-        self._plan_sampler.set(plan, start)
+        w = max(dl.num_workers, 1)
+        if resumed and progress.consumed:
+            # NOTE [Worker side]: physical worker i continues logical worker (shift + i) % W's stream.
+            self._worker_init.shift = 0 if progress.last_worker is None else (progress.last_worker + 1) % w
+            self._worker_init.states = {int(k): v for k, v in progress.workers.items()}
+        else:
+            self._worker_init.shift, self._worker_init.states = 0, {}
+        self._plan_sampler.set(plan, progress.prefix, progress.extra, dispatch)
         if gen is not None:
             self._runner.generator = gen
         return iter(self._runner)
 
-    # -- synthesis plumbing -------------------------------------------------------------------------
+    # -- synthesis plumbing -----------------------------------------------------------------------------
+
+    def _horizon(self) -> int:
+        """How many samples ahead to request (NOTE [Request window]). A fixed ``lookahead`` when given; by
+        default at least 2x the samples the trainer consumes while a producer makes one job (pool latency)."""
+        floor = max(64, 8 * (self._dl.batch_size or 1))
+        if self.config.lookahead is not None:
+            return self.config.lookahead
+        if self._pool is None:
+            return floor
+        total = self._stats.total  # the rate over the whole run: an epoch's first batches say little
+        latency = getattr(self._pool, "latency_s", 0.0)
+        if total.wall_s <= 0 or latency <= 0:
+            return floor
+        rate = total.samples / total.wall_s
+        return int(min(max(floor, math.ceil(2.0 * rate * latency)), 1 << 16))
+
+    def _plan_ahead(self, epoch: int, positions: int) -> None:
+        """Requests for coming epochs, only where their order is a pure function of the epoch."""
+        if self._pool is None or self._epoch_pinned or self._order_mode() not in ("seeded", "distributed"):
+            return
+        self._window.plan_ahead(epoch, positions, lambda e: self._plan(e, self._array_order(e)))
 
     def _start_pool(self) -> None:
         if self._pool is not None:
             return
+        cfg = self.config
         local_rank, local_world = local_info()
-        devices = devices_for_rank(self.producer_devices, local_rank, local_world)
-        kwargs = {k: v for k, v in self._pool_kwargs.items() if v is not None}
-        if self._pool_factory is not None:
-            pool = self._pool_factory(self.synthesizer, self._source, devices=devices, **kwargs)
+        devices = devices_for_rank(cfg.producer_devices, local_rank, local_world)
+        kwargs = dict(on_error=cfg.on_producer_error, max_restarts=cfg.max_restarts, latent_cache_path=cfg.latent_cache_path,
+                      capacity=cfg.producer_capacity, image_size=cfg.image_size, slots=cfg.producer_slots,
+                      timeout=cfg.producer_timeout, wait_ready=cfg.late_policy.producers_wait_ready,
+                      deadlines=cfg.late_policy.deadline_order)  # fmt: skip
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if cfg.pool_factory is not None:
+            pool = cfg.pool_factory(cfg.synthesizer, self._source, devices=devices, **kwargs)
         else:
             from .producer import ProducerPool
 
-            pool = ProducerPool(self.synthesizer, self._source, devices=devices, **kwargs)
+            pool = ProducerPool(cfg.synthesizer, self._source, devices=devices, **kwargs)
         try:
             pool.start()
         except BaseException:
             pool.close()
             raise
-        self._pool = pool
+        self._pool = self._window.pool = pool
         _LIVE.add(self)
 
-    def _make_job(self, key: int, plan, position: int):
+    def _make_jobs(self, key_base: int, plan: EpochPlan, positions, indices, draws) -> list:
         from .producer import Job
 
-        index = int(plan.indices[position])
-        return Job(
-            key=key, index=index, prompt=self._prompt(index, float(plan.prompt_draw[position])),
-            strength=plan.job_strength(position), guidance_scale=self.guidance_scale,
-            num_inference_steps=self.num_inference_steps, seed=int(plan.sample_seed[position]),
-        )
+        cfg = self.config
+        return [
+            Job(key=key_base + int(p), index=int(i), prompt=self._prompt(int(i), float(pd)),
+                strength=plan.job_strength(s), guidance_scale=cfg.guidance_scale,
+                num_inference_steps=cfg.num_inference_steps, seed=int(sd))
+            for p, i, s, sd, pd in zip(positions, indices, draws.strength, draws.sample_seed, draws.prompt_draw)
+        ]
 
     def _prompt(self, index: int, draw: float) -> str:
-        prompts = self.prompts
+        try:
+            return self._prompt_of(index, draw)
+        except DatasetError as e:  # reading the label: the dataset's own exception, as the runner raises it
+            cause = e.__cause__ if e.__cause__ is not None else e
+            cause.add_note(f"fusionloader: raised reading dataset index {e.index}" + (f" (path {e.path!r})" if e.path else ""))
+            raise cause from None
+
+    def _prompt_of(self, index: int, draw: float) -> str:
+        prompts = self.config.prompts
         if callable(prompts) and not isinstance(prompts, (str, Mapping, Sequence)):
             return str(prompts(index, self._source.label(index)))
         label = self._source.label(index)
@@ -714,82 +556,91 @@ class FusionLoader:
             prompts = "a photo of a {}" if classes is not None else "a photo"
         if isinstance(prompts, str):
             value = prompts
-        elif isinstance(prompts, Mapping):
-            value = prompts[label]
         else:
-            value = prompts[int(label)]
+            try:
+                value = prompts[label] if isinstance(prompts, Mapping) else prompts[int(label)]
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise ValueError(f"prompts has no prompt for label {label!r} of dataset index {index}") from None
         if isinstance(value, (list, tuple)):
             value = value[min(int(draw * len(value)), len(value) - 1)]
         return value.format(name(label)) if "{}" in value else value
 
-    def _synthetic_sample(self, item: _Item, image: torch.Tensor, seed: int):
-        """The synthetic image in the real image's form, through the train transform, in the item's sample."""
-        raw_like = from_float(image, item.info) if item.info is not None else image
-        tf = self._source.transform
-        if tf is not None:
-            raw_like = _seeded_call(tf, raw_like, seed)
-        return replace_image(item.sample, raw_like)
-
-    # -- state --------------------------------------------------------------------------------------
+    # -- state ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Where iteration stands: resume with ``load_state_dict`` on a loader built the same way."""
-        cur = self._cur
-        in_progress = cur is not None and cur["batch"] < cur["num_batches"]
-        return {
-            "version": 1,
-            "seed": self.seed,
-            "alpha": self.alpha,
-            "next_epoch": cur["epoch"] if in_progress else self._next_epoch,
-            "batch": cur["batch"] if in_progress else 0,
-            "batches": cur["batches"] if in_progress else None,
-            "rng": cur["rng"] if in_progress else self._order_rng_state(),
-            "stats": self._stats.state_dict(),
-        }
+        """Where iteration stands (JSON-serialisable): resume with ``load_state_dict`` on a loader built the
+        same way. Right after ``load_state_dict`` (before ``iter()``) it is the loaded position."""
+        if self._resume is not None:
+            return dict(self._resume["raw"])
+        cur = self._progress
+        in_progress = cur is not None and cur.consumed > 0 and not cur.finished()
+        state: dict[str, Any] = {"version": _STATE_VERSION, "seed": self._seed, "alpha": self.config.alpha,
+                                 "stats": self._stats.state_dict()}  # fmt: skip
+        if in_progress:
+            state.update(next_epoch=cur.epoch, batch=cur.prefix, extra=sorted(cur.extra), draws_base_seed=cur.draws_base_seed,
+                         workers={str(k): v for k, v in cur.workers.items()}, last_worker=cur.last_worker)  # fmt: skip
+            if cur.snapshot is not None and not (recomputable(self._dl.sampler) and recomputable(self._dl.batch_sampler)):
+                cur.snapshot = None  # this sampler cannot re-derive its order: store what is left of it
+            if cur.snapshot is not None:
+                state["order"] = cur.snapshot
+            elif self._order_mode() == "sampler":
+                state["stored_rest"] = self._stored_rest()
+        elif cur is not None and cur.consumed == 0 and not cur.finished() and not self._epoch_pinned:
+            # iter() was called but nothing consumed (a trainer's probe): that epoch, from its start
+            state.update(next_epoch=cur.epoch, batch=0, draws_base_seed=cur.draws_base_seed)
+            if cur.snapshot is not None:
+                state["order"] = cur.snapshot
+        else:
+            state.update(next_epoch=self._next_epoch, batch=0,
+                         draws_base_seed=not (self._dl.persistent_workers and self._runner is not None))
+            if cur is not None and cur.plan is not None and not cur.plan.order.exhausted:
+                cur.plan.order.extend_to(1 << 62)  # the sampler's draws past its end (DataLoader's next call)
+            if self._order_mode() == "sampler":
+                state["order"] = OrderSnapshot.take(self._dl.generator, self._order_objects())
+        return to_json(state)
 
-    def _order_objects(self):
-        """Things whose state decides later epochs' orders: the generator, the (batch) sampler."""
-        objs = {"generator": self._dl.generator, "sampler": self._dl.sampler, "batch_sampler": self._dl.batch_sampler}
-        return {k: v for k, v in objs.items() if v is not None}
-
-    def _order_rng_state(self) -> dict:
-        # DataLoader leaves these to the user; a resumable loader must carry them (torchdata does too).
-        out = {}
-        for name, obj in self._order_objects().items():
-            if isinstance(obj, torch.Generator):
-                out[name] = ("generator", obj.get_state())
-            elif callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
-                out[name] = ("state_dict", obj.state_dict())
-            elif isinstance(getattr(obj, "generator", None), torch.Generator) and obj.generator is not self._dl.generator:
-                out[name] = ("attr_generator", obj.generator.get_state())
-        return out
-
-    def _load_order_rng_state(self, states: dict) -> None:
-        objs = self._order_objects()
-        for name, (kind, value) in states.items():
-            obj = objs.get(name)
-            if obj is None:
-                continue
-            if kind == "generator":
-                obj.set_state(value)
-            elif kind == "state_dict":
-                obj.load_state_dict(value)
-            elif isinstance(getattr(obj, "generator", None), torch.Generator):
-                obj.generator.set_state(value)
+    def _stored_rest(self) -> dict:
+        cur = self._progress
+        if cur.stored_rest is None:
+            order = cur.plan.order
+            order.extend_to(1 << 62)
+            batches, first_position = [], None
+            for b in range(cur.prefix, order.num_batches):
+                if first_position is None:
+                    first_position = order.span(b)[0]
+                batches.append([int(i) for i in order.batch(b)])
+            cur.stored_rest = {"first_batch": cur.prefix, "first_position": first_position or 0, "batches": batches}
+        rest = cur.stored_rest
+        drop = cur.prefix - rest["first_batch"]
+        if drop > 0:  # consumed since it was stored
+            skipped = sum(len(b) for b in rest["batches"][:drop])
+            rest = {"first_batch": cur.prefix, "first_position": rest["first_position"] + skipped,
+                    "batches": rest["batches"][drop:]}  # fmt: skip
+        return rest
 
     def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
-        self._drop_ahead()
+        """Continue from ``state`` at the next ``iter()``."""
+        raw = state
+        state = from_json(state)
+        if state.get("version", 1) != _STATE_VERSION:
+            raise ValueError(f"state version {state.get('version', 1)} is not {_STATE_VERSION}: saved by another "
+                             "fusionloader version")  # fmt: skip
+        self._seed = int(state["seed"])
+        self._window.drop_ahead()
         self._next_epoch = int(state["next_epoch"])
-        if state.get("rng") is not None:
-            self._load_order_rng_state(state["rng"])
-        self._resume = {"epoch": int(state["next_epoch"]), "batch": int(state["batch"]), "batches": state.get("batches")}
-        if self._resume["batch"] == 0 and self._resume["batches"] is None:
-            self._resume = None  # an epoch boundary: the next iter() plans the epoch afresh
+        if state.get("order") is not None and self._order_mode() == "sampler":
+            OrderSnapshot.restore(state["order"], self._dl.generator, self._order_objects())
+        resume = {"raw": raw, "epoch": int(state["next_epoch"]), "batch": int(state["batch"]),
+                  "extra": state.get("extra", []), "workers": state.get("workers", {}),
+                  "last_worker": state.get("last_worker"), "stored_rest": state.get("stored_rest"),
+                  "draws_base_seed": state.get("draws_base_seed", True)}  # fmt: skip
+        self._resume = resume
         self._epoch_pinned = True
         self._stats.load_state_dict(state.get("stats", {}))
+        if self._dl.persistent_workers:
+            self._shutdown_runner()  # restored worker RNG needs fresh workers
 
-    # -- stats --------------------------------------------------------------------------------------
+    # -- stats ----------------------------------------------------------------------------------------
 
     def stats(self) -> dict:
         """Per-epoch and cumulative counts (see stats.py) plus the producers' figures."""
@@ -801,41 +652,35 @@ class FusionLoader:
                 producer = {"error": str(e)}
         out = self._stats.as_dict(producer)
         out["store"] = {"variants": len(self._store), "bytes": self._store.nbytes, "evicted": self._store.evicted,
-                        "harvested": self._harvested}  # late jobs finished after their position: stored only
+                        "harvested": self._mixer.harvested, "late_running": len(self._mixer.late)}  # fmt: skip
         return out
 
-    # -- lifetime -----------------------------------------------------------------------------------
+    # -- lifetime -------------------------------------------------------------------------------------
 
     def _abandon_active(self) -> None:
         """Cancel the jobs of the previous epoch iterator, whether or not it is still referenced."""
         active = self._active() if self._active is not None else None
         if active is not None:
             active.done = True
-        keys, self._outstanding = self._outstanding, set()
-        if keys and self._pool is not None:
-            try:
-                self._pool.cancel(list(keys))
-            except Exception:  # a failed pool has nothing left to cancel
-                pass
+        self._window.cancel_outstanding()
+
+    def _shutdown_runner(self) -> None:
+        runner, self._runner = self._runner, None
+        it = getattr(runner, "_iterator", None) if runner is not None else None  # persistent workers live there
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def close(self) -> None:
-        """Cancel outstanding jobs, stop workers and producers (idempotent; within a few seconds)."""
+        """Cancel outstanding jobs, stop workers, threads and producers (idempotent; within a few seconds)."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
         self._abandon_active()
-        self._drop_ahead()
-        late, self._late = self._late, collections.deque()
-        if late and self._pool is not None:
-            try:
-                self._pool.cancel([entry[0] for entry in late])
-            except Exception:  # a failed pool has nothing left to cancel
-                pass
-        runner = self._runner
-        it = getattr(runner, "_iterator", None) if runner is not None else None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        self._window.drop_ahead()
+        self._mixer.cancel_late(self._pool)
+        self._shutdown_runner()
         pool, self._pool = self._pool, None
+        self._window.pool = None
         if pool is not None:
             pool.close()
         _LIVE.discard(self)
@@ -855,214 +700,168 @@ class FusionLoader:
     def __getstate__(self):
         # Pickled to spawned trainer processes (Lightning's ddp_spawn): runtime state stays behind.
         state = self.__dict__.copy()
-        for key in ("_source", "_store", "_pool", "_runner", "_plan_sampler", "_active", "_outstanding", "_ahead", "_late",
-                    "_dist_sampler", "_closed"):
+        for key in ("_source", "_store", "_mixer", "_window", "_pool", "_runner", "_plan_sampler",
+                    "_worker_init", "_active", "_dist_sampler", "_closed", "_progress"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__["_progress"] = None
         self._init_runtime()
 
     def __repr__(self) -> str:
-        return (f"FusionLoader(alpha={self.alpha}, batch_size={self.batch_size}, late_policy={self.late_policy!r}, "
-                f"strengths={self.strengths!r}, devices={self.producer_devices})")
+        cfg = self.config
+        return (f"FusionLoader(alpha={cfg.alpha}, batch_size={self.batch_size}, late_policy={cfg.late_policy.name!r}, "
+                f"strengths={cfg.strengths!r}, devices={cfg.producer_devices})")
 
 
 class _EpochIterator:
-    """One epoch: submits requests ahead, takes batches from the runner, mixes, counts."""
+    """One epoch: requests ahead, resolves each batch's synthetic images as the runner dispatches it, takes
+    the runner's collated batches, records progress and counts."""
 
-    def __init__(self, loader: FusionLoader, plan, start: int, runner_iter, key_base: int, submitted: int | None = None):
-        self.loader, self.plan, self.runner_iter, self.key_base = loader, plan, runner_iter, key_base
-        self.starts = plan.batch_starts.tolist()
-        self.batch = start
-        self.submitted = self.starts[start] if submitted is None else submitted
-        self.outstanding = loader._outstanding  # shared, so close() can cancel after this is dropped
-        self.done = False
+    def __init__(self, plan: EpochPlan, progress: _Progress, key_base: int, submitted: int | None, *, pool, window,
+                 mixer: Mixer, stats: LoaderStats, config: FusionConfig, horizon, plan_ahead, length):  # fmt: skip
+        self.plan, self.progress, self.key_base = plan, progress, key_base
+        self.pool, self.window, self.mixer, self.stats, self.config = pool, window, mixer, stats, config
+        self.horizon, self.plan_ahead, self.length = horizon, plan_ahead, length
+        self.runner_iter = None  # set by the loader once the runner can dispatch to this iterator
+        span = plan.span(progress.prefix)
+        self.submitted = (span[0] if span else plan.order.known_positions) if submitted is None else submitted
+        self.done = self.ended = False
         self.t_last = time.perf_counter()
         # strengths a reused variant may have this epoch (the current curriculum stage's)
-        choices = normalize_strengths(loader.strengths)
+        choices = normalize_strengths(plan.strengths)
         self.allowed = {None} if choices is None else {float(np.float32(c)) for c in choices}
-        if loader._pool is not None:  # producers start on the first look-ahead window at once
-            self._submit_upto(self.submitted + loader._horizon())
+        if pool is not None:  # producers start on the first look-ahead window at once
+            self._submit_upto(self.submitted + horizon())
 
     def __iter__(self):
         return self
 
     def __len__(self) -> int:
-        return len(self.plan.batches)
+        n = self.plan.num_batches
+        return n if n is not None else self.length()
+
+    def _submit_upto(self, end: int) -> None:
+        self.submitted = max(self.submitted, self.window.submit(self.plan, self.key_base, self.submitted, end,
+                                                                 self.window.outstanding))  # fmt: skip
+
+    def _request_ahead(self, position: int) -> None:
+        """Keep the window ``horizon`` samples ahead of ``position`` (into the next epochs when it ends)."""
+        horizon = position + self.horizon()
+        self._submit_upto(horizon)
+        if self.plan.order.exhausted and horizon > self.plan.order.known_positions:
+            self.plan_ahead(self.plan.epoch + 1, horizon - self.plan.order.known_positions)
+
+    def dispatch(self, keys: list[Key]) -> list[Key]:
+        """The runner hands this batch to a worker: resolve its synthetic positions (NOTE [Mixing])."""
+        pool = self.pool
+        if self.done or not any(k.synthetic for k in keys):
+            return keys
+        if pool is not None:
+            pool.check()  # a dead producer raises here, before anything waits
+            self._request_ahead(keys[-1].position + 1)
+        d = self.plan.draws(keys[0].position, keys[-1].position + 1)
+        deadline = self.mixer.deadline()  # one deadline for the whole batch
+        out = []
+        for j, key in enumerate(keys):
+            if not key.synthetic:
+                out.append(key)
+                continue
+            job = self.key_base + key.position
+            if job in self.window.outstanding:
+                self.window.outstanding.discard(job)
+            else:
+                job = None
+            image, s, kind, waited = self.mixer.resolve(pool, job, key.index, self.plan.job_strength(d.strength[j]),
+                                                        key.seed, deadline, self.allowed)  # fmt: skip
+            self.stats.add_time("stall_s", waited)
+            out.append(key._replace(image=image, kind=kind, strength=float("nan") if s is None else float(s)))
+        return out
 
     def __next__(self):
-        if self.done:
+        if self.done:  # also after the loader's close() or a new iter() (they mark it done)
             raise StopIteration
-        L = self.loader
-        if L._closed:
-            self.done = True
-            raise StopIteration
-        pool = L._pool
+        pool, stats = self.pool, self.stats
         if pool is not None:
             pool.check()
-            if L._late:
-                self._harvest()
-            horizon = self.starts[min(self.batch + 1, len(self.starts) - 1)] + L._horizon()
-            self._submit_upto(horizon)
-            if horizon > self.plan.num_positions:  # the window reaches into the next epoch
-                L._plan_ahead(self.plan.epoch + 1, horizon - self.plan.num_positions)
+            if self.mixer.late:
+                self.mixer.harvest(pool)
+            nxt = self.plan.span(self.progress.prefix + 1)
+            self._request_ahead(nxt[0] if nxt else self.plan.order.known_positions)
         t0 = time.perf_counter()
         try:
             batch = next(self.runner_iter)
         except StopIteration:
             self._finish()
             raise
-        L._stats.add_time("real_wait_s", time.perf_counter() - t0)
-        out = self._mix(batch)
+        stats.add_time("real_wait_s", time.perf_counter() - t0)
+        out = self._deliver(batch)
+        self.progress.consume(batch.batch, batch.worker, batch.rng)
+        self.plan.order.release(self.progress.prefix)
         now = time.perf_counter()
-        L._stats.add_time("wall_s", now - self.t_last)
+        stats.add_time("wall_s", now - self.t_last)
         self.t_last = now
-        self.batch += 1
-        L._cur["batch"] = self.batch
-        L._stats.end_batch()
-        if L.progress is not None:
-            L.progress.set_postfix(L._stats.postfix(), refresh=False)
-        if L.log_every and self.batch % L.log_every == 0:
-            L._stats.log()
-        if self.batch >= len(self.plan.batches):
-            self._finish()
+        stats.end_batch()
+        cfg = self.config
+        if cfg.progress is not None:
+            cfg.progress.set_postfix(stats.postfix(), refresh=False)
+        if cfg.log_every and stats.current.batches % cfg.log_every == 0:
+            stats.log()
+        if self.progress.finished():
+            self._end_of_epoch()  # not done: the runner's next call pulls the sampler past its end, as DataLoader's
         return out
 
-    def _submit_upto(self, end: int) -> None:
-        plan, L = self.plan, self.loader
-        end = min(end, plan.num_positions)
-        if end <= self.submitted:
-            return
-        positions = np.flatnonzero(plan.synthetic[self.submitted : end]) + self.submitted
-        jobs = [L._make_job(self.key_base + int(p), plan, int(p)) for p in positions]
-        if jobs:
-            L._pool.submit(jobs)
-            self.outstanding.update(j.key for j in jobs)
-        self.submitted = end
-
-    def _mix(self, batch: _Batch):
-        L, plan = self.loader, self.plan
+    def _deliver(self, batch: Batch):
+        plan = self.plan
+        for kind in batch.kinds:
+            self.stats.record(kind)
+        if not self.config.return_meta:
+            return batch.data
         n = len(batch.positions)
-        fresh = np.zeros(n, dtype=bool)
-        delivered = np.zeros(n, dtype=bool)
-        strength = np.full(n, np.nan, dtype=np.float32)
-        if batch.items is None:
-            L._stats.record("real", n)
-            data = batch.data
+        start = batch.positions[0] if n else 0
+        d = plan.draws(start, start + n)  # a batch is a contiguous span of positions
+        kinds = np.asarray(batch.kinds)
+        if plan.order.integer:
+            index = torch.from_numpy(np.asarray(plan.order.batch(batch.batch), dtype=np.int64).copy())
         else:
-            samples = []
-            for j, item in enumerate(batch.items):
-                if not item.synthetic:
-                    L._stats.record("real")
-                    samples.append(item.sample)
-                    continue
-                image, s, kind = self._resolve(item)
-                L._stats.record(kind)
-                if image is None:
-                    samples.append(item.sample)
-                    continue
-                delivered[j], fresh[j], strength[j] = True, kind == "fresh", np.nan if s is None else s
-                samples.append(L._synthetic_sample(item, image, int(plan.sample_seed[item.position])))
-            auto = L._dl._auto_collation
-            data = L._dl.collate_fn(samples if auto else samples[0])
-            if getattr(self.runner_iter, "_pin_memory", False):
-                from torch.utils.data._utils.pin_memory import pin_memory
-
-                data = pin_memory(data, self.runner_iter._pin_memory_device)
-        if not L.return_meta:
-            return data
-        pos = np.asarray(batch.positions)
+            index = torch.full((n,), -1, dtype=torch.int64)
         meta = {
-            "index": torch.from_numpy(plan.indices[pos].copy()),
-            "planned": torch.from_numpy(plan.synthetic[pos].copy()),
-            "synthetic": torch.from_numpy(delivered),
-            "fresh": torch.from_numpy(fresh),
-            "strength": torch.from_numpy(strength),
+            "index": index,
+            "planned": torch.from_numpy(d.synthetic.copy()),
+            "synthetic": torch.from_numpy((kinds == "fresh") | (kinds == "reused")),
+            "fresh": torch.from_numpy(kinds == "fresh"),
+            "strength": torch.tensor(batch.strengths, dtype=torch.float32),
         }
-        return data, meta
+        return batch.data, meta
 
-    def _resolve(self, item: _Item):
-        """(image or None, strength, "fresh" | "reused" | "fallback") for a synthetic position."""
-        L = self.loader
-        key = self.key_base + item.position
-        pool = L._pool
-        image = None
-        if pool is not None and key in self.outstanding:
-            t0 = time.perf_counter()
-            image = pool.take(key, L.wait_timeout if L.late_policy == "wait" else 0.0)
-            L._stats.add_time("stall_s", time.perf_counter() - t0)
-            self.outstanding.discard(key)
-            if image is None:
-                if L.late_policy == "reuse":
-                    # Keep it: when it is done it becomes a stored variant (see _harvest). Cancelling every
-                    # late job livelocks producers that are slower than the trainer: each job would be
-                    # cancelled in flight, nothing would ever finish, and the store would stay empty.
-                    L._late.append((key, item.index, self.plan.job_strength(item.position)))
-                    passed = getattr(pool, "passed", None)  # optional in the pool protocol (test stand-ins)
-                    if passed is not None:
-                        passed([key])
-                else:
-                    pool.cancel([key])
-        strength = self.plan.job_strength(item.position)
-        if image is not None:
-            L._store.put(item.index, image, strength)
-            return image, strength, "fresh"
-        if L.late_policy == "reuse":
-            chosen = L._store.choose(item.index, int(self.plan.sample_seed[item.position]), self.allowed)
-            if chosen is not None:
-                return chosen[0], chosen[1], "reused"
-        return None, None, "fallback"
-
-    def _harvest(self, scan: int = 64, keep: int = 256) -> None:
-        """Move finished late jobs into the variant store (freeing their ring slots); forget lost ones;
-        cancel the oldest beyond ``keep``. Looks at most ``scan`` keys per batch."""
-        L, pool = self.loader, self.loader._pool
-        late = L._late  # across epochs: a few-shot epoch can be shorter than one job's latency
-        if len(late) > keep:
-            pool.cancel([late.popleft()[0] for _ in range(len(late) - keep)])
-        ready = getattr(pool, "ready_keys", lambda: ())()  # optional in the pool protocol (test stand-ins)
-        if ready:
-            # Whatever is finished, wherever it sits: producers make passed jobs out of order (NOTE
-            # [Deadlines] in producer.py), and an unharvested result holds a ring slot.
-            remaining = collections.deque()
-            for entry in late:
-                key, index, strength = entry
-                image = pool.take(key, 0.0) if key in ready else None
-                if image is not None:
-                    L._store.put(index, image, strength)
-                    L._harvested += 1
-                else:
-                    remaining.append(entry)
-            late = L._late = remaining
-        kept = collections.deque()
-        for _ in range(min(scan, len(late))):
-            key, index, strength = entry = late.popleft()
-            image = pool.take(key, 0.0)
-            if image is not None:
-                L._store.put(index, image, strength)
-                L._harvested += 1
-            elif pool.state(key) == "pending":
-                kept.append(entry)
-            # else: lost, dropped (NaN/inf) or unknown: nothing will come
-        kept.extend(late)
-        L._late = kept
-
-    def _cancel_outstanding(self) -> None:
-        pool = self.loader._pool
-        if pool is not None and self.outstanding:
-            try:
-                pool.cancel(list(self.outstanding))
-            except Exception:
-                pass
-        self.outstanding.clear()
+    def _end_of_epoch(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.window.cancel_outstanding()
+        if self.config.log_every or self.config.progress is not None:
+            self.stats.log()
 
     def _finish(self) -> None:
         if self.done:
             return
         self.done = True
-        self._cancel_outstanding()
-        L = self.loader
-        if L.log_every or L.progress is not None:
-            L._stats.log()
+        self._end_of_epoch()
+
+
+def _signature() -> inspect.Signature:
+    """``FusionLoader.__init__``'s signature as tools show it: DataLoader's parameters, ``config``, and every
+    ``FusionConfig`` field as a keyword-only parameter with its default (they arrive through ``**settings``)."""
+    import dataclasses
+
+    own = inspect.signature(FusionLoader.__init__)
+    params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for f in dataclasses.fields(FusionConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=f.type))
+    return own.replace(parameters=params)
+
+
+FusionLoader.__init__.__signature__ = _signature()

@@ -1,173 +1,185 @@
-"""The epoch plan: which index comes at which position, which positions are synthetic, and how each
-synthetic sample is made. Pure functions of (seed, epoch, rank, world size) — nothing here touches a
-global RNG — so a run can be resumed from ``(epoch, batches consumed)`` alone.
+"""The epoch plan: an epoch order (order.py) plus, for every position, how it is served -- drawn lazily.
 
-Order. For the default samplers the order is reproduced exactly:
+NOTE [Plan draws]
+~~~~~~~~~~~~~~~~~
 
-- :func:`sequential_order` — ``SequentialSampler``;
-- :func:`random_order` — ``RandomSampler(generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))``;
-- :func:`distributed_order` — ``DistributedSampler(num_replicas, rank, shuffle, seed, drop_last)``
-  after ``set_epoch(epoch)`` (same padding and truncation rules).
+Position ``p`` of epoch ``e`` on ``rank`` of ``world_size`` gets four 64-bit words from a counter-based
+generator: Philox-4x64 keyed by ``mix_seed(seed, e, rank, world_size)`` at counter ``p`` (``advance(p)``):
 
-A user sampler's order is recorded by iterating it (the loader does that, then calls :func:`plan_epoch`).
+* word 0 -> the alpha coin (DA-Fusion's per-draw replacement: synthetic iff ``u < alpha``);
+* word 1 -> the strength, uniform over the choices (fixed, a sequence, or ``RANDOMIZED_INTENSITY``);
+* word 2 -> the 63-bit sample seed (noise, transform RNG, the choice among stored variants);
+* word 3 -> the prompt draw in [0, 1) (picks among several prompts/templates).
 
-Coins, strengths, prompt choices and per-sample seeds are drawn from one Philox stream keyed by
-``(seed, epoch, rank, world_size)``: one alpha coin per position (DA-Fusion's per-draw replacement with
-probability alpha), a strength per synthetic position (fixed, or DA-Fusion's randomized intensity:
-uniform over ``RANDOMIZED_INTENSITY``), and a 63-bit sample seed.
+So any span of positions is drawn vectorised in O(span) time and memory without the positions before it,
+a resume needs only ``(seed, epoch, position)``, and nothing here touches a global RNG. ``u`` is
+``(word >> 11) * 2**-53``. The order itself is never materialised beyond a window (NOTE [Epoch order]).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple
 
 import numpy as np
-import torch
+
+from .order import ArrayOrder, mix_seed
 
 __all__ = [
     "RANDOMIZED_INTENSITY",
     "TEXT_ONLY",
+    "Draws",
     "EpochPlan",
-    "batch_order",
-    "distributed_order",
-    "mix_seed",
+    "check_alpha",
     "normalize_strengths",
     "plan_epoch",
-    "random_order",
-    "sequential_order",
 ]
 
 #: DA-Fusion's randomized intensity: t0 drawn uniformly from {0.25, 0.5, 0.75, 1.0} (k = 4).
 RANDOMIZED_INTENSITY = (0.25, 0.5, 0.75, 1.0)
 #: strength value recorded for text-only (txt2img) positions; real positions record NaN.
 TEXT_ONLY = -1.0
+_U53 = 2.0**-53
 
 
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed derived from integers (order-sensitive, well mixed)."""
-    state = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
-
-
-def sequential_order(n: int) -> list[int]:
-    return list(range(n))
-
-
-def random_order(n: int, seed: int, epoch: int) -> list[int]:
-    """What ``RandomSampler(generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))`` yields."""
-    g = torch.Generator()
-    g.manual_seed(mix_seed(seed, epoch))
-    return torch.randperm(n, generator=g).tolist()
-
-
-def distributed_order(n: int, rank: int, world_size: int, shuffle: bool, seed: int, epoch: int,
-                      drop_last: bool) -> list[int]:
-    """What ``DistributedSampler`` yields on ``rank`` after ``set_epoch(epoch)`` (torch's rules)."""
-    if shuffle:
-        g = torch.Generator()
-        g.manual_seed(seed + epoch)
-        indices = torch.randperm(n, generator=g).tolist()
-    else:
-        indices = list(range(n))
-    if drop_last and n % world_size != 0:
-        num_samples = math.ceil((n - world_size) / world_size)
-    else:
-        num_samples = math.ceil(n / world_size)
-    total = num_samples * world_size
-    if not drop_last:
-        padding = total - len(indices)
-        if padding <= len(indices):
-            indices += indices[:padding]
-        else:
-            indices += (indices * math.ceil(padding / len(indices)))[:padding]
-    else:
-        indices = indices[:total]
-    return indices[rank:total:world_size]
-
-
-def batch_order(order: Sequence[int], batch_size: int | None, drop_last: bool) -> list[list[int]]:
-    """``BatchSampler`` rules; ``batch_size=None`` (no auto-batching) gives one index per "batch"."""
-    if batch_size is None:
-        return [[i] for i in order]
-    batches = [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
+def check_alpha(alpha) -> float:
+    """``alpha`` as a float in [0, 1]; the one validation of it."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    return value
 
 
 def normalize_strengths(strengths) -> tuple[float, ...] | None:
     """``0.5`` -> (0.5,); ``"randomized"`` -> RANDOMIZED_INTENSITY; a sequence -> uniform over it;
-    ``None`` -> text-only generation (no source image)."""
+    ``None`` -> text-only generation (no source image). The one validation of ``strengths``."""
     if strengths is None:
         return None
     if isinstance(strengths, str):
         if strengths in ("randomized", "random", "da-fusion"):
             return RANDOMIZED_INTENSITY
         raise ValueError(f"unknown strengths {strengths!r}; use a float, a sequence, 'randomized' or None")
-    if isinstance(strengths, (int, float)):
+    if isinstance(strengths, (int, float, np.floating, np.integer)):
         strengths = (float(strengths),)
-    out = tuple(float(s) for s in strengths)
+    try:
+        out = tuple(float(s) for s in strengths)
+    except (TypeError, ValueError):
+        raise TypeError(f"strengths must be a float, a sequence of floats, 'randomized' or None, got {strengths!r}") from None
     if not out or any(not 0.0 < s <= 1.0 for s in out):
-        raise ValueError(f"strengths must lie in (0, 1], got {out}")
+        raise ValueError(f"strengths must lie in (0, 1], got {strengths!r}")
     return out
 
 
-@dataclass(frozen=True)
-class EpochPlan:
-    """One epoch on one rank. Positions count samples in consumption order, across batches."""
+class Draws(NamedTuple):
+    """Per-position draws for a span of positions (NOTE [Plan draws])."""
 
-    seed: int
-    epoch: int
-    rank: int
-    world_size: int
-    batches: tuple[tuple[int, ...], ...]
-    indices: np.ndarray  # (N,) int64
-    synthetic: np.ndarray  # (N,) bool — the alpha coins
-    strength: np.ndarray  # (N,) float32: NaN for real positions, TEXT_ONLY for text-only ones
-    sample_seed: np.ndarray  # (N,) int64
-    prompt_draw: np.ndarray  # (N,) float64 in [0, 1): picks among several prompts/templates
+    synthetic: np.ndarray  # bool: the alpha coins
+    strength: np.ndarray  # float32: NaN for real positions, TEXT_ONLY for text-only ones
+    sample_seed: np.ndarray  # int64, 63-bit
+    prompt_draw: np.ndarray  # float64 in [0, 1)
+
+
+class EpochPlan:
+    """One epoch on one rank: an order plus lazily drawn coins, strengths and seeds."""
+
+    def __init__(self, order, *, seed: int, epoch: int, alpha: float, strengths=0.5, rank: int = 0,
+                 world_size: int = 1):  # fmt: skip
+        self.order, self.seed, self.epoch, self.rank, self.world_size = order, int(seed), int(epoch), rank, world_size
+        self.alpha = check_alpha(alpha)
+        self.strengths = strengths
+        self.choices = normalize_strengths(strengths)
+        words = np.random.SeedSequence([mix_seed(self.seed, self.epoch, rank, world_size)]).generate_state(2, np.uint64)
+        self._key = words
+
+    # -- draws ---------------------------------------------------------------------------------------
+
+    def draws(self, start: int, end: int) -> Draws:
+        n = max(0, end - start)
+        bg = np.random.Philox(key=self._key)
+        if start:
+            bg.advance(start)
+        raw = bg.random_raw(4 * n).reshape(n, 4) if n else np.zeros((0, 4), dtype=np.uint64)
+        u = (raw[:, 0] >> np.uint64(11)).astype(np.float64) * _U53
+        coins = u < self.alpha
+        if self.choices is None:
+            strength = np.full(n, TEXT_ONLY, dtype=np.float32)
+        else:
+            k = len(self.choices)
+            pick = np.minimum(((raw[:, 1] >> np.uint64(11)).astype(np.float64) * _U53 * k).astype(np.int64), k - 1)
+            strength = np.asarray(self.choices, dtype=np.float32)[pick]
+        strength = np.where(coins, strength, np.float32(np.nan)).astype(np.float32)
+        sample_seed = (raw[:, 2] >> np.uint64(1)).astype(np.int64)
+        prompt_draw = (raw[:, 3] >> np.uint64(11)).astype(np.float64) * _U53
+        return Draws(coins, strength, sample_seed, prompt_draw)
+
+    def job_strength(self, strength: float) -> float | None:
+        """The strength a producer job gets for a recorded plan strength (None = text-only)."""
+        s = float(strength)
+        return None if s == TEXT_ONLY else s
+
+    # -- the order -----------------------------------------------------------------------------------
+
+    @property
+    def num_batches(self) -> int | None:
+        return self.order.num_batches
+
+    def span(self, b: int) -> tuple[int, int] | None:
+        return self.order.span(b)
+
+    def synthetic_between(self, start: int, end: int):
+        """(positions, indices, draws) of the synthetic positions in ``start`` .. ``end`` (clipped to the epoch)."""
+        end = min(end, self.order.extend_to(end))
+        if end <= start:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, self.draws(0, 0)
+        d = self.draws(start, end)
+        picked = np.flatnonzero(d.synthetic)
+        if len(picked) and not self.order.integer:
+            raise ValueError("synthesis needs one integer dataset index per position; this sampler yields "
+                             "other keys (e.g. lists with batch_size=None): use alpha=0 with it")  # fmt: skip
+        if not len(picked):
+            return picked.astype(np.int64), picked.astype(np.int64), Draws(*(a[picked] for a in d))
+        indices = self.order.indices_between(start, end)[picked]
+        return picked + start, indices, Draws(*(a[picked] for a in d))
+
+    # -- whole-epoch views (array orders: tests, small epochs) ---------------------------------------
+
+    def _whole(self) -> Draws:
+        if not isinstance(self.order, ArrayOrder):
+            raise TypeError("whole-epoch arrays exist only for array orders")
+        return self.draws(0, self.order.known_positions)
 
     @property
     def num_positions(self) -> int:
-        return int(self.indices.shape[0])
+        return self.order.known_positions
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self.order.indices
 
     @property
     def batch_starts(self) -> np.ndarray:
-        """Position of the first sample of every batch (plus the end)."""
-        return np.concatenate([[0], np.cumsum([len(b) for b in self.batches])]).astype(np.int64)
+        return self.order.starts
 
-    def job_strength(self, position: int) -> float | None:
-        s = float(self.strength[position])
-        return None if s == TEXT_ONLY else s
+    synthetic = property(lambda self: self._whole().synthetic)
+    strength = property(lambda self: self._whole().strength)
+    sample_seed = property(lambda self: self._whole().sample_seed)
+    prompt_draw = property(lambda self: self._whole().prompt_draw)
+
+    def same_as(self, other: "EpochPlan") -> bool:
+        """Whether ``other`` draws the same epoch (requests made ahead for one serve the other)."""
+        return (isinstance(other, EpochPlan) and (self.seed, self.epoch, self.rank, self.world_size, self.alpha,
+                self.choices) == (other.seed, other.epoch, other.rank, other.world_size, other.alpha, other.choices)
+                and isinstance(self.order, ArrayOrder) and isinstance(other.order, ArrayOrder)
+                and np.array_equal(self.order.indices, other.order.indices)
+                and np.array_equal(self.order.starts, other.order.starts))  # fmt: skip
 
 
-def plan_epoch(
-    batches: Sequence[Sequence[int]],
-    *,
-    seed: int,
-    epoch: int,
-    alpha: float,
-    strengths=0.5,
-    rank: int = 0,
-    world_size: int = 1,
-) -> EpochPlan:
-    """Coins, strengths and seeds for an epoch whose batches of indices are ``batches``."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    choices = normalize_strengths(strengths)
-    batches = tuple(tuple(int(i) for i in b) for b in batches)
-    indices = np.fromiter((i for b in batches for i in b), dtype=np.int64)
-    n = indices.shape[0]
-    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, rank, world_size])))
-    coins = rng.random(n) < alpha
-    pick = rng.integers(0, len(choices) if choices else 1, size=n)
-    sample_seed = rng.integers(0, 2**63 - 1, size=n, dtype=np.int64)
-    prompt_draw = rng.random(n)
-    if choices is None:
-        strength = np.full(n, TEXT_ONLY, dtype=np.float32)
-    else:
-        strength = np.asarray(choices, dtype=np.float32)[pick]
-    strength = np.where(coins, strength, np.float32(np.nan)).astype(np.float32)
-    return EpochPlan(seed, epoch, rank, world_size, batches, indices, coins, strength, sample_seed, prompt_draw)
+def plan_epoch(batches, *, seed: int, epoch: int, alpha: float, strengths=0.5, rank: int = 0,
+               world_size: int = 1) -> EpochPlan:  # fmt: skip
+    """The plan of an epoch whose batches of indices are ``batches`` (a list of lists)."""
+    return EpochPlan(ArrayOrder.from_batches(batches), seed=seed, epoch=epoch, alpha=alpha, strengths=strengths,
+                     rank=rank, world_size=world_size)  # fmt: skip
+

@@ -267,7 +267,8 @@ def test_alpha_half_wait_synthesizes_exactly_the_planned_positions():
     pool = InlinePool.instances[-1]
     assert pool.taken == k
     # every synthetic sample is a variant of its own index (made from its seed and strength)
-    from fusionloader.plan import batch_order, plan_epoch, random_order
+    from fusionloader.order import batch_order, random_order
+    from fusionloader.plan import plan_epoch
 
     plan = plan_epoch(batch_order(random_order(40, 0, 0), 6, False), seed=0, epoch=0, alpha=0.5, strengths="randomized")
     assert torch.equal(meta["index"], torch.from_numpy(plan.indices))
@@ -301,7 +302,7 @@ def test_late_policies_reuse_real_wait():
     st = loader.stats()
     assert st["per_epoch"][1]["reused"] == 12 and st["cumulative"]["fresh"] == 12
     pool = InlinePool.instances[-1]
-    late = {key for key, _, _ in loader._late}
+    late = {key for key, _, _ in loader._mixer.late}
     assert len(late) == 12 and not late & set(pool.cancelled)  # late jobs keep running, to be stored when done
     loader.close()
     assert late <= set(pool.cancelled) and pool.closed
@@ -312,11 +313,11 @@ def test_late_policies_reuse_real_wait():
     assert not m["synthetic"].any() and m["planned"].all() and torch.equal(x, ds.images)
     assert loader.stats()["current"]["fallback"] == 12 and loader.stats()["current"]["achieved_alpha"] == 0.0
 
-    # wait: blocks up to wait_timeout per late position, then real; the stall is counted
-    loader = fusion(ds, "never", batch_size=4, return_meta=True, alpha=1.0, late_policy="wait", wait_timeout=0.02)
+    # wait: blocks until the batch's one deadline (wait_timeout from its arrival, not per position), then real
+    loader = fusion(ds, "never", batch_size=4, return_meta=True, alpha=1.0, late_policy="wait", wait_timeout=0.05)
     x, m = run_epoch(loader)
     assert not m["synthetic"].any() and torch.equal(x, ds.images)
-    assert loader.stats()["current"]["stall_s"] >= 12 * 0.02
+    assert 3 * 0.05 <= loader.stats()["current"]["stall_s"] < 6 * 0.05  # 3 batches of 4 late positions
 
 
 def test_synthetic_gets_the_dataset_transform_in_the_raw_form():
@@ -538,7 +539,8 @@ def test_producer_failure_reraises_in_the_training_loop():
 
 def epoch_plan(n, batch_size, epoch):
     """The plan of a seed-0, shuffled, alpha=1 epoch, as the loader makes it."""
-    from fusionloader.plan import batch_order, plan_epoch, random_order
+    from fusionloader.order import batch_order, random_order
+    from fusionloader.plan import plan_epoch
 
     return plan_epoch(batch_order(random_order(n, 0, epoch), batch_size, False), seed=0, epoch=epoch, alpha=1.0)
 
@@ -593,3 +595,204 @@ def test_late_jobs_are_harvested_into_the_store():
         if m1["synthetic"][p]:
             assert not torch.equal(x1[p], ds.images[int(m1["index"][p])])
     loader.close()
+
+
+# -- DataLoader's contracts (issue 10) ----------------------------------------------------------------
+
+
+class _Failing(Dataset):
+    """Raises the dataset's own exception type at index 7 (a missing key, as a dict-backed dataset would)."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        if i == 7:
+            raise KeyError(f"no record {i}")
+        return torch.full((2,), float(i))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_dataset_exception_type_reaches_the_trainer(num_workers, alpha):
+    import traceback
+
+    loader = fusion(_Failing(), batch_size=4, num_workers=num_workers, alpha=alpha, late_policy="real")
+    with pytest.raises(KeyError) as info:  # DataLoader re-raises the dataset's own type
+        list(loader)
+    text = "".join(traceback.format_exception(info.value))
+    assert "no record 7" in text and "dataset index 7" in text  # and the loader says where it happened
+    loader.close()
+
+
+def test_assigning_dataloader_attributes_after_init_raises_value_error_like_dataloader():
+    ds = TensorImages(n=8)
+    ref, loader = DataLoader(ds, batch_size=2), fusion(ds, batch_size=2, alpha=0.0)
+    for attr, value in (("batch_size", 3), ("sampler", None), ("batch_sampler", None), ("drop_last", True),
+                        ("dataset", ds), ("persistent_workers", True)):
+        with pytest.raises(ValueError) as want:
+            setattr(ref, attr, value)
+        with pytest.raises(ValueError) as got:
+            setattr(loader, attr, value)
+        assert str(got.value) == str(want.value).replace("DataLoader", "FusionLoader")
+    loader.num_workers = 0  # DataLoader allows this one (and so do we)
+    assert loader.batch_size == 2
+
+
+class _ListIndexed(Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, idx):  # a sampler hands whole lists of indices (batch_size=None)
+        return torch.tensor(idx) * 10
+
+
+def test_batch_size_none_with_a_sampler_yielding_lists_is_dataloader():
+    sampler = [[0, 1, 2], [5, 6], [9]]
+    ref = list(DataLoader(_ListIndexed(), batch_size=None, sampler=sampler))
+    loader = fusion(_ListIndexed(), batch_size=None, sampler=sampler, alpha=0.0)
+    assert same(list(loader), ref)
+    with pytest.raises(ValueError, match="integer"):  # synthesis needs one dataset index per position
+        next(iter(fusion(_ListIndexed(), batch_size=None, sampler=sampler, alpha=1.0)))
+
+
+def test_subscriptable_for_typing():
+    alias = FusionLoader[torch.Tensor]
+    assert alias.__origin__ is FusionLoader
+
+
+# -- every setting validated at construction (issue 10, item 5) --------------------------------------------
+
+
+@pytest.mark.parametrize("kw,err,words", [
+    (dict(guidance_scale=float("nan")), ValueError, ["guidance_scale", "nan"]),
+    (dict(guidance_scale="high"), TypeError, ["guidance_scale", "high"]),
+    (dict(num_inference_steps=0), ValueError, ["num_inference_steps", "0"]),
+    (dict(num_inference_steps=2.5), TypeError, ["num_inference_steps", "2.5"]),
+    (dict(strengths=0.1, num_inference_steps=5), ValueError, ["strength", "0.1", "num_inference_steps=5"]),
+    (dict(strengths=(0.25, 0.5), num_inference_steps=3), ValueError, ["0.25", "0 denoising steps"]),
+    (dict(wait_timeout=float("nan")), ValueError, ["wait_timeout", "nan"]),
+    (dict(wait_timeout=0), ValueError, ["wait_timeout", "0"]),
+    (dict(alpha=float("nan")), ValueError, ["alpha", "nan"]),
+    (dict(late_policy="sometimes"), ValueError, ["late_policy", "sometimes"]),
+    (dict(variants_per_index=-1), ValueError, ["variants_per_index", "-1"]),
+    (dict(lookahead=0), ValueError, ["lookahead", "0"]),
+    (dict(image_size=100), ValueError, ["image_size", "100"]),
+    (dict(producer_capacity=0), ValueError, ["producer_capacity", "0"]),
+    (dict(producer_timeout=-1.0), ValueError, ["producer_timeout", "-1.0"]),
+    (dict(on_producer_error="ignore"), ValueError, ["on_producer_error", "ignore"]),
+    (dict(max_restarts=-2), ValueError, ["max_restarts", "-2"]),
+    (dict(distributed="yes"), ValueError, ["distributed", "yes"]),
+    (dict(producer_devices=("tpu:0",)), ValueError, ["producer_devices", "tpu:0"]),
+    (dict(producer_devices=()), ValueError, ["producer_devices"]),
+    (dict(log_every=-1), ValueError, ["log_every", "-1"]),
+    (dict(progress=object()), TypeError, ["progress"]),
+    (dict(prompts=3), TypeError, ["prompts", "3"]),
+    (dict(prompts={0: "a cat", 1: "a dog"}), ValueError, ["prompts", "label 2"]),  # TensorImages has 3 classes
+    (dict(prompts=["a", "b"]), ValueError, ["prompts", "label 2"]),
+    (dict(bogus_setting=1), TypeError, ["bogus_setting"]),
+])  # fmt: skip
+def test_every_setting_is_validated_at_construction(kw, err, words):
+    InlinePool.instances.clear()
+    with pytest.raises(err) as info:
+        fusion(TensorImages(n=6), **kw)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+    assert InlinePool.instances == []  # nothing started
+
+
+def test_cuda_device_on_a_cpu_build_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"producer_devices: 'cuda:0' needs CUDA"):
+        fusion(TensorImages(n=6), producer_devices=["cpu", "cuda:0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"'cuda:3' does not exist; this machine has 1 CUDA"):
+        fusion(TensorImages(n=6), producer_devices="cuda:3")
+    assert fusion(TensorImages(n=6), producer_devices="cuda:0").config.producer_devices == ("cuda:0",)
+
+
+def test_a_missing_synthesizer_path_is_file_not_found(tmp_path):
+    missing = str(tmp_path / "no-such-checkpoint")
+    with pytest.raises(FileNotFoundError, match="no-such-checkpoint"):
+        FusionLoader(TensorImages(n=6), synthesizer=missing, alpha=0.5)
+    with pytest.raises(FileNotFoundError, match="models/sd"):
+        FusionLoader(TensorImages(n=6), synthesizer="./models/sd", alpha=0.5)
+    FusionLoader(TensorImages(n=6), synthesizer=str(tmp_path), alpha=0.5).close()  # exists: accepted, nothing started
+
+
+def test_config_object_and_keyword_arguments():
+    from fusionloader import FusionConfig, LatePolicy
+
+    cfg = FusionConfig(synthesizer="stand-in", alpha=0.25, late_policy="wait", pool_factory=inline())
+    loader = FusionLoader(TensorImages(n=8), batch_size=2, config=cfg, seed=4)
+    assert loader.config.alpha == 0.25 and loader.config.seed == 4 and loader.late_policy == "wait"
+    assert loader.config.late_policy == LatePolicy("wait") and loader.config.late_policy.waits
+    assert cfg.seed is None  # the caller's object is not changed
+    loader.set_synthesis(alpha=0.75, strengths="randomized")
+    assert loader.alpha == 0.75 and loader.strengths == "randomized"
+    with pytest.raises(ValueError, match="alpha"):
+        loader.set_synthesis(alpha=2.0)
+    with pytest.raises(ValueError, match="denoising steps"):
+        fusion(TensorImages(n=6), num_inference_steps=2).set_synthesis(strengths=0.25)
+    with pytest.raises(AttributeError):
+        loader.alpha = 0.5  # through set_synthesis only (validated once, in one place)
+
+
+class _StalledPool(InlinePool):
+    """Never delivers, and says its producer is stuck (the pool's public stalled() query)."""
+
+    def stalled(self):
+        return True
+
+
+def test_a_stalled_producer_ends_the_wait_at_once():
+    ds = TensorImages(n=8)
+    loader = FusionLoader(ds, batch_size=4, alpha=1.0, late_policy="wait", wait_timeout=30.0, seed=0,
+                          synthesizer="stand-in", return_meta=True,
+                          pool_factory=lambda s, src, devices, **kw: _StalledPool(s, src, devices, behavior="never"))
+    t0 = time.monotonic()
+    x, meta = run_epoch(loader)
+    assert time.monotonic() - t0 < 5 and not meta["synthetic"].any()  # not 30 s per batch
+    assert loader.stats()["current"]["fallback"] == 8
+    loader.close()
+
+
+# -- synthetic post-processing off the trainer's thread (issue 10, item 3) ---------------------------------
+
+
+class _PidTransform:
+    """A random train transform that also says which process ran it (channel 0 of pixel 0)."""
+
+    def __call__(self, img):
+        out = img.clone() * torch.rand(())
+        out[0, 0, 0] = float(os.getpid())
+        return out
+
+
+def test_synthetic_post_processing_runs_in_the_workers_with_the_same_results():
+    ds = TensorImages(n=16)
+    runs = {}
+    for workers in (0, 2):
+        loader = fusion(ds, batch_size=4, alpha=0.5, return_meta=True, transform=_PidTransform(), late_policy="wait",
+                        num_workers=workers)  # fmt: skip
+        runs[workers] = run_epoch(loader)
+        loader.close()
+    (x0, m0), (x2, m2) = runs[0], runs[2]
+    syn = m2["synthetic"]
+    assert syn.any() and torch.equal(syn, m0["synthetic"])
+    assert (x0[syn][:, 0, 0, 0] == os.getpid()).all()  # num_workers=0: in the trainer's process, as DataLoader
+    assert (x2[syn][:, 0, 0, 0] != os.getpid()).all()  # with workers: made there, not on the trainer's thread
+    # bit-for-bit the same samples wherever they are made: the transform RNG is seeded per position
+    torch.testing.assert_close(x2[syn][:, :, 1:], x0[syn][:, :, 1:], rtol=0, atol=0)
+
+
+def test_signature_shows_every_setting():
+    import inspect
+
+    from fusionloader import FusionConfig
+
+    params = inspect.signature(FusionLoader).parameters
+    dl = [p for p in inspect.signature(DataLoader).parameters if p != "self"]
+    assert [p for p in params if p in dl] == dl  # DataLoader's parameters, in DataLoader's order
+    assert set(FusionConfig.field_names()) <= set(params) and params["alpha"].default == 0.5

@@ -2,14 +2,15 @@
 
     curriculum = DiverseToSpecific(epochs_per_level=2)
     for epoch in range(curriculum.num_epochs + 10):
-        apply(loader, curriculum, epoch)          # sets loader.alpha and loader.strengths
+        apply(loader, curriculum, epoch)          # loader.set_synthesis(alpha=..., strengths=...)
         loader.set_epoch(epoch)
         for x, y in loader: ...
 
 A curriculum is a pure, picklable object answering two questions per epoch: the SDEdit ``strengths`` (what
 :class:`~fusionloader.FusionLoader` accepts: a float, a tuple to draw from uniformly, or None for text-only) and
 the synthetic fraction ``alpha``. FusionLoader plans each epoch at ``iter()`` from its current ``alpha`` and
-``strengths`` (``loader.py``, ``FusionLoader.__iter__``), so :func:`apply` before ``iter()`` is all it takes.
+``strengths`` (``loader.py``, ``FusionLoader.__iter__``), so :func:`apply` -- which calls the loader's public
+hook ``set_synthesis`` -- before ``iter()`` is all it takes.
 
 DisCL (Liang, Bhardwaj, Zhou 2024; METHODS.md section 4) speaks of the image-guidance level lambda in [0, 1]:
 img2img with strength = 1 - lambda, lambda = 0 the text-only end, lambda = 1 the real image itself. Strength
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from ..plan import RANDOMIZED_INTENSITY, normalize_strengths
+from ..plan import RANDOMIZED_INTENSITY, check_alpha as _check_alpha, normalize_strengths
 
 __all__ = ["Constant", "Curriculum", "DiverseToSpecific", "RandomizedIntensity", "apply"]
 
@@ -51,13 +52,6 @@ def _strengths_value(strengths) -> float | tuple[float, ...] | None:
     if values is None:
         return None
     return values[0] if len(values) == 1 else values
-
-
-def _check_alpha(alpha) -> float:
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    return alpha
 
 
 def _check_epoch(epoch) -> int:
@@ -162,17 +156,18 @@ class DiverseToSpecific:
 
 
 def apply(loader, curriculum: Curriculum, epoch: int) -> tuple[float, float | tuple[float, ...] | None]:
-    """Set ``loader.alpha`` and ``loader.strengths`` for ``epoch``; call before ``iter(loader)``.
+    """Give the loader ``epoch``'s alpha and strengths through its public hook
+    (``FusionLoader.set_synthesis``); call before ``iter(loader)``.
 
-    Returns ``(alpha, strengths)``. Both are validated here, so a bad schedule fails at this call rather than at
-    the next ``iter()``. The epoch's plan is drawn from the loader's own epoch counter (``set_epoch``); after
+    Returns ``(alpha, strengths)``. Both are validated here (and again by the loader, with its settings: a
+    strength must leave a denoising step at its ``num_inference_steps``), so a bad schedule fails at this call
+    rather than at the next ``iter()``. The epoch's plan is drawn from the loader's own epoch counter (``set_epoch``); after
     ``load_state_dict`` apply the epoch being resumed before iterating, since the plan is redrawn from the
     current values.
     """
     alpha = _check_alpha(curriculum.alpha(epoch))
     strengths = _strengths_value(curriculum.strengths(epoch))
-    if alpha > 0 and getattr(loader, "synthesizer", None) is None and getattr(loader, "_pool_factory", None) is None:
+    if alpha > 0 and not loader.synthesizes:
         raise ValueError(f"epoch {epoch}: alpha {alpha} > 0 needs a loader built with a synthesizer")
-    loader.alpha = alpha
-    loader.strengths = strengths
+    loader.set_synthesis(alpha=alpha, strengths=strengths)
     return alpha, strengths

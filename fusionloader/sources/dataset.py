@@ -195,6 +195,11 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def reads_raw(self) -> bool:
+        """Whether raw images are read apart from ``dataset[index]`` (ImageFolder-style or a transform-off view)."""
+        return self._folder or self._raw_view is not None
+
     def path(self, index: int) -> str | None:
         for attr in ("samples", "imgs"):
             seq = getattr(self.dataset, attr, None)
@@ -239,6 +244,20 @@ class ImageSource:
             self._labels[index] = self.raw_sample(index)[1]
         lab = self._labels[index]
         return lab.item() if isinstance(lab, torch.Tensor) and lab.numel() == 1 else lab
+
+    def label_set(self):
+        """Every class label of the dataset when known without reading images (``classes``, ``targets``,
+        ``samples``), else None."""
+        classes = getattr(self.dataset, "classes", None)
+        if classes is not None:
+            return range(len(classes))
+        targets = getattr(self.dataset, "targets", None)
+        if targets is None and self._folder:
+            targets = [s[1] for s in self.dataset.samples]
+        if targets is None:
+            return None
+        arr = np.asarray(targets.tolist() if isinstance(targets, torch.Tensor) else targets)
+        return [v.item() for v in np.unique(arr)] if arr.ndim == 1 else None
 
     def info(self, index: int, image: Any = None) -> RawInfo:
         """:class:`RawInfo` of the raw image of ``index`` (from ``image`` when the caller has it)."""

@@ -1,0 +1,118 @@
+"""Mixing: which image a synthetic position gets (fresh, reused, or its real sample), and making it a sample.
+
+NOTE [Mixing]
+~~~~~~~~~~~~~
+
+* When. A batch's synthetic positions are resolved when DataLoader hands the batch to a runner worker (the
+  runner's sampler calls the epoch's dispatch hook; NOTE [Worker side]): with ``num_workers=0`` that is the
+  trainer's ``next()``, as before; with workers it is up to ``prefetch_factor * num_workers`` batches
+  earlier, so producers have that much less time for those positions -- the price of doing the synthetic
+  post-processing in the workers. The request window is kept ahead of dispatch, not of consumption.
+* Resolve (:meth:`Mixer.resolve`). For each synthetic position of a batch the producer's image is taken
+  from the pool. Under ``wait`` the whole batch shares ONE deadline (``wait_timeout`` from the batch's
+  arrival), and a pool that reports its producers stuck (``stalled()``, when the pool has it) ends the wait at
+  once; ``check()`` raises for dead producers before anything waits. Fresh images go into the variant
+  store. A late position gets a stored variant of the same index (``reuse``) or the real sample already
+  fetched (``real``/``wait``; counted as fallback). Under ``real``/``wait`` the late job is cancelled; under
+  ``reuse`` it keeps running and is harvested into the store when done (:meth:`Mixer.harvest`).
+* Post-process (worker.py, :func:`~fusionloader.worker.synthetic_sample`). In the runner's workers: the
+  image is resized back to the real image's size and form (PIL/array/tensor) and passed through the *same*
+  train transform under an RNG seeded by the position's seed (a resumed run reproduces it; the worker's own
+  RNG streams are left as they were), then the batch is collated with the user's ``collate_fn``.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import torch
+
+from .config import LatePolicy
+from .store import VariantStore
+
+__all__ = ["Mixer"]
+
+
+class Mixer:
+    """Resolves synthetic positions against the pool and the variant store; harvests late jobs."""
+
+    def __init__(self, store: VariantStore, policy: LatePolicy, wait_timeout: float):
+        self.store, self.policy, self.wait_timeout = store, policy, wait_timeout
+        self.late: collections.deque = collections.deque()  # (key, index, strength): late jobs left running
+        self.harvested = 0
+
+    def deadline(self) -> float:
+        """The batch's one deadline (monotonic seconds)."""
+        return time.monotonic() + (self.wait_timeout if self.policy.waits else 0.0)
+
+    def resolve(self, pool, key: int | None, index: int, strength: float | None, seed: int, deadline: float,
+                allowed) -> tuple[torch.Tensor | None, float | None, str, float]:  # fmt: skip
+        """(image or None, strength, "fresh" | "reused" | "fallback", seconds waited) for a synthetic position;
+        ``key`` is None when nothing was requested for it."""
+        image, waited = None, 0.0
+        if pool is not None and key is not None:
+            timeout = max(0.0, deadline - time.monotonic())
+            stalled = getattr(pool, "stalled", None)  # optional in the pool protocol (being added by producers)
+            if timeout > 0 and callable(stalled) and stalled():
+                timeout = 0.0  # a producer known to be stuck: waiting cannot help
+            t0 = time.perf_counter()
+            image = pool.take(key, timeout)
+            waited = time.perf_counter() - t0
+            if image is None:
+                if self.policy.reuses:
+                    self.late.append((key, index, strength))
+                    passed = getattr(pool, "passed", None)  # optional in the pool protocol (test stand-ins)
+                    if passed is not None:
+                        passed([key])
+                else:
+                    pool.cancel([key])
+        if image is not None:
+            self.store.put(index, image, strength)
+            return image, strength, "fresh", waited
+        if self.policy.reuses:
+            chosen = self.store.choose(index, seed, allowed)
+            if chosen is not None:
+                return chosen[0], chosen[1], "reused", waited
+        return None, None, "fallback", waited
+
+    def harvest(self, pool, scan: int = 64, keep: int = 256) -> None:
+        """Move finished late jobs into the store (freeing their ring slots); forget lost ones; cancel the
+        oldest beyond ``keep``. Looks at most ``scan`` keys per batch beyond those the pool reports ready."""
+        late = self.late  # across epochs: a few-shot epoch can be shorter than one job's latency
+        if len(late) > keep:
+            pool.cancel([late.popleft()[0] for _ in range(len(late) - keep)])
+        ready = getattr(pool, "ready_keys", lambda: ())()  # optional in the pool protocol (test stand-ins)
+        if ready:
+            # Whatever is finished, wherever it sits: producers make passed jobs out of order (NOTE
+            # [Deadlines] in producer.py), and an unharvested result holds a ring slot.
+            remaining = collections.deque()
+            for entry in late:
+                key, index, strength = entry
+                image = pool.take(key, 0.0) if key in ready else None
+                if image is not None:
+                    self.store.put(index, image, strength)
+                    self.harvested += 1
+                else:
+                    remaining.append(entry)
+            late = self.late = remaining
+        kept = collections.deque()
+        for _ in range(min(scan, len(late))):
+            key, index, strength = entry = late.popleft()
+            image = pool.take(key, 0.0)
+            if image is not None:
+                self.store.put(index, image, strength)
+                self.harvested += 1
+            elif pool.state(key) == "pending":
+                kept.append(entry)
+            # else: lost, dropped (NaN/inf) or unknown: nothing will come
+        kept.extend(late)
+        self.late = kept
+
+    def cancel_late(self, pool) -> None:
+        late, self.late = self.late, collections.deque()
+        if late and pool is not None:
+            try:
+                pool.cancel([entry[0] for entry in late])
+            except Exception:  # a failed pool has nothing left to cancel
+                pass
