@@ -3,6 +3,7 @@
 processes (real concurrent writers), node-shared default folder, batched misses off the critical path, one staged
 host->device transfer per call, sample mode == the pipeline's latent_dist.sample(generator)."""
 
+import contextlib
 import gc
 import glob
 import logging
@@ -13,6 +14,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -481,3 +483,35 @@ def test_get_stages_one_pinned_non_blocking_transfer_per_call(tmp_path, monkeypa
     assert calls == [("host", (1, cpu.record), False), ("copy", "cpu", False)]
     m.zero_()
     assert torch.equal(cpu.get([0], load)[0], mean_cpu[:1])
+    # A prefetch for a GPU cache runs its thread under that device (CUDA's current device is per thread).
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        entered.append((str(device), threading.current_thread().name))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    gpu3 = LatentCache(vae, tmp_path, resolution=8, device="cuda:3")
+    assert gpu3.prefetch([0, 1], load).result() == 0  # hits: nothing encoded, nothing touches a device
+    assert entered == [("cuda:3", entered[0][1])] and entered[0][1].startswith("fusionloader-latents")
+
+
+def test_bound_to_a_source_the_producer_calls(tmp_path):
+    # The producer's calls: prefetch as jobs arrive (batched, in the background), one get per admission round.
+    vae, images = CountingVAE(), _dataset(5, 6)
+    files = []
+    for i in range(6):
+        files.append(str(tmp_path / f"{i}.pt"))
+        torch.save(images[i], files[-1])
+    source = FolderSource(files)
+    latents = LatentCache(vae, tmp_path / "cache", resolution=8, batch_size=4).bind(source)
+    latents.prefetch([0, 1, 2, 3, 4]).result()
+    source.raws.clear()
+    mean, std = latents.get([4, 0, 2])
+    assert vae.batches == [4, 1] and source.raws == []  # stat-keyed hits: no reads at admission
+    ref = vae.encode(2 * images[[4, 0, 2]] - 1).latent_dist
+    assert torch.allclose(mean, ref.mean, atol=1e-6) and torch.allclose(std, ref.std, atol=1e-6)
+    assert latents.ensure(range(6)) == 1
+    with pytest.raises(TypeError, match="raw"):
+        latents.cache.bind(object())

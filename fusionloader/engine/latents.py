@@ -27,6 +27,7 @@ being prefetched waits for that batch instead of encoding it alone.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ from .latent_store import LatentStore, content_digest, default_cache_dir, file_d
 
 __all__ = [
     "LatentCache",
+    "SourceLatents",
     "content_digest",
     "default_cache_dir",
     "encode_posterior",
@@ -304,6 +306,8 @@ class LatentCache:
             encoded += len(batch)
 
         for start in range(0, len(indices), batch_size):
+            if self._closed:  # close() during a long prefetch: stop between batches, not after all of them
+                raise RuntimeError(f"latent cache {self.folder} was closed")
             chunk = indices[start : start + batch_size]
             if digest is None:  # the bytes as loaded are the identity; keep them for the misses
                 raw = [load(i) for i in chunk]
@@ -351,11 +355,18 @@ class LatentCache:
                 raise RuntimeError(f"latent cache {self.folder} is closed")
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fusionloader-latents")
-            fut = self._executor.submit(self.ensure, todo, load, digest, batch_size)
+            fut = self._executor.submit(self._prefetch_job, todo, load, digest, batch_size)
             for i in todo:
                 self._prefetching[i] = fut
         fut.add_done_callback(lambda f: self._forget(todo, f))
         return fut
+
+    def _prefetch_job(self, indices, load, digest, batch_size) -> int:
+        # CUDA's current device is per thread: bind this one to the cache's device, so the encoder's work (and
+        # any context creation) happens there, not on device 0.
+        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return self.ensure(indices, load, digest, batch_size)
 
     def _forget(self, indices: list[int], fut) -> None:
         with self._lock:
@@ -421,5 +432,34 @@ class LatentCache:
 
         return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
+    def bind(self, source) -> SourceLatents:
+        """This cache seen through a producer's ``source`` (``raw(i) -> (image, label)``, optionally ``path(i)``,
+        ``raw_sample(i)``): ``prefetch(indices)`` / ``ensure(indices)`` / ``get(indices)`` with the source's loader
+        and :func:`source_digest` filled in. The producer's two calls: ``prefetch`` as jobs arrive, one ``get``
+        per admission round."""
+        return SourceLatents(self, source)
+
     def __repr__(self) -> str:
         return f"LatentCache({self.folder!r}, resolution={self.resolution}, fingerprint={self.fingerprint})"
+
+
+class SourceLatents:
+    """A :class:`LatentCache` bound to one source (see :meth:`LatentCache.bind`)."""
+
+    def __init__(self, cache: LatentCache, source):
+        if not callable(getattr(source, "raw", None)):
+            raise TypeError(f"source must have raw(index) -> (image, label), got {type(source).__name__}")
+        self.cache, self.source = cache, source
+        self.digest = source_digest(source)
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.source.raw(index)[0]
+
+    def prefetch(self, indices: Sequence[int], batch_size: int | None = None) -> concurrent.futures.Future:
+        return self.cache.prefetch(indices, self.load, self.digest, batch_size)
+
+    def ensure(self, indices: Sequence[int], batch_size: int | None = None) -> int:
+        return self.cache.ensure(indices, self.load, self.digest, batch_size)
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.get(indices, self.load, self.digest)
