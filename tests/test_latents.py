@@ -515,3 +515,19 @@ def test_bound_to_a_source_the_producer_calls(tmp_path):
     assert latents.ensure(range(6)) == 1
     with pytest.raises(TypeError, match="raw"):
         latents.cache.bind(object())
+
+
+def test_a_lock_held_too_long_is_an_error_naming_the_file(tmp_path):
+    import fcntl
+
+    cache = LatentCache(FakeVAE(), tmp_path, resolution=8, lock_timeout=0.2)
+    fd = os.open(os.path.join(cache.folder, "lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another holder (stopped or hung)
+        with pytest.raises(TimeoutError, match=r"latent cache lock .*lock"):
+            cache.get([0], lambda i: _dataset(0, 1)[0])
+    finally:
+        os.close(fd)
+    assert cache.get([0], lambda i: _dataset(0, 1)[0])[0].shape == (1, 4, 4, 4)
+    with pytest.raises(ValueError, match="lock_timeout"):
+        LatentCache(FakeVAE(), tmp_path, resolution=8, lock_timeout=0)

@@ -5,7 +5,8 @@ A folder (created 0700, files 0600) holds
 - ``index.json``: format, fingerprint, record length and a description of what was encoded (written atomically);
 - ``data.f32``: float32 records, ``record`` values per index (sparse: only written rows take space);
 - ``digest.bin``: 16 bytes per index, the digest of the data the record was encoded from (all zero: no entry);
-- ``lock``: ``fcntl.flock`` guard of every read, write, growth and rebuild (short: never held while encoding).
+- ``lock``: ``fcntl.flock`` guard of every read, write, growth and rebuild (short: never held while encoding;
+  waiting more than ``lock_timeout`` for it is a ``TimeoutError`` naming the file).
 
 NOTE [Latent cache keys]: a record is served only when its stored digest equals the digest the caller computes
 for the item *now* (:func:`file_digest` for a file-backed image: path, size, mtime; :func:`content_digest`
@@ -33,6 +34,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -193,7 +195,10 @@ class LatentStore:
     differs is rebuilt. Safe for several threads and processes using one folder at once (see the NOTE blocks).
     """
 
-    def __init__(self, folder: str | os.PathLike, record: int, meta: dict):
+    def __init__(self, folder: str | os.PathLike, record: int, meta: dict, lock_timeout: float = 120.0):
+        if not lock_timeout > 0:
+            raise ValueError(f"lock_timeout must be positive seconds, got {lock_timeout!r}")
+        self.lock_timeout = float(lock_timeout)
         self.folder = _make_private_dir(os.fspath(folder))
         self.record = int(record)
         self.meta = {"format": FORMAT, "record": self.record, "dtype": "float32", "digest_size": DIGEST_SIZE, **meta}
@@ -214,10 +219,29 @@ class LatentStore:
         with self._mutex:
             fd = os.open(self._file("lock"), os.O_CREAT | os.O_RDWR, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._acquire(fd)
                 yield
             finally:
                 os.close(fd)  # releases the flock
+
+    def _acquire(self, fd: int) -> None:
+        # Holders keep the lock for a copy (microseconds); one that keeps it for long is stopped or hung
+        # (SIGSTOP, a frozen NFS client): fail with the file's name instead of hanging every producer.
+        delay, deadline = 0.0005, None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                now = time.monotonic()
+                deadline = deadline or now + self.lock_timeout
+                if now > deadline:
+                    raise TimeoutError(
+                        f"latent cache lock {self._file('lock')!r} held by another process for more than "
+                        f"{self.lock_timeout:g} s (a stopped or hung process? `fuser` on the file names it)"
+                    ) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 0.02)
 
     # -- open / validate / rebuild (under the lock) -----------------------------------------------------------
 

@@ -179,6 +179,7 @@ class LatentCache:
         batch_size: int = 16,
         *,
         temporary: bool = False,
+        lock_timeout: float = 120.0,
     ):
         if getattr(vae, "encode", None) is None or type(vae).__name__ == "AutoencoderTiny":
             raise ValueError("the latent cache needs an AutoencoderKL encoder (a posterior with mean and std)")
@@ -210,7 +211,7 @@ class LatentCache:
         self.folder = os.path.join(self.path, self.fingerprint)
         meta = {"fingerprint": self.fingerprint, "latent_shape": list(self.latent_shape), "resize": resize,
                 "resolution": list(self.resolution)}  # fmt: skip
-        self._store = LatentStore(self.folder, self.record, meta)
+        self._store = LatentStore(self.folder, self.record, meta, lock_timeout)
         self.encoded = 0  # items this object encoded (misses, prefetches, build)
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
