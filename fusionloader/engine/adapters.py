@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import deque
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -100,6 +101,21 @@ class ClassAdapters:
         if self._unet is not None:
             raise RuntimeError("these ClassAdapters are already attached to a UNet; make a new ClassAdapters per UNet")
         params = dict(unet.named_parameters())
+        # Full-weight deltas first: they hold the Parameter objects, which LoRA injection below keeps as they are.
+        for key, erased in self._deltas.items():
+            if erased.kind != "full":
+                continue
+            tensors = {}
+            for k, v in erased.tensors.items():
+                name = k[len("unet.") :]
+                p = params.get(name)
+                if p is None or tuple(p.shape) != tuple(v.shape):
+                    shape = None if p is None else tuple(p.shape)
+                    raise ValueError(f"class {key!r}: delta tensor {name!r} {tuple(v.shape)} does not fit the UNet ({shape})")
+                tensors[name] = (p, v.to(p.device, p.dtype))  # the Parameter itself: peft keeps it as base_layer's
+                if name not in self._base:
+                    self._base[name] = (p, p.detach().clone())
+            self._full[key] = tensors
         lora = [k for k, e in self._deltas.items() if e.kind == "lora"]
         if lora:
             from peft.utils import set_peft_model_state_dict
@@ -116,7 +132,9 @@ class ClassAdapters:
                 missing = [m for m in json.loads(erased.metadata["target_modules"]) if m not in modules]
                 if missing:
                     raise ValueError(f"class {key!r}: delta for another UNet (no module {missing[0]!r} here)")
-                unet.add_adapter(lora_config_of(erased), adapter_name=name)
+                with warnings.catch_warnings():  # peft warns on every adapter after the first: that is the point here
+                    warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                    unet.add_adapter(lora_config_of(erased), adapter_name=name)
                 state = {k[len("unet.") :]: v for k, v in erased.tensors.items()}
                 result = set_peft_model_state_dict(unet, state, adapter_name=name)
                 unexpected = getattr(result, "unexpected_keys", None) or []
@@ -124,20 +142,6 @@ class ClassAdapters:
                     raise ValueError(f"class {key!r}: delta keys not in the UNet: {unexpected[:3]}")
             unet.requires_grad_(False)
             unet.disable_adapters()
-        for key, erased in self._deltas.items():
-            if erased.kind != "full":
-                continue
-            tensors = {}
-            for k, v in erased.tensors.items():
-                name = k[len("unet.") :]
-                p = params.get(name)
-                if p is None or tuple(p.shape) != tuple(v.shape):
-                    shape = None if p is None else tuple(p.shape)
-                    raise ValueError(f"class {key!r}: delta tensor {name!r} {tuple(v.shape)} does not fit the UNet ({shape})")
-                tensors[name] = v.to(p.device, p.dtype)
-                if name not in self._base:
-                    self._base[name] = p.detach().clone()
-            self._full[key] = tensors
         self._unet = unet
         self._active = None
         return self
@@ -157,13 +161,13 @@ class ClassAdapters:
         if key == self._active:
             return
         unet, old = self._unet, self._active
-        params = dict(unet.named_parameters()) if (old in self._full or key in self._full) else {}
         if old in self._full:
             for name in self._full[old]:
-                params[name].copy_(self._base[name])
+                param, base = self._base[name]
+                param.copy_(base)
         if key in self._full:
-            for name, value in self._full[key].items():
-                params[name].copy_(value)
+            for param, value in self._full[key].values():
+                param.copy_(value)
         has_lora = any(e.kind == "lora" for e in self._deltas.values())
         if key is not None and self._deltas[key].kind == "lora":
             unet.enable_adapters()

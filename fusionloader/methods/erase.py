@@ -266,7 +266,9 @@ def erase_concept(
 
     cond = _embed(comps.tokenizer, comps.text_encoder, [prompt or concept], dev).expand(batch_size, -1, -1)
     uncond = _embed(comps.tokenizer, comps.text_encoder, [""], dev).expand(batch_size, -1, -1)
-    unet = copy.deepcopy(comps.unet).to(torch.float32).train(False)  # the caller's UNet stays as it is
+    unet = copy.deepcopy(comps.unet).train(False)  # the caller's UNet stays as it is
+    if unet.dtype != torch.float32:  # Adam on half weights loses the small ESD updates
+        unet = unet.to(torch.float32)
     unet.requires_grad_(False)
     if rank is not None:
         alpha = float(alpha if alpha is not None else rank)
