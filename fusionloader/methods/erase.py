@@ -272,7 +272,10 @@ def erase_concept(
     unet.requires_grad_(False)
     if rank is not None:
         alpha = float(alpha if alpha is not None else rank)
-        unet.add_adapter(_lora_config(int(rank), alpha, targets), adapter_name="esd")
+        cuda = [dev] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # peft draws A's init from the global RNG: seed it, leave it as it was
+            torch.manual_seed(int(seed))
+            unet.add_adapter(_lora_config(int(rank), alpha, targets), adapter_name="esd")
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
