@@ -116,9 +116,9 @@ def test_subwords_allowed_on_request(comps):
 
 def test_erased_digit_moves_more_than_the_others(comps):
     # A short run (a few seconds): the direction the full measurement (benchmarks/bench_erase.py) quantifies.
-    erased = erase_concept(comps, "seven", iterations=40, lr=3e-4, num_inference_steps=8,
+    erased = erase_concept(comps, "seven", iterations=40, lr=1e-3, num_inference_steps=8,
                            prompt="a photo of the digit seven", seed=0)  # fmt: skip
     prompts = {name: f"a photo of the digit {name}" for name in class_names}
     rel = erasure_effect(comps, erased, prompts, n=16, seed=0)["relative_change"]
     others = [v for k, v in rel.items() if k != "seven"]
-    assert rel["seven"] > sum(others) / len(others), rel
+    assert rel["seven"] > 1.2 * sum(others) / len(others), rel  # measured: 0.047 vs 0.034 (max 0.044, "one")
