@@ -103,7 +103,7 @@ def run(concept="seven", method="esd-x", iterations=300, lr=1e-4, rank=4, steps=
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concept", default="seven")
-    p.add_argument("--method", default="esd-x", choices=("esd-x", "esd-u"))
+    p.add_argument("--method", default="esd-x", choices=("esd-x", "esd-u", "esd-x-strict"))
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--rank", type=int, default=4, help="0: full weights")

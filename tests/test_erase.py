@@ -59,6 +59,8 @@ def test_esd_u_and_full_weights(comps):
     x = esd_module_names(comps.unet, "esd-x")
     assert u and not set(u) & set(x) and not any(".attn2." in n for n in u)
     assert "conv_in" in u and any(".attn1." in n for n in u)
+    strict = esd_module_names(comps.unet, "esd-x-strict")
+    assert strict and set(strict) < set(x) and {n.rsplit(".", 1)[-1] for n in strict} == {"to_k", "to_v"}
     full = erase_concept(comps, "three", method="esd-x", rank=None, **SHORT)
     params = dict(comps.unet.named_parameters())
     assert full.kind == "full" and "rank" not in full.metadata

@@ -17,7 +17,7 @@ One ESD iteration (the authors' ``esd_sd.py``; their CompVis ``train-esd.py`` is
 
 Parameters trained: ``"esd-x"`` the Linear/Conv2d modules of the cross-attention blocks (``attn2``; the prompt-specific
 variant), ``"esd-u"`` every Linear/Conv2d module outside them (the unconditional variant, for concepts that should
-vanish whatever the prompt), as the authors select them.
+vanish whatever the prompt), as the authors select them; also their ``"esd-x-strict"`` (``attn2.to_k``/``to_v`` only).
 
 Output: ``rank=int`` (default 4) trains a peft LoRA of that rank on those modules and writes only the low-rank
 factors -- kilobytes to a few MB per class instead of a UNet (3.4 GB for SD-1.x), and producers keep every class's
@@ -53,24 +53,28 @@ __all__ = [
     "lora_config_of", "read_erased",
 ]
 
-ESD_METHODS = ("esd-x", "esd-u")
+ESD_METHODS = ("esd-x", "esd-u", "esd-x-strict")
 _FORMAT = "fusionloader-esd"
 _TRAINABLE = ("Linear", "Conv2d", "LoRACompatibleLinear", "LoRACompatibleConv")
 
 
 def esd_module_names(unet: torch.nn.Module, method: str) -> list[str]:
-    """Names of the Linear/Conv2d modules ESD trains: inside cross-attention (``esd-x``) or outside it (``esd-u``)."""
+    """Names of the Linear/Conv2d modules ESD trains: inside cross-attention (``esd-x``), outside it (``esd-u``), or
+    only cross-attention's key and value projections (``esd-x-strict``, in the authors' code: the text's path only)."""
     _check_method(method)
     names = []
     for name, module in unet.named_modules():
         if type(module).__name__ not in _TRAINABLE or not name:
             continue
-        cross = "attn2" in name.split(".")
-        if cross == (method == "esd-x"):
+        parts = name.split(".")
+        cross = "attn2" in parts
+        if method == "esd-x-strict":
+            if cross and parts[-1] in ("to_k", "to_v"):
+                names.append(name)
+        elif cross == (method == "esd-x"):
             names.append(name)
     if not names:
-        raise ValueError(f"method {method!r}: the UNet has no {'cross-attention' if method == 'esd-x' else 'non-cross-attention'} "
-                         "Linear/Conv2d modules to train")  # fmt: skip
+        raise ValueError(f"method {method!r}: the UNet has no Linear/Conv2d modules of that kind to train")
     return names
 
 
