@@ -118,9 +118,10 @@ class ClassAdapters:
             self._full[key] = tensors
         lora = [k for k, e in self._deltas.items() if e.kind == "lora"]
         if lora:
-            from peft.utils import set_peft_model_state_dict
+            from ..methods.erase import lora_config_of, require_peft
 
-            from ..methods.erase import lora_config_of
+            require_peft()
+            from peft.utils import set_peft_model_state_dict
 
             taken = set(getattr(unet, "peft_config", {}) or {})
             for key in lora:

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ESD_METHODS", "Erased", "check_concept", "erase_concept", "erase_main", "erasure_effect", "esd_module_names",
-    "lora_config_of", "read_erased",
+    "lora_config_of", "read_erased", "require_peft",
 ]
 
 ESD_METHODS = ("esd-x", "esd-u", "esd-x-strict")
@@ -192,6 +192,18 @@ def read_erased(path: str | os.PathLike) -> Erased:
     return Erased(tensors, meta)
 
 
+def require_peft():
+    """Import peft, or say which extra brings it (LoRA deltas need it; full-weight ones do not)."""
+    try:
+        import peft
+    except ModuleNotFoundError as e:
+        if e.name != "peft":
+            raise
+        raise ModuleNotFoundError("ESD LoRA deltas need peft: pip install 'fusionloader[erase]' (or rank=None for "
+                                  "full weights)", name="peft") from e  # fmt: skip
+    return peft
+
+
 def _lora_config(rank: int, alpha: float, targets: Sequence[str]):
     from peft import LoraConfig
 
@@ -263,6 +275,8 @@ def erase_concept(
         raise ValueError(f"sample_from must be 'frozen' or 'erased', got {sample_from!r}")
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise ValueError(f"prompt must be a non-empty string or None, got {prompt!r}")
+    if rank is not None:
+        require_peft()
     comps, path = _components(model, device)
     check_concept(comps.tokenizer, concept, allow_subwords)
     dev = comps.device
