@@ -6,6 +6,7 @@
     fusionloader bench --quick --json out/bench.json
     fusionloader cache --model M --images DIR --path latents.cache
     fusionloader invert --model M --images DIR --out tokens/      # DA-Fusion textual inversion
+    fusionloader erase --model M --concept NAME --out esd/        # ESD concept erasure (per-class UNet delta)
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     cache.set_defaults(fn=_cache)
 
     sub.add_parser("invert", help="learn one token per class by textual inversion (see --help)", add_help=False)
+    sub.add_parser("erase", help="erase a concept from the UNet with ESD (see --help)", add_help=False)
     return parser
 
 
@@ -162,6 +164,10 @@ def main(argv=None) -> None:
         from fusionloader.methods.inversion import invert_main
 
         return invert_main(argv[1:])
+    if argv[:1] == ["erase"]:  # ESD concept erasure parses its own arguments (methods/erase.py)
+        from fusionloader.methods.erase import erase_main
+
+        return erase_main(argv[1:])
     from fusionloader.extras import MissingExtraError
 
     args = _parser().parse_args(argv)

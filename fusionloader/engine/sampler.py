@@ -68,6 +68,7 @@ class Request:
     negative_prompt: str = ""
     out_row: int | None = None
     cohort: _Cohort | None = field(default=None, repr=False)
+    adapter: Any = None  # class key of its UNet delta (engine/adapters.py); None: the base UNet
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Sampler:
     """
 
     def __init__(self, components, prompt_cache, capacity: int = 8, resolution=None, out=None, mean=None, std=None,
-                 return_latents: bool = False):  # fmt: skip
+                 return_latents: bool = False, adapters=None):  # fmt: skip
         from .schedules import fused_kind
 
         if capacity < 1:
@@ -185,6 +186,7 @@ class Sampler:
         self.kind = fused_kind(components.scheduler)
         self.out, self.out_mean, self.out_std = out, mean, std
         self.return_latents = return_latents
+        self.adapters = adapters  # engine/adapters.ClassAdapters (attached): one class per UNet batch
         self._queue: deque[Request] = deque()
         self._slots: list[_Slot] = []
         shape = (self.capacity, *self.latent_shape)
@@ -279,6 +281,8 @@ class Sampler:
 
     def _pop_admissible(self) -> list[Request]:
         free = self.capacity - len(self._slots)
+        if self.adapters is not None:  # it picks one class's requests and switches the UNet's delta
+            return self.adapters.admit(self._queue, free, busy=bool(self._slots))
         joins: list[Request] = []
         while self._queue:
             r = self._queue[0]

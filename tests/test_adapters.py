@@ -1,0 +1,160 @@
+"""Per-class UNet deltas on one resident UNet (engine/adapters.py) and the sampler's one-class-per-batch admission."""
+
+import pickle
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="ESD deltas need peft (pip install fusionloader[erase])")
+
+from fusionloader.engine.adapters import ClassAdapters, deltas_in  # noqa: E402
+from fusionloader.engine.sampler import Request  # noqa: E402
+from fusionloader.methods.erase import erase_concept  # noqa: E402
+from fusionloader.pretrained import default_model_path  # noqa: E402
+from fusionloader.engine.synthesizer import Synthesizer  # noqa: E402
+
+PROMPT = "a photo of the digit {}"
+
+
+@pytest.fixture(scope="module")
+def deltas(tmp_path_factory):
+    """Two short real ESD runs (LoRA, esd-x) on the embedded model, saved as files; and one full-weight delta."""
+    folder = tmp_path_factory.mktemp("esd")
+    synth = Synthesizer.from_pretrained(default_model_path())
+    kw = dict(iterations=3, lr=3e-3, num_inference_steps=4)
+    files = {
+        7: erase_concept(synth, "seven", seed=1, out=folder, **kw),
+        3: erase_concept(synth, "three", seed=2, out=folder, **kw),
+    }
+    full = erase_concept(synth, "five", rank=None, seed=3, **kw).save(folder / "five_full.safetensors")
+    return {k: str(folder / f"{e.metadata['concept']}.safetensors") for k, e in files.items()} | {5: full}
+
+
+def _sampler(adapters=None, capacity=2):
+    synth = Synthesizer.from_pretrained(default_model_path())
+    sampler = synth.sampler(capacity=capacity)
+    if adapters is not None:
+        sampler.adapters = ClassAdapters(adapters).attach(synth.components.unet)
+    return sampler
+
+
+def _requests(classes, names=("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")):
+    return [Request(key=i, prompt=PROMPT.format(names[4 if c is None else c]), strength=None, guidance_scale=3.0, num_inference_steps=4,
+                    seed=100 + i, adapter=c) for i, c in enumerate(classes)]  # fmt: skip
+
+
+def _run(sampler, requests):
+    for r in requests:
+        sampler.submit(r)
+    return {f.key: f.image.clone() for f in sampler.drain()}
+
+
+def test_swapping_two_deltas_equals_one_sampler_per_delta(deltas):
+    classes = [7, 3, 7, 3]
+    reqs = _requests(classes)
+    both = _sampler({7: deltas[7], 3: deltas[3]})
+    swapped = _run(both, reqs)
+    assert both.adapters.swaps == 2  # one per class batch: 7 7, then 3 3 -- not one per request
+    only7 = _run(_sampler({7: deltas[7]}), [r for r in _requests(classes) if r.adapter == 7])
+    only3 = _run(_sampler({3: deltas[3]}), [r for r in _requests(classes) if r.adapter == 3])
+    base = _run(_sampler(), _requests(classes))
+    for key, c in enumerate(classes):
+        alone = (only7 if c == 7 else only3)[key]
+        assert torch.equal(swapped[key], alone), key
+        assert not torch.equal(swapped[key], base[key]), f"class {c}'s delta changed nothing"
+
+
+def test_classes_without_a_delta_are_unchanged(deltas):
+    # Same UNet batches as the plain sampler ([0, 1, None, 2] then [7, 7]): bit-identical images.
+    classes = [0, 1, None, 2, 7, 7]
+    with_deltas = _run(_sampler({7: deltas[7], 3: deltas[3]}, capacity=4), _requests(classes))
+    base = _run(_sampler(capacity=4), _requests(classes))
+    for key, c in enumerate(classes):
+        assert torch.equal(with_deltas[key], base[key]) == (c != 7), key
+    # Interleaved, the grouping changes which rows share a UNet batch: equal up to the UNet's batch rounding.
+    classes = [0, 7, 1, None, 7, 2]
+    with_deltas = _run(_sampler({7: deltas[7], 3: deltas[3]}, capacity=3), _requests(classes))
+    base = _run(_sampler(capacity=3), _requests(classes))
+    for key, c in enumerate(classes):
+        if c != 7:
+            torch.testing.assert_close(with_deltas[key], base[key], rtol=0, atol=1e-5)
+
+
+def test_full_weight_delta_swaps_in_and_out_exactly(deltas):
+    classes = [5, 0, 5, 7]
+    mixed = _sampler({5: deltas[5], 7: deltas[7]}, capacity=2)
+    before = {n: p.clone() for n, p in mixed.c.unet.named_parameters() if "lora_" not in n}
+    got = _run(mixed, _requests(classes))
+    mixed.adapters.activate(None)
+    after = {n: p for n, p in mixed.c.unet.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(before[n], after[n]) for n in before)  # base weights restored exactly
+    only5 = _run(_sampler({5: deltas[5]}, capacity=2), [r for r in _requests(classes) if r.adapter == 5])
+    base = _run(_sampler(capacity=2), _requests(classes))
+    for key in (0, 2):
+        assert torch.equal(got[key], only5[key])
+        assert not torch.equal(got[key], base[key])
+    torch.testing.assert_close(got[1], base[1], rtol=0, atol=1e-5)  # batched differently ([0] vs [5, 0])
+
+
+def test_requests_grouped_by_class_so_swaps_are_rare(deltas):
+    classes = [7, 3] * 8
+    sampler = _sampler({7: deltas[7], 3: deltas[3]}, capacity=4)
+    order = []
+    for r in _requests(classes):
+        sampler.submit(r)
+    while not sampler.idle:
+        sampler.step()
+        order.append(sampler.adapters.active)
+    # 16 alternating requests, 4 slots: 4 batches (7, 3, 7, 3 -- oldest-first), so 4 swaps instead of 16.
+    assert sampler.adapters.swaps == 4
+    assert [c for i, c in enumerate(order) if i == 0 or c != order[i - 1]] == [7, 3, 7, 3]
+
+
+def test_fairness_bounds_the_wait_of_another_class(deltas):
+    # A stream of class-7 requests that never ends would starve class 3 if freed slots always took class 7.
+    sampler = _sampler({7: deltas[7], 3: deltas[3]}, capacity=2)
+    sampler.adapters.patience = 3
+    key = iter(range(10**6))
+    mk = lambda c: Request(key=next(key), prompt=PROMPT.format("seven" if c == 7 else "three"), strength=None,  # noqa: E731
+                           guidance_scale=1.0, num_inference_steps=2, seed=1, adapter=c)  # fmt: skip
+    sampler.submit(mk(7))
+    sampler.step()
+    late = mk(3)
+    sampler.submit(late)
+    done_at = None
+    for step in range(40):
+        sampler.submit(mk(7))
+        if any(f.key == late.key for f in sampler.step()):
+            done_at = step
+            break
+    # waits patience (3) steps, then the running class-7 batch drains (<= 2 steps), then 2 denoising steps
+    assert done_at is not None and done_at <= 3 + 2 + 2, done_at
+
+
+def test_errors_name_the_class_and_file(tmp_path, deltas):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"class 4.*bad\.safetensors"):
+        ClassAdapters({4: str(bad)})
+    with pytest.raises(ValueError, match="class 4"):
+        ClassAdapters({4: str(tmp_path / "missing.safetensors")})
+    with pytest.raises(ValueError, match="patience"):
+        ClassAdapters({7: deltas[7]}, patience=-1)
+    with pytest.raises(ValueError, match="None"):
+        ClassAdapters({None: deltas[7]})
+    with pytest.raises(RuntimeError, match="attach"):
+        ClassAdapters({7: deltas[7]}).activate(7)
+
+
+def test_delta_for_another_unet_is_rejected(deltas, tiny_sd1_path):
+    other = Synthesizer.from_pretrained(tiny_sd1_path)
+    with pytest.raises(ValueError, match="class 7"):
+        ClassAdapters({7: deltas[7]}).attach(other.components.unet)
+
+
+def test_pickles_as_its_files_and_finds_a_folder(deltas):
+    adapters = ClassAdapters({7: deltas[7], 3: deltas[3]}, patience=5)
+    clone = pickle.loads(pickle.dumps(adapters))
+    assert clone.classes == [7, 3] and clone.patience == 5 and clone.active is None
+    folder = str(__import__("pathlib").Path(deltas[7]).parent)
+    assert deltas_in(folder, {7: "seven", 3: "three", 1: "one"}) == {7: deltas[7], 3: deltas[3]}
