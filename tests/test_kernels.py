@@ -377,3 +377,112 @@ def test_public_api():
     assert K.__all__ == sorted(K.__all__)
     for name in K.__all__:
         assert callable(getattr(K, name))
+
+
+# ------------------------------------------------------------------------------ device binding, fallback
+
+
+class _FakeCuda:
+    """Stands in for a CUDA tensor where only ``is_cuda`` / ``device`` are read."""
+
+    is_cuda = True
+    device = torch.device("cuda", 6)
+
+
+def test_launch_device_enters_the_tensors_cuda_device(monkeypatch):
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    with _dispatch.launch_device(_FakeCuda()):
+        pass
+    assert entered == [torch.device("cuda", 6)]
+    with _dispatch.launch_device(torch.zeros(1)):  # CPU (interpreter): nothing to enter
+        pass
+    assert entered == [torch.device("cuda", 6)]
+
+
+@pytest.mark.parametrize("name", ["add_noise", "cfg_step", "postprocess", "philox_randn"])
+def test_every_kernel_launches_inside_the_device_context(name, monkeypatch):
+    # Triton launches on the *current* device: the launch itself must happen inside launch_device(tensor).
+    import importlib
+
+    module = importlib.import_module(f"fusionloader.kernels.{'philox' if name == 'philox_randn' else name}")
+    kernel_name = {"add_noise": "_add_noise_kernel", "cfg_step": "_cfg_step_kernel",
+                   "postprocess": "_postprocess_kernel", "philox_randn": "_philox_randn_kernel"}[name]  # fmt: skip
+    state = {"inside": 0, "launched": 0, "tensor": None}
+
+    class Guard:
+        def __init__(self, tensor):
+            state["tensor"] = tensor
+
+        def __enter__(self):
+            state["inside"] += 1
+
+        def __exit__(self, *exc):
+            state["inside"] -= 1
+
+    real = getattr(module, kernel_name)
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert state["inside"] == 1, "kernel launched outside launch_device()"
+                state["launched"] += 1
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, "launch_device", Guard)
+    monkeypatch.setattr(module, kernel_name, Launcher())
+    model_out, sample, guidance, uncond_index, coefs = _cfg_inputs(torch.float32)
+    if name == "add_noise":
+        K.add_noise(sample, torch.rand(3), torch.rand(3), seeds=torch.tensor([1, 2, 3]))
+        first = sample
+    elif name == "cfg_step":
+        K.cfg_step(model_out, sample, guidance, uncond_index, coefs)
+        first = sample
+    elif name == "postprocess":
+        first = torch.randn(2, 3, 5, 4)
+        K.postprocess(first, torch.empty(2, 3, 5, 4))
+    else:
+        first = torch.tensor([1, 2])
+        K.philox_randn(first, 2, 10)
+    assert state["launched"] == 1 and state["inside"] == 0
+    assert state["tensor"] is first or torch.equal(state["tensor"], first)
+
+
+def test_fallback_when_triton_cannot_launch(monkeypatch):
+    # "import triton" works but the launcher cannot be built (no C compiler in a slim CUDA image).
+    monkeypatch.setattr(_dispatch, "_probes", {})
+    calls = []
+
+    def no_compiler(device):
+        calls.append(device)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(_dispatch, "_probe_launch", no_compiler)
+    monkeypatch.delenv("FUSIONLOADER_KERNELS", raising=False)
+    x0, coef_x, coef_n, seeds = torch.randn(LATENT), torch.rand(3), torch.rand(3), torch.tensor([4, 5, 6])
+    with pytest.warns(RuntimeWarning, match="C compiler.*torch references"):
+        got = K.add_noise(x0, coef_x, coef_n, seeds=seeds)
+    torch.testing.assert_close(got, K.add_noise_reference(x0, coef_x, coef_n, seeds=seeds))
+    assert _dispatch.resolve(x0) == "torch"
+    assert "C compiler" in K.fallback_reason() and not K.triton_launchable("cpu")
+    assert len(calls) == 1  # probed once, cached
+    with K.backend("triton"), pytest.raises(RuntimeError, match="cannot launch.*C compiler"):
+        _dispatch.resolve(x0)
+
+
+def test_probe_launches_for_real_here(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_probes", {})
+    assert K.triton_launchable("cpu") and K.fallback_reason() is None  # the interpreter can launch
