@@ -227,7 +227,7 @@ class Synthesizer:
         if out is not None:
             self._check_out(out, None)
         return Sampler(self.components, self.prompt_cache, capacity, self.resolution, out, mean, std, return_latents,
-                       decode_chunk or self.decode_chunk)  # fmt: skip
+                       self.decode_chunk if decode_chunk is None else decode_chunk)  # fmt: skip
 
     def memory_estimate(self, capacity: int = 8, decode_chunk: int | None = None, guided: bool = True) -> dict:
         """Predicted device memory (bytes) of a sampler with ``capacity`` slots; see :mod:`.memory`.
@@ -240,7 +240,7 @@ class Synthesizer:
         from .memory import estimate
 
         return estimate(self.components, self.prompt_cache, self.resolution, capacity,
-                        decode_chunk or self.decode_chunk, guided)  # fmt: skip
+                        self.decode_chunk if decode_chunk is None else decode_chunk, guided)  # fmt: skip
 
     # -- the public calls -------------------------------------------------------------------------------
 
