@@ -157,3 +157,20 @@ def test_device_scope_enters_cuda_device(monkeypatch):
     with device_scope("cpu"):
         pass
     assert seen == [torch.device("cuda", 1)]
+
+
+def test_normalised_out_buffer_adds_no_sync(tiny_sd1_path):
+    # mean/std given as lists go to the device once, not at every finished batch.
+    synth = Synthesizer.from_pretrained(tiny_sd1_path, scheduler="ddim")
+    out = torch.zeros(4, 3, *synth.resolution)
+    sampler = synth.sampler(capacity=2, out=out, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    reqs = _requests(synth, 4, steps=4)
+    for row, r in enumerate(reqs):
+        r.out_row = row
+        sampler.submit(r)
+    batches = 0
+    with torch.inference_mode(), SyncDetector() as det:
+        while not sampler.idle:
+            batches += bool(sampler.step())
+    assert det.count == batches, det.report()
+    assert out.abs().sum() > 0 and out.min() < 0  # normalised images landed in their rows

@@ -117,6 +117,14 @@ def _stage(t: torch.Tensor, device) -> torch.Tensor:
     return staged(t)
 
 
+def _as_device_row(values, device) -> torch.Tensor:
+    """Per-channel values (a list or a tensor anywhere) as a float32 1-D tensor on ``device``, staged once."""
+    if isinstance(values, torch.Tensor) and values.device == torch.device(device):
+        return values.to(torch.float32).reshape(-1)
+    host = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+    return _stage(host.cpu().contiguous(), device)
+
+
 def _randn(shape, generator, device, dtype) -> torch.Tensor:
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -217,8 +225,8 @@ class Sampler:
             raise ValueError("give both mean and std, or neither")
         # As device tensors once: lists would be copied from pageable memory at every finished batch.
         if mean is not None:
-            mean, std = (_stage(torch.as_tensor(v, dtype=torch.float32).reshape(-1).clone(), out.device if out is not None
-                                else self.device) for v in (mean, std))  # fmt: skip
+            where = out.device if out is not None else self.device
+            mean, std = (_as_device_row(v, where) for v in (mean, std))
         self.out_mean, self.out_std = mean, std
         self.return_latents = return_latents
         self._queue: deque[Request] = deque()
