@@ -106,7 +106,7 @@ def _pipe(model, device, dtype):
     return pipe
 
 
-def check_oracle(pipe, synth, images, prompts, strength, steps, dry) -> dict:
+def check_oracle(pipe, synth, images, prompts, strength, steps) -> dict:
     dev = synth.device
 
     def gens():
@@ -316,7 +316,7 @@ def run(model: str | None = None, device: str = "cuda:0", dry_run: bool = False)
     res = shared.resolution
     images = torch.rand(sizes["images"], 3, *res, generator=torch.Generator().manual_seed(1)).to(dev)
     prompts = ["a photo of a digit"] * sizes["images"]
-    _section(result, "oracle", lambda: check_oracle(pipe, shared, images, prompts, 0.6, sizes["steps"], dry_run))
+    _section(result, "oracle", lambda: check_oracle(pipe, shared, images, prompts, 0.6, sizes["steps"]))
     _section(result, "throughput", lambda: check_throughput(pipe, shared, images, prompts, 0.6, sizes["steps"],
                                                             sizes["repeats"]))  # fmt: skip
     del pipe, shared

@@ -40,8 +40,6 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = ["SyncDetector", "SyncEvent", "host_only", "staged"]
 
-_aten = torch.ops.aten
-
 # Ops whose result size or value the host needs before it can go on.
 _SHAPE_SYNCS = {
     "nonzero": "nonzero (data-dependent shape)",
