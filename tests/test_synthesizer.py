@@ -315,3 +315,14 @@ def test_calls_run_under_the_synthesizers_device(tiny_sd1_path, monkeypatch):
     synth.augment(_images(1), "a photo", strengths=0.5, num_inference_steps=2, seeds=[1])
     # _latents (encode) + _run + every submit and step of the sampler
     assert len(entered) >= 4 and set(entered) == {synth.device}
+
+
+def test_memory_bounds_survive_pickling(tiny_sd1_path):
+    synth = Synthesizer.from_pretrained(tiny_sd1_path, prompt_cache_size=7, decode_chunk=2)
+    clone = pickle.loads(pickle.dumps(synth))
+    assert clone.prompt_cache.max_size == 7 and clone.decode_chunk == 2
+    from_pipe = Synthesizer(_pipe(tiny_sd1_path), prompt_cache_size=5, decode_chunk=3)
+    clone = pickle.loads(pickle.dumps(from_pipe))
+    assert clone.prompt_cache.max_size == 5 and clone.decode_chunk == 3
+    with pytest.raises(ValueError, match="decode_chunk"):
+        Synthesizer.from_pretrained(tiny_sd1_path, decode_chunk=0)

@@ -170,6 +170,7 @@ class Synthesizer:
         spec = dict(self._spec)
         spec["prompt_policy"] = self.prompt_policy
         spec["resolution"] = self.resolution
+        spec["prompt_cache_size"], spec["decode_chunk"] = self.prompt_cache.max_size, self.decode_chunk  # engine: memory bounds
         return spec
 
     def _save_to_temp(self) -> dict:
