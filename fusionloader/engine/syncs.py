@@ -22,6 +22,9 @@ is flagged and what it returns counts as host data (so it is flagged if it meets
 Provenance on CPU: tensors made by ``lift_fresh`` inside the region are *host* tensors (as are results of
 ops on host tensors alone); everything else counts as a device tensor. Reads of host tensors are free.
 
+While active, ``Tensor.tolist``/``numpy``/``cpu`` are patched process-wide (they never reach the dispatcher on
+CPU): a check for tests and prepared scripts, not for production threads.
+
     with SyncDetector() as syncs:
         sampler.step()
     assert not syncs.events, syncs.report()
