@@ -51,8 +51,15 @@ def memory_estimate(engine, capacity: int, ring_bytes: int = 0) -> dict:
     own = getattr(engine, "memory_estimate", None)
     if callable(own):
         result = own(capacity=capacity)
-        parts = dict(result) if isinstance(result, dict) else {"engine": int(result)}
-        parts.setdefault("ring", int(ring_bytes))
-        parts["total"] = sum(v for k, v in parts.items() if k != "total" and isinstance(v, (int, float)))
+        if not isinstance(result, dict):
+            result = {"engine": int(result), "total": int(result)}
+        # Flat byte counts for the log and stats (the engine also breaks weights down per module and dtype).
+        byte_keys = ("engine", "unet_activations", "decode_activations", "sampler_buffers", "prompt_cache")
+        parts = {k: int(result[k]) for k in byte_keys if isinstance(result.get(k), (int, float))}
+        weights = result.get("weights")
+        if isinstance(weights, dict):
+            parts["weights"] = int(sum(weights.values()))
+        parts["ring"] = int(ring_bytes)
+        parts["total"] = int(result.get("total", sum(parts.values()) - parts["ring"])) + parts["ring"]
         return parts
     return estimate_memory(engine, capacity, ring_bytes)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import block_size, per_sample, resolve, triton_available
+from ._dispatch import block_size, launch_device, per_sample, resolve, triton_available
 from .philox import philox_randn_reference
 
 __all__ = ["add_noise", "add_noise_reference"]
@@ -108,12 +108,13 @@ def add_noise(x0, coef_x, coef_noise, noise=None, seeds=None, streams=None, out=
     has_noise = noise is not None
     dummy = coef_x  # never dereferenced: the branch using it is compiled out by the constexpr
     block = block_size()
-    _add_noise_kernel[(batch, triton.cdiv(numel, block))](
-        x0, coef_x, coef_noise,
-        noise if has_noise else dummy,
-        dummy if has_noise else seeds,
-        dummy if has_noise else streams,
-        out, numel,
-        HAS_NOISE=has_noise, BLOCK=block,
-    )  # fmt: skip
+    with launch_device(x0):  # Triton launches on the current device and its current stream
+        _add_noise_kernel[(batch, triton.cdiv(numel, block))](
+            x0, coef_x, coef_noise,
+            noise if has_noise else dummy,
+            dummy if has_noise else seeds,
+            dummy if has_noise else streams,
+            out, numel,
+            HAS_NOISE=has_noise, BLOCK=block,
+        )  # fmt: skip
     return out

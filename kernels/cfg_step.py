@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import block_size, per_sample, resolve, triton_available
+from ._dispatch import block_size, launch_device, per_sample, resolve, triton_available
 from .philox import philox_randn_reference
 
 __all__ = ["cfg_step", "cfg_step_reference"]
@@ -190,13 +190,14 @@ def cfg_step(
     noise_mode = 1 if noise is not None else 2 if seeds is not None else 0
     dummy = coefs  # stands in for absent inputs; never dereferenced (constexpr branches)
     block = block_size()
-    _cfg_step_kernel[(batch, triton.cdiv(numel, block))](
-        model_out, sample, guidance, uncond_index, coefs,
-        prev_x0 if prev_x0 is not None else dummy,
-        noise if noise is not None else dummy,
-        seeds if seeds is not None else dummy,
-        streams if seeds is not None else dummy,
-        out, x0_out, numel,
-        HAS_PREV=prev_x0 is not None, NOISE=noise_mode, BLOCK=block,
-    )  # fmt: skip
+    with launch_device(sample):  # Triton launches on the current device and its current stream
+        _cfg_step_kernel[(batch, triton.cdiv(numel, block))](
+            model_out, sample, guidance, uncond_index, coefs,
+            prev_x0 if prev_x0 is not None else dummy,
+            noise if noise is not None else dummy,
+            seeds if seeds is not None else dummy,
+            streams if seeds is not None else dummy,
+            out, x0_out, numel,
+            HAS_PREV=prev_x0 is not None, NOISE=noise_mode, BLOCK=block,
+        )  # fmt: skip
     return out, x0_out

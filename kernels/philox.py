@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import block_size, resolve, triton_available
+from ._dispatch import block_size, launch_device, resolve, triton_available
 
 __all__ = ["philox_randn", "philox_randn_reference"]
 
@@ -122,5 +122,6 @@ def philox_randn(seeds, streams, numel: int, device=None) -> torch.Tensor:
         return philox_randn_reference(seeds, streams, numel, device)
     out = torch.empty(seeds.shape[0], numel, dtype=torch.float32, device=device)
     block = block_size()
-    _philox_randn_kernel[(seeds.shape[0], triton.cdiv(numel, block))](seeds, streams, out, numel, BLOCK=block)
+    with launch_device(seeds):  # Triton launches on the current device and its current stream
+        _philox_randn_kernel[(seeds.shape[0], triton.cdiv(numel, block))](seeds, streams, out, numel, BLOCK=block)
     return out

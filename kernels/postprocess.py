@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import block_size, resolve, triton_available
+from ._dispatch import block_size, launch_device, resolve, triton_available
 
 __all__ = ["postprocess", "postprocess_reference"]
 
@@ -116,15 +116,16 @@ def postprocess(decoded, out, rows=None, mean=None, std=None):
     n, c, h, w = decoded.shape
     dummy = decoded  # stands in for absent inputs; never dereferenced (constexpr branches)
     block = block_size()
-    _postprocess_kernel[(n, c, triton.cdiv(h * w, block))](
-        decoded, out,
-        rows if rows is not None else dummy,
-        mean if mean is not None else dummy,
-        std if std is not None else dummy,
-        c, h * w,
-        HAS_ROWS=rows is not None, NORMALIZE=mean is not None, TO_UINT8=out.dtype == torch.uint8, BLOCK=block,
-        # No mul+add -> fma contraction: y * 255 must round on its own, or round-half-even could differ
-        # from the reference on exact ties.
-        enable_fp_fusion=False,
-    )  # fmt: skip
+    with launch_device(decoded):  # Triton launches on the current device and its current stream
+        _postprocess_kernel[(n, c, triton.cdiv(h * w, block))](
+            decoded, out,
+            rows if rows is not None else dummy,
+            mean if mean is not None else dummy,
+            std if std is not None else dummy,
+            c, h * w,
+            HAS_ROWS=rows is not None, NORMALIZE=mean is not None, TO_UINT8=out.dtype == torch.uint8, BLOCK=block,
+            # No mul+add -> fma contraction: y * 255 must round on its own, or round-half-even could differ
+            # from the reference on exact ties.
+            enable_fp_fusion=False,
+        )  # fmt: skip
     return out

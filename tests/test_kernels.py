@@ -377,3 +377,165 @@ def test_public_api():
     assert K.__all__ == sorted(K.__all__)
     for name in K.__all__:
         assert callable(getattr(K, name))
+
+
+# ------------------------------------------------------------------------------ device binding, fallback
+
+
+class _FakeCuda:
+    """Stands in for a CUDA tensor where only ``is_cuda`` / ``device`` are read."""
+
+    is_cuda = True
+    device = torch.device("cuda", 6)
+
+
+def test_launch_device_enters_the_tensors_cuda_device(monkeypatch):
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    with _dispatch.launch_device(_FakeCuda()):
+        pass
+    assert entered == [torch.device("cuda", 6)]
+    with _dispatch.launch_device(torch.zeros(1)):  # CPU (interpreter): nothing to enter
+        pass
+    assert entered == [torch.device("cuda", 6)]
+
+
+@pytest.mark.parametrize("name", ["add_noise", "cfg_step", "postprocess", "philox_randn"])
+def test_every_kernel_launches_inside_the_device_context(name, monkeypatch):
+    # Triton launches on the *current* device: the launch itself must happen inside launch_device(tensor).
+    import importlib
+
+    module = importlib.import_module(f"fusionloader.kernels.{'philox' if name == 'philox_randn' else name}")
+    kernel_name = {"add_noise": "_add_noise_kernel", "cfg_step": "_cfg_step_kernel",
+                   "postprocess": "_postprocess_kernel", "philox_randn": "_philox_randn_kernel"}[name]  # fmt: skip
+    state = {"inside": 0, "launched": 0, "tensor": None}
+
+    class Guard:
+        def __init__(self, tensor):
+            state["tensor"] = tensor
+
+        def __enter__(self):
+            state["inside"] += 1
+
+        def __exit__(self, *exc):
+            state["inside"] -= 1
+
+    real = getattr(module, kernel_name)
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert state["inside"] == 1, "kernel launched outside launch_device()"
+                state["launched"] += 1
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, "launch_device", Guard)
+    monkeypatch.setattr(module, kernel_name, Launcher())
+    model_out, sample, guidance, uncond_index, coefs = _cfg_inputs(torch.float32)
+    if name == "add_noise":
+        K.add_noise(sample, torch.rand(3), torch.rand(3), seeds=torch.tensor([1, 2, 3]))
+        first = sample
+    elif name == "cfg_step":
+        K.cfg_step(model_out, sample, guidance, uncond_index, coefs)
+        first = sample
+    elif name == "postprocess":
+        first = torch.randn(2, 3, 5, 4)
+        K.postprocess(first, torch.empty(2, 3, 5, 4))
+    else:
+        first = torch.tensor([1, 2])
+        K.philox_randn(first, 2, 10)
+    assert state["launched"] == 1 and state["inside"] == 0
+    assert state["tensor"] is first or torch.equal(state["tensor"], first)
+
+
+def test_fallback_when_triton_cannot_launch(monkeypatch):
+    # "import triton" works but the launcher cannot be built (no C compiler in a slim CUDA image).
+    monkeypatch.setattr(_dispatch, "_probes", {})
+    calls = []
+
+    def no_compiler(device):
+        calls.append(device)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(_dispatch, "_probe_launch", no_compiler)
+    monkeypatch.delenv("FUSIONLOADER_KERNELS", raising=False)
+    x0, coef_x, coef_n, seeds = torch.randn(LATENT), torch.rand(3), torch.rand(3), torch.tensor([4, 5, 6])
+    with pytest.warns(RuntimeWarning, match="C compiler.*torch references"):
+        got = K.add_noise(x0, coef_x, coef_n, seeds=seeds)
+    torch.testing.assert_close(got, K.add_noise_reference(x0, coef_x, coef_n, seeds=seeds))
+    assert _dispatch.resolve(x0) == "torch"
+    assert "C compiler" in K.fallback_reason() and not K.triton_launchable("cpu")
+    assert len(calls) == 1  # probed once, cached
+    with K.backend("triton"), pytest.raises(RuntimeError, match="cannot launch.*C compiler"):
+        _dispatch.resolve(x0)
+
+
+def test_probe_launches_for_real_here(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_probes", {})
+    assert K.triton_launchable("cpu") and K.fallback_reason() is None  # the interpreter can launch
+
+
+# ------------------------------------------------------------------------------ ahead-of-time compile
+
+_AOT_SCRIPT = r"""
+import importlib, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def kernel(module, name):
+    return getattr(importlib.import_module(f"fusionloader.kernels.{module}"), name)
+
+P16, P32, I64 = "*fp16", "*fp32", "*i64"
+cases = [  # each kernel in the configuration the sampler launches it in (fp16 UNet storage, fp32 latents)
+    (kernel("add_noise", "_add_noise_kernel"),
+     dict(x0_ptr=P32, coef_x_ptr=P32, coef_noise_ptr=P32, noise_ptr=P32, seeds_ptr=I64, streams_ptr=I64,
+          out_ptr=P32, numel="i32", HAS_NOISE="constexpr", BLOCK="constexpr"),
+     dict(HAS_NOISE=False, BLOCK=1024), {}),
+    (kernel("cfg_step", "_cfg_step_kernel"),
+     dict(model_out_ptr=P16, sample_ptr=P32, guidance_ptr=P32, uncond_index_ptr=I64, coefs_ptr=P32,
+          prev_x0_ptr=P32, noise_ptr=P32, seeds_ptr=I64, streams_ptr=I64, out_ptr=P32, x0_out_ptr=P32,
+          numel="i32", HAS_PREV="constexpr", NOISE="constexpr", BLOCK="constexpr"),
+     dict(HAS_PREV=True, NOISE=2, BLOCK=1024), {}),
+    (kernel("postprocess", "_postprocess_kernel"),
+     dict(decoded_ptr=P32, out_ptr="*u8", rows_ptr=I64, mean_ptr=P32, std_ptr=P32, C="i32", HW="i32",
+          HAS_ROWS="constexpr", NORMALIZE="constexpr", TO_UINT8="constexpr", BLOCK="constexpr"),
+     dict(HAS_ROWS=True, NORMALIZE=False, TO_UINT8=True, BLOCK=1024), dict(enable_fp_fusion=False)),
+    (kernel("philox", "_philox_randn_kernel"),
+     dict(seeds_ptr=I64, streams_ptr=I64, out_ptr=P32, numel="i32", BLOCK="constexpr"), dict(BLOCK=1024), {}),
+]
+for arch in (80, 90):
+    for fn, signature, constexprs, options in cases:
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        assert compiled.asm["cubin"], (fn, arch)
+        print(f"sm_{arch} {fn.__name__} ok")
+"""
+
+
+def test_kernels_compile_ahead_of_time_for_sm80_and_sm90():
+    # The kernels as a GPU would build them (not the interpreter): Triton -> PTX -> cubin with the bundled ptxas.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("Triton's bundled ptxas is missing")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 8, proc.stdout

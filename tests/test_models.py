@@ -1,6 +1,7 @@
 """Loading: checkpoint folder or pipeline object, dtypes, schedulers, attention backends, tiny decoder, errors."""
 
 import json
+import pathlib
 import shutil
 
 import pytest
@@ -100,3 +101,70 @@ def test_tiny_decoder(tiny_sd1_path):
     out, lat = synth.augment(images, ["a cat"] * 2, num_inference_steps=4, seeds=[1, 2], return_latents=True)
     ref = tiny.decode(lat, return_dict=False)[0]  # TAESD decodes the scaled latents directly
     assert (out - (ref / 2 + 0.5).clamp(0, 1)).abs().max().item() <= 1e-5
+
+
+# ------------------------------------------------------------------- CUDA defaults (selection, on CPU)
+
+
+def test_default_precision_by_device():
+    from fusionloader.engine.models import default_precision
+
+    assert default_precision("cpu") == (torch.float32, torch.float32)
+    assert default_precision("cpu", torch.float16) == (torch.float16, torch.float16)  # CPU: unchanged behaviour
+    assert default_precision("cuda:3") == (torch.float16, torch.float32)
+    assert default_precision("cuda", "bf16") == (torch.bfloat16, torch.float32)
+    assert default_precision("cuda:0", torch.float32, "fp16") == (torch.float32, torch.float16)
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        default_precision("cuda", "fp8")
+
+
+def _as_pndm(src, dst):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg_path = dst / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["_class_name"] = "PNDMScheduler"
+    cfg.pop("clip_sample", None)  # SD-1.x PNDM configs may lack it; DDIM's default would clip
+    cfg["skip_prk_steps"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    index = json.loads((dst / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    return str(dst)
+
+
+def test_cuda_checkpoint_gets_fp16_and_a_fused_scheduler(tiny_sd1_path, tmp_path, monkeypatch, caplog):
+    # The device is only a name here: placement is patched to cast without moving, so nothing touches CUDA.
+    import logging
+
+    from fusionloader.engine import models
+    from fusionloader.engine.schedules import fused_kind
+
+    def place(module, device, dtype):
+        p = next(module.parameters(), None)
+        if p is not None and p.dtype != dtype:
+            module = torch.nn.Module.to(module, dtype)
+        return module.eval().requires_grad_(False)
+
+    monkeypatch.setattr(models, "_place", place)
+    path = _as_pndm(pathlib.Path(tiny_sd1_path), tmp_path / "pndm")
+    with caplog.at_level(logging.WARNING, logger="fusionloader.engine.models"):
+        synth = Synthesizer.from_pretrained(path, device="cuda:1")
+    c = synth.components
+    assert c.device == torch.device("cuda", 1)
+    assert c.unet.dtype == c.text_encoder.dtype == torch.float16 and c.vae.dtype == torch.float32
+    assert type(c.scheduler).__name__ == "DDIMScheduler" and fused_kind(c.scheduler) == "ddim"
+    assert c.scheduler.config.steps_offset == 1 and c.scheduler.config.beta_schedule == "scaled_linear"
+    assert "PNDMScheduler has no fused kernel" in caplog.text and "DDIMScheduler" in caplog.text
+    # Overrides win: bf16, the checkpoint's own scheduler, or a named one.
+    kept = Synthesizer.from_pretrained(path, device="cuda:1", dtype="bf16", scheduler="checkpoint")
+    assert kept.components.unet.dtype == torch.bfloat16 and kept.components.vae.dtype == torch.float32
+    assert type(kept.components.scheduler).__name__ == "PNDMScheduler"
+    named = Synthesizer.from_pretrained(path, device="cuda:1", scheduler="dpmpp_2m")
+    assert fused_kind(named.components.scheduler) == "dpmpp_2m"
+    # CPU: fp32, the checkpoint's scheduler, as before.
+    cpu = Synthesizer.from_pretrained(path)
+    assert cpu.components.unet.dtype == cpu.components.vae.dtype == torch.float32
+    assert type(cpu.components.scheduler).__name__ == "PNDMScheduler"

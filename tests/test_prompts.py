@@ -87,3 +87,23 @@ def test_textual_inversion_tokens_match_diffusers(tiny_sd1_path):
     assert (got - plain).abs().max().item() > 1e-3
     clone = pickle.loads(pickle.dumps(synth))  # the learned tokens travel with the load spec
     assert (clone.prompt_cache["a photo of a <cat>"] - got).abs().max().item() <= 1e-6
+
+
+def test_cache_is_lru_bounded(pipe):
+    cache = PromptCache(pipe.tokenizer, pipe.text_encoder, max_size=3)
+    with torch.no_grad():
+        ref, _ = pipe.encode_prompt(["a cat", "a dog", "a bird", "a frog", "a horse"], "cpu", 1, False)
+    cache.add(["a cat", "a dog", "a bird"])
+    cache.get(["a cat"])  # touched: now the most recent
+    got = cache.get(["a frog", "a horse"])  # evicts the two least recent: "a dog", then "a bird"
+    assert len(cache) == 3 and "a cat" in cache and "a dog" not in cache and "a bird" not in cache
+    assert (got - ref[3:]).abs().max().item() <= 1e-5
+    # One call needing more prompts than the bound still returns all of them, right.
+    many = cache.get(["a cat", "a dog", "a bird", "a frog", "a horse"])
+    assert len(cache) == 3 and (many - ref).abs().max().item() <= 1e-5
+    calls = cache.encoder_calls
+    cache.get(["a horse"])
+    assert cache.encoder_calls == calls  # a hit
+    assert cache.entry_bytes() == 77 * pipe.text_encoder.config.hidden_size * 4
+    with pytest.raises(ValueError, match="max_size"):
+        PromptCache(pipe.tokenizer, pipe.text_encoder, max_size=0)

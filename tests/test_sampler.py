@@ -200,3 +200,38 @@ def test_fused_step_compiles_as_one_graph(synth):
         compiled = torch.compile(fused_step, fullgraph=True, backend="eager")(*args, seeds=seeds, streams=streams)
     for a, b in zip(eager, compiled):
         assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_chunked_decode_equals_one_shot(synth):
+    # Three samples finish together; decoding them one at a time or all at once gives the same images.
+    results = {}
+    for chunk in (1, 3):
+        sampler = synth.sampler(capacity=3, decode_chunk=chunk)
+        sampler.trace = []
+        for r in _requests(synth, 3):
+            r.strength, r.num_inference_steps = 1.0, 2
+            sampler.submit(r)
+        results[chunk] = {f.key: f.image for f in sampler.drain()}
+        assert [n for kind, n in sampler.trace if kind == "decode"] == ([1, 1, 1] if chunk == 1 else [3])
+    for key in results[1]:
+        # Per-sample math; only the convolution backends' batch-size-dependent blocking can move the last bits.
+        torch.testing.assert_close(results[1][key], results[3][key], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="decode_chunk"):
+        synth.sampler(decode_chunk=0)
+
+
+def test_memory_estimate(synth):
+    est = synth.memory_estimate(capacity=2, decode_chunk=1)
+    c = synth.components
+    unet_bytes = sum(p.numel() * p.element_size() for p in c.unet.parameters())
+    assert est["weights"]["unet"] >= unet_bytes and set(est["weights"]) == {"unet", "text_encoder", "vae"}
+    assert sum(est["weights_by_dtype"].values()) == sum(est["weights"].values())
+    assert est["prompt_cache"] == synth.prompt_cache.max_size * synth.prompt_cache.entry_bytes()
+    # Activations: at least the UNet's output for every row, and growing with the batch / the decode chunk.
+    rows = 2 * 2
+    assert est["unet_activations"] >= rows * synth.latent_shape[0] * 16 * 16 * 4
+    bigger = synth.memory_estimate(capacity=8, decode_chunk=4)
+    assert bigger["unet_activations"] > 3 * est["unet_activations"]
+    assert bigger["decode_activations"] > 3 * est["decode_activations"]
+    assert est["total"] == (sum(est["weights"].values()) + max(est["unet_activations"], est["decode_activations"])
+                            + est["sampler_buffers"] + est["prompt_cache"])  # fmt: skip

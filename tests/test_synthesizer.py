@@ -290,3 +290,39 @@ def test_outputs_are_plain_tensors_usable_in_training(tiny_sd1_path):
     synth.augment_into(buf, images, ["a photo of a cat"] * 2, num_inference_steps=4, seeds=[0, 1])
     assert not buf.is_inference() and int(buf.max()) > 0
     buf.add_(1)
+
+
+def test_calls_run_under_the_synthesizers_device(tiny_sd1_path, monkeypatch):
+    # On cuda:N, augment (VAE encode, sampling, decode) runs under torch.cuda.device(N): nothing uses device 0.
+    from fusionloader.engine import sampler as sampler_module
+    from fusionloader.engine import synthesizer as synthesizer_module
+
+    entered = []
+
+    class Scope:
+        def __init__(self, device):
+            entered.append(torch.device(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(synthesizer_module, "device_scope", Scope)
+    monkeypatch.setattr(sampler_module, "device_scope", Scope)
+    synth = Synthesizer.from_pretrained(tiny_sd1_path, scheduler="ddim")
+    synth.augment(_images(1), "a photo", strengths=0.5, num_inference_steps=2, seeds=[1])
+    # _latents (encode) + _run + every submit and step of the sampler
+    assert len(entered) >= 4 and set(entered) == {synth.device}
+
+
+def test_memory_bounds_survive_pickling(tiny_sd1_path):
+    synth = Synthesizer.from_pretrained(tiny_sd1_path, prompt_cache_size=7, decode_chunk=2)
+    clone = pickle.loads(pickle.dumps(synth))
+    assert clone.prompt_cache.max_size == 7 and clone.decode_chunk == 2
+    from_pipe = Synthesizer(_pipe(tiny_sd1_path), prompt_cache_size=5, decode_chunk=3)
+    clone = pickle.loads(pickle.dumps(from_pipe))
+    assert clone.prompt_cache.max_size == 5 and clone.decode_chunk == 3
+    with pytest.raises(ValueError, match="decode_chunk"):
+        Synthesizer.from_pretrained(tiny_sd1_path, decode_chunk=0)

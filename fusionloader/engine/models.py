@@ -2,23 +2,48 @@
 
 Two entry points: :func:`load_components` (a local checkpoint folder or a hub id; ``local_files_only`` follows
 ``HF_HUB_OFFLINE`` unless given) and :func:`components_from_pipe` (an already-built diffusers pipeline).
-Precision: the UNet and text encoder run in ``dtype``; the VAE in ``vae_dtype`` (default ``dtype``) because
-the SD-1.x VAE overflows in fp16 -- pass ``vae_dtype=torch.float32`` with a half UNet.
+Precision: the UNet and text encoder run in ``dtype``; the VAE in ``vae_dtype`` because the SD-1.x VAE overflows
+in fp16. Defaults (:func:`default_precision`): on CUDA fp16 UNet and text encoder with an fp32 VAE; on CPU fp32
+everywhere (``vae_dtype`` defaults to ``dtype``). Pass ``dtype=torch.bfloat16`` (or ``"bf16"``) for bf16.
+
+Scheduler: on CUDA a checkpoint scheduler without a fused kernel (SD-1.5's PNDM) is replaced by
+:data:`DEFAULT_FUSED_SCHEDULER` built from the checkpoint's scheduler config (:func:`fused_substitute`, logged);
+``scheduler="checkpoint"`` keeps the checkpoint's, any other ``scheduler`` is used as given. CPU keeps the
+checkpoint's scheduler unless told otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
 
+import logging
+
 import torch
 
 from .errors import MissingComponentError
 
-__all__ = ["ATTENTION_BACKENDS", "Components", "components_from_pipe", "load_components", "set_attention"]
+logger = logging.getLogger(__name__)
+
+# What replaces a checkpoint scheduler without a fused kernel on CUDA (built from the checkpoint's config).
+DEFAULT_FUSED_SCHEDULER = "ddim"
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}  # fmt: skip
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "Components",
+    "DEFAULT_FUSED_SCHEDULER",
+    "components_from_pipe",
+    "default_precision",
+    "device_scope",
+    "fused_substitute",
+    "load_components",
+    "set_attention",
+]
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 # Components the engine needs, in the order they are checked (and named in errors).
@@ -73,6 +98,64 @@ class Components:
     @property
     def decoder_scaling_factor(self) -> float:
         return float(self.decoder.config.scaling_factor)
+
+
+def device_scope(device):
+    """``torch.cuda.device(device)`` for a CUDA device, else a no-op context.
+
+    Everything that uses "the current device" (Triton launches and their stream, ``pin_memory``, new streams and
+    generators without an index) then uses the engine's device, not device 0: a Synthesizer on ``cuda:1`` never
+    creates a context on GPU 0.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _as_dtype(value, name: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in _DTYPES:
+        return _DTYPES[value.lower()]
+    raise ValueError(f"{name}={value!r}: expected a torch dtype or one of {', '.join(_DTYPES)}")
+
+
+def default_precision(device, dtype=None, vae_dtype=None) -> tuple[torch.dtype, torch.dtype]:
+    """``(dtype, vae_dtype)`` for ``device``: what is given, else fp16 + fp32 VAE on CUDA, fp32 (VAE = dtype) on CPU."""
+    cuda = torch.device(device).type == "cuda"
+    dtype = _as_dtype(dtype, "dtype") or (torch.float16 if cuda else torch.float32)
+    vae_dtype = _as_dtype(vae_dtype, "vae_dtype") or (torch.float32 if cuda else dtype)
+    return dtype, vae_dtype
+
+
+def fused_substitute(scheduler, device, requested=None):
+    """The scheduler to run: on CUDA, with nothing requested, a fused one in place of one without a kernel.
+
+    ``requested`` None: on CUDA, a ``scheduler`` whose ``fused_kind`` is None (PNDM, ...) is replaced by
+    :data:`DEFAULT_FUSED_SCHEDULER` built ``from_config`` of its config (said in the log); otherwise it is kept.
+    ``"checkpoint"`` keeps it; anything else goes through ``get_scheduler`` (the user's choice wins).
+    """
+    from .schedules import fused_kind, get_scheduler
+
+    if isinstance(requested, str) and requested.lower() == "checkpoint":
+        return copy.deepcopy(scheduler)
+    if requested is not None:
+        return get_scheduler(requested, scheduler.config)
+    if torch.device(device).type != "cuda" or fused_kind(scheduler) is not None:
+        return copy.deepcopy(scheduler)
+    # clip_sample/thresholding are DDIM options PNDM's config may lack (DDIM's default clips): the fused
+    # DDIM row is the unclipped one, which is what SD checkpoints run.
+    # ("_use_default_values" would make from_config restore DDIM's own default for a key PNDM lacked.)
+    config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    substitute = get_scheduler(DEFAULT_FUSED_SCHEDULER, dict(config, clip_sample=False, thresholding=False))
+    assert fused_kind(substitute) is not None, substitute.config
+    logger.warning(
+        "fusionloader: %s has no fused kernel; on %s using %s built from the checkpoint's scheduler config "
+        "(scheduler='checkpoint' keeps %s, scheduler=... picks another)",
+        type(scheduler).__name__, device, type(substitute).__name__, type(scheduler).__name__,
+    )  # fmt: skip
+    return substitute
 
 
 def _default_local_only(local_files_only: bool | None) -> bool:
@@ -145,7 +228,7 @@ def set_attention(unet: torch.nn.Module, attention: str | None, device: torch.de
 
 def _resolve_scheduler(base_scheduler, scheduler):
     """The checkpoint's scheduler, or one named / given, configured from the checkpoint's config."""
-    if scheduler is None:
+    if scheduler is None or (isinstance(scheduler, str) and scheduler.lower() == "checkpoint"):
         return copy.deepcopy(base_scheduler)
     from .schedules import get_scheduler
 
@@ -193,8 +276,8 @@ def _finish(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, vae_dt
 def load_components(
     path_or_id: str,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    vae_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    vae_dtype: torch.dtype | str | None = None,
     scheduler=None,
     tiny_vae=None,
     attention: str | None = "sdpa",
@@ -204,12 +287,14 @@ def load_components(
 ) -> Components:
     """Load the components of a Stable-Diffusion checkpoint folder or hub id.
 
-    ``scheduler``: None keeps the checkpoint's; a name (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``, a diffusers class
-    name) or a scheduler object goes through :func:`fusionloader.engine.schedules.get_scheduler`.
+    ``dtype`` / ``vae_dtype``: see :func:`default_precision` (None: fp16 + fp32 VAE on CUDA, fp32 on CPU).
+    ``scheduler``: see :func:`fused_substitute` (None: the checkpoint's, replaced by a fused one on CUDA when it
+    has no kernel; ``"checkpoint"``; a name ``"ddim"``, ``"euler"``, ``"dpmpp_2m"``, a diffusers class or instance).
     ``tiny_vae``: a path/id or an ``AutoencoderTiny`` used as the decoder (the KL VAE still encodes).
     A missing component raises :class:`MissingComponentError` naming the folder and the component.
     """
     path_or_id = os.fspath(path_or_id)
+    dtype, vae_dtype = default_precision(device, dtype, vae_dtype)
     local_only = _default_local_only(local_files_only)
     classes = _component_classes(path_or_id, local_only, revision)
     common = dict(local_only=local_only, revision=revision, variant=variant)
@@ -221,7 +306,7 @@ def load_components(
     base_scheduler = _load_one(path_or_id, "scheduler", *classes["scheduler"], **plain)
     tiny = _load_tiny(tiny_vae, local_only, device, vae_dtype or dtype)
     return _finish(
-        unet, vae, text_encoder, tokenizer, _resolve_scheduler(base_scheduler, scheduler),
+        unet, vae, text_encoder, tokenizer, fused_substitute(base_scheduler, device, scheduler),
         device, dtype, vae_dtype, tiny, attention,
     )
 

@@ -7,11 +7,22 @@ encoder never runs per sample.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["CLIP_IMAGENET_TEMPLATES", "IMAGENET_TEMPLATES_SMALL", "PromptCache", "PromptPolicy"]
+__all__ = [
+    "CLIP_IMAGENET_TEMPLATES",
+    "DEFAULT_PROMPT_CACHE_SIZE",
+    "IMAGENET_TEMPLATES_SMALL",
+    "PromptCache",
+    "PromptPolicy",
+]
+
+# Embeddings kept on the device: SD-1.x's (77, 768) in fp16 is 118 KB, so 1024 prompts are ~121 MB (80,000
+# prompts, Bansal & Grover's 1000 classes x 80 templates, would be ~9.4 GB unbounded).
+DEFAULT_PROMPT_CACHE_SIZE = 1024
 
 # Textual-inversion training prompts (diffusers' textual_inversion.py; DA-Fusion trains with these).
 IMAGENET_TEMPLATES_SMALL = (
@@ -105,18 +116,24 @@ def _convert_multivector(prompt: str, tokenizer) -> str:
 
 
 class PromptCache:
-    """Encodes each distinct prompt once (as diffusers' ``encode_prompt``) and keeps its embedding on device.
+    """Encodes prompts (as diffusers' ``encode_prompt``) and keeps the ``max_size`` most recently used on device.
 
     ``get(prompts)`` returns the stacked ``(N, L, D)`` embeddings in the text encoder's dtype, encoding misses
-    lazily in one batch. ``add(prompts)`` prefills. Call ``clear()`` after changing tokenizer or encoder
-    (e.g. loading a textual inversion).
+    lazily in one batch. ``add(prompts)`` prefills (beyond ``max_size`` only the last ones stay). The cache is
+    LRU-bounded (default :data:`DEFAULT_PROMPT_CACHE_SIZE`; ``max_size=None``: unbounded), so device memory stays
+    flat however many prompts a run draws; an evicted prompt is encoded again when next used. Call ``clear()``
+    after changing tokenizer or encoder (e.g. loading a textual inversion).
     """
 
-    def __init__(self, tokenizer, text_encoder, device: torch.device | str | None = None, batch_size: int = 64):
+    def __init__(self, tokenizer, text_encoder, device: torch.device | str | None = None, batch_size: int = 64,
+                 max_size: int | None = DEFAULT_PROMPT_CACHE_SIZE):  # fmt: skip
+        if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
+            raise ValueError(f"prompt cache max_size must be a positive int or None, got {max_size!r}")
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.device = torch.device(device) if device is not None else next(text_encoder.parameters()).device
         self.batch_size = batch_size
-        self._embeds: dict[str, torch.Tensor] = {}
+        self.max_size = max_size
+        self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
         self.encoder_calls = 0  # number of text-encoder forward passes so far (tests check it stays flat)
 
     def __len__(self) -> int:
@@ -130,6 +147,12 @@ class PromptCache:
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> torch.Tensor:
+        from .models import device_scope
+
+        with device_scope(self.device):
+            return self._encode_here(prompts)
+
+    def _encode_here(self, prompts: list[str]) -> torch.Tensor:
         tok = self.tokenizer
         text = [_convert_multivector(p, tok) for p in prompts]
         inputs = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
@@ -140,20 +163,37 @@ class PromptCache:
         out = self.text_encoder(inputs.input_ids.to(self.device), attention_mask=mask)[0]
         return out.to(dtype=self.text_encoder.dtype, device=self.device)
 
-    def add(self, prompts: Iterable[str]) -> None:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._embeds))
-        for p in missing:
+    def entry_bytes(self) -> int:
+        """Device bytes of one cached embedding: ``model_max_length x hidden x dtype size``."""
+        hidden = int(self.text_encoder.config.hidden_size)
+        return int(self.tokenizer.model_max_length) * hidden * torch.finfo(self.text_encoder.dtype).bits // 8
+
+    def _lookup(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Embeddings of ``prompts`` (hits touched as recent, misses encoded in batches), then evict to the bound."""
+        found: dict[str, torch.Tensor] = {}
+        missing = []
+        for p in dict.fromkeys(prompts):
             if not isinstance(p, str):
                 raise TypeError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+            if p in self._embeds:
+                self._embeds.move_to_end(p)
+                found[p] = self._embeds[p]
+            else:
+                missing.append(p)
         for i in range(0, len(missing), self.batch_size):
             chunk = missing[i : i + self.batch_size]
             for p, e in zip(chunk, self._encode(chunk)):
-                self._embeds[p] = e
+                self._embeds[p] = found[p] = e
+        while self.max_size is not None and len(self._embeds) > self.max_size:
+            self._embeds.popitem(last=False)
+        return found
+
+    def add(self, prompts: Iterable[str]) -> None:
+        self._lookup(list(prompts))
 
     def get(self, prompts: Sequence[str]) -> torch.Tensor:
-        self.add(prompts)
-        return torch.stack([self._embeds[p] for p in prompts])
+        found = self._lookup(list(prompts))  # holds this call's embeddings even if the bound evicted some
+        return torch.stack([found[p] for p in prompts])
 
     def __getitem__(self, prompt: str) -> torch.Tensor:
-        self.add([prompt])
-        return self._embeds[prompt]
+        return self._lookup([prompt])[prompt]

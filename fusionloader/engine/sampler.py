@@ -12,10 +12,22 @@ A fixed number of UNet slots (``capacity``). Every slot holds one sample at its 
 4. decodes the samples that finished, post-processes them to float [0, 1] (or into a caller's buffer) and
    flags non-finite ones; their slots free up for the next step.
 
-NOTE [host syncs]: inside the denoising loop nothing reads device values back. Slot bookkeeping is host ints;
-per-slot timesteps / model-input scales / step coefficients are gathered from device tables with an index
-tensor built from those ints; noise comes from the slot's Philox seed inside the kernel. The only reads are
-after decoding (the per-sample finiteness flags), once per finished batch.
+NOTE [host syncs]: inside the denoising loop nothing reads device values back and nothing copies host data
+from pageable memory (which waits for the stream on a GPU). Slot bookkeeping is host ints; every per-step
+host value (table rows, uncond rows, guidance, seeds, index lists) goes to the device through one pinned
+staging copy with ``non_blocking=True`` (``_h2d``), and so do the schedule tables the first time a schedule
+is seen; nothing indexes a device tensor with a Python list or a boolean mask. Noise comes from the slot's
+Philox seed inside the kernel. The one read-back is the finiteness flags of the samples that finished in a
+step: one ``tolist`` per finished batch, after decoding. ``fusionloader.engine.syncs.SyncDetector`` checks
+this on CPU (tests/test_syncs.py); ``benchmarks/gpu_check.py`` counts syncs on a GPU with
+``torch.cuda.set_sync_debug_mode``. The fused path is sync-free; the unfused path (schedulers without a
+fused kernel) calls diffusers' ``scheduler.step``, whose own internals are not under this contract.
+
+NOTE [device]: a sampler on ``cuda:N`` runs ``submit``/``step`` under ``torch.cuda.device(N)``, so Triton
+launches, pinned staging and everything else that uses "the current device" use N, never device 0.
+
+Memory: finished samples are decoded ``decode_chunk`` at a time (peak decoder activations bounded by the chunk,
+not by how many samples finish together); each chunk is post-processed straight into its rows.
 
 NOTE [RNG, diffusers parity]: a request draws its randomness in the pipeline's order -- VAE latent sample,
 start noise, then each step's noise (DDIM with eta > 0 is the only fused scheduler that draws per step).
@@ -39,7 +51,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["Finished", "Request", "Sampler", "fused_step"]
+from .models import device_scope
+from .syncs import host_only, staged
+
+__all__ = ["DEFAULT_DECODE_CHUNK", "Finished", "Request", "Sampler", "fused_step"]
+
+# Finished samples decoded per VAE call: an SD-1.x decode at 512 px holds ~1 GB of fp32 activations per image.
+DEFAULT_DECODE_CHUNK = 4
 
 
 @dataclass(eq=False)
@@ -87,9 +105,25 @@ def _h2d(values, dtype, device) -> torch.Tensor:
     (A plain ``torch.tensor(list, device="cuda")`` copies from pageable memory and waits for the stream.)
     """
     t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return _stage(t, device)
+
+
+def _stage(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor -> ``device`` without a sync (pinned staging, ``non_blocking``); declared to SyncDetector."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    elif t.device != device:
+        t = t.to(device)
+    return staged(t)
+
+
+def _as_device_row(values, device) -> torch.Tensor:
+    """Per-channel values (a list or a tensor anywhere) as a float32 1-D tensor on ``device``, staged once."""
+    if isinstance(values, torch.Tensor) and values.device == torch.device(device):
+        return values.to(torch.float32).reshape(-1)
+    host = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+    return _stage(host.cpu().contiguous(), device)
 
 
 def _randn(shape, generator, device, dtype) -> torch.Tensor:
@@ -172,11 +206,15 @@ class Sampler:
     """
 
     def __init__(self, components, prompt_cache, capacity: int = 8, resolution=None, out=None, mean=None, std=None,
-                 return_latents: bool = False, adapters=None):  # fmt: skip
+                 return_latents: bool = False, decode_chunk: int = DEFAULT_DECODE_CHUNK,
+                 adapters=None):  # fmt: skip
         from .schedules import fused_kind
 
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if not isinstance(decode_chunk, int) or decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be a positive int, got {decode_chunk!r}")
+        self.decode_chunk = decode_chunk
         self.c, self.prompts, self.capacity = components, prompt_cache, int(capacity)
         self.device = components.device
         self.resolution = tuple(resolution or components.resolution)
@@ -184,7 +222,14 @@ class Sampler:
         self.latent_shape = (components.latent_channels, self.resolution[0] // f, self.resolution[1] // f)
         self.numel = math.prod(self.latent_shape)
         self.kind = fused_kind(components.scheduler)
-        self.out, self.out_mean, self.out_std = out, mean, std
+        self.out = out
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
+        # As device tensors once: lists would be copied from pageable memory at every finished batch.
+        if mean is not None:
+            where = out.device if out is not None else self.device
+            mean, std = (_as_device_row(v, where) for v in (mean, std))
+        self.out_mean, self.out_std = mean, std
         self.return_latents = return_latents
         self.adapters = adapters  # engine/adapters.ClassAdapters (attached): one class per UNet batch
         self._queue: deque[Request] = deque()
@@ -223,6 +268,10 @@ class Sampler:
 
     def submit(self, request: Request) -> None:
         """Validate and queue a request (it joins at the next step with a free slot)."""
+        with device_scope(self.device):
+            self._submit(request)
+
+    def _submit(self, request: Request) -> None:
         r = request
         if not isinstance(r.prompt, str):
             raise TypeError(f"request {r.key!r}: prompt must be a string, got {type(r.prompt).__name__}")
@@ -268,12 +317,16 @@ class Sampler:
         eta = float(r.eta) if self.kind == "ddim" else 0.0
         key = (int(r.num_inference_steps), None if r.strength is None else float(r.strength), eta)
         if key not in self._sched_rows:
-            s = make_schedule(self.c.scheduler, key[0], key[1], eta=eta)
+            with host_only():  # CPU schedule math, whatever the engine's device
+                s = make_schedule(self.c.scheduler, key[0], key[1], eta=eta)
             base = self._t.shape[0]
-            dev = self.device
-            self._t = torch.cat([self._t, torch.as_tensor(s.timesteps, dtype=torch.float32).to(dev)])
-            self._c_in = torch.cat([self._c_in, torch.as_tensor(s.c_in, dtype=torch.float32).to(dev)])
-            self._coefs = torch.cat([self._coefs, torch.as_tensor(s.coefs, dtype=torch.float32).to(dev)])
+            # One pinned staging copy for the three tables (a pageable .to(device) would wait for the stream).
+            n = s.num_steps
+            host = torch.cat([s.timesteps.to(torch.float32).reshape(-1), s.c_in.reshape(-1), s.coefs.reshape(-1)])
+            table = _stage(host, self.device)
+            self._t = torch.cat([self._t, table[:n]])
+            self._c_in = torch.cat([self._c_in, table[n : 2 * n]])
+            self._coefs = torch.cat([self._coefs, table[2 * n :].view(n, 7)])
             self._sched_rows[key] = (base, s)
         return self._sched_rows[key]
 
@@ -304,8 +357,8 @@ class Sampler:
         if philox:
             from fusionloader.kernels import philox_randn
 
-            seeds = _h2d([joins[k].seed for k in philox], torch.int64, dev)
-            z[philox] = philox_randn(seeds, 0, self.numel).view(-1, *shape)
+            seeds, where = _h2d([[joins[k].seed for k in philox], philox], torch.int64, dev)
+            z.index_copy_(0, where, philox_randn(seeds, 0, self.numel).view(-1, *shape))
         cohort_z: dict[int, torch.Tensor] = {}
         for k in sampled:
             r = joins[k]
@@ -357,8 +410,8 @@ class Sampler:
             if philox:
                 from fusionloader.kernels import philox_randn
 
-                seeds = _h2d([slots[k].seed for k in philox], torch.int64, dev)
-                z[philox] = philox_randn(seeds, 1, self.numel).view(-1, *shape)
+                seeds, where = _h2d([[slots[k].seed for k in philox], philox], torch.int64, dev)
+                z.index_copy_(0, where, philox_randn(seeds, 1, self.numel).view(-1, *shape))
             for k, r in enumerate(joins):
                 if r.cohort is not None:
                     if id(r.cohort) not in cohort_z:
@@ -447,18 +500,21 @@ class Sampler:
         for g in {id(s.group): s.group for s in self._slots}.values():
             rows = [self._slots.index(s) for s in g.slots]
             ti = g.timesteps[g.slots[0].i]
-            idx = torch.tensor(rows, device=self.device)
-            xin[idx] = g.scheduler.scale_model_input(x[idx], ti).to(self.c.dtype)
-            t[idx] = ti.float()
+            idx = _h2d(rows, torch.int64, self.device)
+            xin.index_copy_(0, idx, g.scheduler.scale_model_input(x.index_select(0, idx), ti).to(self.c.dtype))
+            t.index_fill_(0, idx, ti.float())
         return xin, t
 
     def _unfused_update(self, x: torch.Tensor, model_out: torch.Tensor, uncond_index: list[int]) -> None:
         for g in {id(s.group): s.group for s in self._slots}.values():
             rows = [self._slots.index(s) for s in g.slots]
-            idx = torch.tensor(rows, device=self.device)
-            c = model_out[idx].float()
-            if uncond_index[rows[0]] >= 0:
-                u = model_out[torch.tensor([uncond_index[b] for b in rows], device=self.device)].float()
+            cfg = uncond_index[rows[0]] >= 0
+            # Rows and uncond rows in one pinned staging copy (a Python list index is a pageable copy).
+            ints = _h2d(rows + ([uncond_index[b] for b in rows] if cfg else []), torch.int64, self.device)
+            idx = ints[: len(rows)]
+            c = model_out.index_select(0, idx).float()
+            if cfg:
+                u = model_out.index_select(0, ints[len(rows) :]).float()
                 m = u + g.slots[0].req.guidance_scale * (c - u)
             else:
                 m = c
@@ -466,8 +522,8 @@ class Sampler:
             kwargs = dict(g.step_kwargs)
             if g.accepts_generator:
                 kwargs["generator"] = g.generator
-            x_g = x[idx].to(self.c.dtype)
-            x[idx] = g.scheduler.step(m.to(self.c.dtype), ti, x_g, return_dict=False, **kwargs)[0].float()
+            x_g = x.index_select(0, idx).to(self.c.dtype)
+            x.index_copy_(0, idx, g.scheduler.step(m.to(self.c.dtype), ti, x_g, return_dict=False, **kwargs)[0].float())
 
     # -- the step ---------------------------------------------------------------------------------------
 
@@ -484,8 +540,10 @@ class Sampler:
         noise = torch.zeros((B, *self.latent_shape), device=dev)
         philox = [b for b, s in enumerate(slots) if s.draws and s.req.cohort is None and s.req.generator is None]
         if philox:
-            seeds, streams = _h2d([[slots[b].seed for b in philox], [2 + slots[b].i for b in philox]], torch.int64, dev)
-            noise[philox] = philox_randn(seeds, streams, self.numel).view(-1, *self.latent_shape)
+            seeds, streams, where = _h2d(
+                [[slots[b].seed for b in philox], [2 + slots[b].i for b in philox], philox], torch.int64, dev
+            )
+            noise.index_copy_(0, where, philox_randn(seeds, streams, self.numel).view(-1, *self.latent_shape))
         for b, s in enumerate(slots):
             if not s.draws:
                 continue
@@ -498,6 +556,10 @@ class Sampler:
     @torch.no_grad()
     def step(self) -> list[Finished]:
         """Admit, run one denoising step for every slot, return the samples that finished."""
+        with device_scope(self.device):
+            return self._step()
+
+    def _step(self) -> list[Finished]:
         self._admit()
         B = len(self._slots)
         if B == 0:
@@ -529,7 +591,7 @@ class Sampler:
             xin, t = self._unfused_inputs(x)
             emb = self._cond[:B]
             if cfg:
-                ci = torch.tensor(cfg, device=dev)
+                ci = _h2d(cfg, torch.int64, dev)
                 xin, t, emb = torch.cat([xin, xin[ci]]), torch.cat([t, t[ci]]), torch.cat([emb, self._uncond[ci]])
             model_out = self.c.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
             self.unet_rows += xin.shape[0]
@@ -546,29 +608,40 @@ class Sampler:
         from fusionloader.kernels import postprocess
 
         dev, cur = self.device, self._cur
-        idx = _h2d(done, torch.int64, dev)
-        lat = self._x[cur][idx]
-        dec = self.c.decoder
-        images = dec.decode((lat / self.c.decoder_scaling_factor).to(self.c.vae_dtype), return_dict=False)[0]
-        if self.trace is not None:
-            self.trace.append(("decode", len(done)))
-        finite = torch.isfinite(images).flatten(1).all(1).tolist()  # the one read-back, after decoding
         reqs = [self._slots[b].req for b in done]
         out_rows = [r.out_row for r in reqs]
-        if self.out is not None and all(o is not None for o in out_rows):
-            rows = _h2d(out_rows, torch.int64, self.out.device)
-            postprocess(images.to(self.out.device).contiguous(), self.out, rows=rows, mean=self.out_mean, std=self.out_std)
-            imgs = [self.out[o] for o in out_rows]
-        else:
-            buf = torch.empty(images.shape, dtype=torch.float32, device=dev)
-            postprocess(images.contiguous(), buf)
-            imgs = list(buf)
+        direct = self.out is not None and all(o is not None for o in out_rows)
+        # One staging copy: [slot rows | out rows].
+        same = direct and self.out.device == torch.device(dev)
+        ints = _h2d(done + (out_rows if same else []), torch.int64, dev)
+        lat = self._x[cur].index_select(0, ints[: len(done)])
+        rows = (ints[len(done) :] if same else _h2d(out_rows, torch.int64, self.out.device)) if direct else None
+        buf = None if direct else torch.empty((len(done), 3, *self.resolution), dtype=torch.float32, device=dev)
+        flags = []
+        for a in range(0, len(done), self.decode_chunk):  # bounded decoder activations (see the module doc)
+            b = min(a + self.decode_chunk, len(done))
+            images = self.decode(lat[a:b])
+            if self.trace is not None:
+                self.trace.append(("decode", b - a))
+            flags.append(torch.isfinite(images).flatten(1).all(1))
+            if direct:
+                postprocess(images.to(self.out.device).contiguous(), self.out, rows=rows[a:b], mean=self.out_mean,
+                            std=self.out_std)  # fmt: skip
+            else:
+                postprocess(images.contiguous(), buf[a:b])
+        finite = torch.cat(flags).tolist()  # the one read-back per finished batch, after decoding
+        imgs = [self.out[o] for o in out_rows] if direct else list(buf)
         result = [
             Finished(r.key, img, bool(ok), lat[k] if self.return_latents else None)
             for k, (r, img, ok) in enumerate(zip(reqs, imgs, finite))
         ]
         self._remove(done)
         return result
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (N, C, h, w) -> decoder output in [-1, 1] (N, 3, H, W), one decoder call."""
+        c = self.c
+        return c.decoder.decode((latents / c.decoder_scaling_factor).to(c.vae_dtype), return_dict=False)[0]
 
     def _remove(self, done: list[int]) -> None:
         gone = set(done)

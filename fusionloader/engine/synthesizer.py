@@ -1,7 +1,6 @@
 """``Synthesizer``: the engine's public face -- diffusers-exact img2img (SDEdit) and txt2img, continuously batched.
 
-    synth = Synthesizer.from_pretrained("CompVis/stable-diffusion-v1-4", device="cuda", dtype=torch.float16,
-                                        vae_dtype=torch.float32, scheduler="ddim")
+    synth = Synthesizer.from_pretrained("CompVis/stable-diffusion-v1-4", device="cuda:1")  # fp16, fp32 VAE, DDIM
     out = synth.augment(images, prompts=["a photo of a <cat>"] * len(images), strengths=[0.25, 0.5, 0.75, 1.0],
                         guidance_scale=7.5, num_inference_steps=50, seeds=[11, 12, 13, 14])
 
@@ -33,9 +32,9 @@ import torch
 
 from .errors import NonFiniteOutputError
 from .latents import LatentCache, encode_posterior
-from .models import Components, components_from_pipe, load_components
-from .prompts import PromptCache, PromptPolicy
-from .sampler import Finished, Request, Sampler, _Cohort
+from .models import Components, components_from_pipe, device_scope, load_components
+from .prompts import DEFAULT_PROMPT_CACHE_SIZE, PromptCache, PromptPolicy
+from .sampler import DEFAULT_DECODE_CHUNK, Finished, Request, Sampler, _Cohort
 
 __all__ = ["Synthesizer"]
 
@@ -71,10 +70,17 @@ class Synthesizer:
     ``"euler"``, ``"dpmpp_2m"``, a diffusers class or instance), ``tiny_vae`` (an ``AutoencoderTiny`` decoder),
     ``attention`` (``"sdpa"`` or ``"xformers"``), ``resolution`` (generation size; default the UNet's),
     ``prompt_policy`` (maps class ids to prompts).
+
+    Device memory: ``prompt_cache_size`` bounds the prompt-embedding cache (LRU, default
+    ``DEFAULT_PROMPT_CACHE_SIZE`` = 1024 prompts; None = unbounded); ``decode_chunk`` is how many finished samples
+    one VAE decode takes (default ``DEFAULT_DECODE_CHUNK`` = 4; the result does not depend on it);
+    :meth:`memory_estimate` predicts the device memory of a sampler of a given capacity.
+    On ``cuda:N`` every call runs under ``torch.cuda.device(N)``: nothing touches the current device.
     """
 
     def __init__(self, pipe=None, *, device=None, dtype=None, vae_dtype=None, scheduler=None, tiny_vae=None,
                  attention="sdpa", resolution=None, prompt_policy: PromptPolicy | None = None,
+                 prompt_cache_size: int | None = DEFAULT_PROMPT_CACHE_SIZE, decode_chunk: int = DEFAULT_DECODE_CHUNK,
                  _components: Components | None = None, _spec: dict | None = None):  # fmt: skip
         if _components is None:
             if pipe is None:
@@ -87,7 +93,11 @@ class Synthesizer:
         f = self.components.vae_scale_factor
         self.latent_shape = (self.components.latent_channels, self.resolution[0] // f, self.resolution[1] // f)
         self.prompt_policy = prompt_policy
-        self.prompt_cache = PromptCache(self.components.tokenizer, self.components.text_encoder, self.components.device)
+        if not isinstance(decode_chunk, int) or decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be a positive int, got {decode_chunk!r}")
+        self.decode_chunk = decode_chunk
+        self.prompt_cache = PromptCache(self.components.tokenizer, self.components.text_encoder, self.components.device,
+                                        max_size=prompt_cache_size)  # fmt: skip
 
     def _check_resolution(self, resolution) -> tuple[int, int]:
         if resolution is None:
@@ -99,11 +109,16 @@ class Synthesizer:
         return res
 
     @classmethod
-    def from_pretrained(cls, path_or_id, device="cpu", dtype=torch.float32, vae_dtype=None, scheduler=None,
+    def from_pretrained(cls, path_or_id, device="cpu", dtype=None, vae_dtype=None, scheduler=None,
                         tiny_vae=None, attention="sdpa", variant=None, revision=None, local_files_only=None,
                         resolution=None, prompt_policy: PromptPolicy | None = None,
-                        textual_inversion=None) -> Synthesizer:  # fmt: skip
+                        textual_inversion=None, prompt_cache_size: int | None = DEFAULT_PROMPT_CACHE_SIZE,
+                        decode_chunk: int = DEFAULT_DECODE_CHUNK) -> Synthesizer:  # fmt: skip
         """Load a Stable-Diffusion checkpoint (folder or hub id); see :func:`~fusionloader.engine.models.load_components`.
+
+        Defaults by device: on CUDA an fp16 UNet and text encoder with an fp32 VAE, and a fused scheduler (DDIM
+        from the checkpoint's config) in place of one without a kernel (PNDM), logged; on CPU fp32 and the
+        checkpoint's scheduler. ``dtype``/``vae_dtype``/``scheduler`` override (``scheduler="checkpoint"`` keeps it).
 
         ``textual_inversion``: a list of ``(source, token)`` pairs applied with :meth:`load_textual_inversion`.
         """
@@ -111,12 +126,13 @@ class Synthesizer:
             path_or_id=os.fspath(path_or_id), device=str(device), dtype=dtype, vae_dtype=vae_dtype,
             scheduler=scheduler, tiny_vae=tiny_vae, attention=attention, variant=variant, revision=revision,
             local_files_only=local_files_only, resolution=resolution, prompt_policy=prompt_policy,
-            textual_inversion=[],
+            textual_inversion=[], prompt_cache_size=prompt_cache_size, decode_chunk=decode_chunk,
         )  # fmt: skip
         comps = load_components(
             path_or_id, device, dtype, vae_dtype, scheduler, tiny_vae, attention, variant, revision, local_files_only
         )
-        synth = cls(_components=comps, _spec=spec, resolution=resolution, prompt_policy=prompt_policy)
+        synth = cls(_components=comps, _spec=spec, resolution=resolution, prompt_policy=prompt_policy,
+                    prompt_cache_size=prompt_cache_size, decode_chunk=decode_chunk)  # fmt: skip
         for source, token in textual_inversion or ():
             synth.load_textual_inversion(source, token)
         return synth
@@ -154,6 +170,7 @@ class Synthesizer:
         spec = dict(self._spec)
         spec["prompt_policy"] = self.prompt_policy
         spec["resolution"] = self.resolution
+        spec["prompt_cache_size"], spec["decode_chunk"] = self.prompt_cache.max_size, self.decode_chunk  # engine: memory bounds
         return spec
 
     def _save_to_temp(self) -> dict:
@@ -206,11 +223,25 @@ class Synthesizer:
         return LatentCache(self.components.vae, path, resolution or self.resolution, self.device, resize, batch_size)
 
     def sampler(self, capacity: int = 8, out: torch.Tensor | None = None, mean=None, std=None,
-                return_latents: bool = False) -> Sampler:  # fmt: skip
+                return_latents: bool = False, decode_chunk: int | None = None) -> Sampler:  # fmt: skip
         """A streaming continuous-batching sampler (producers use it); ``out`` receives images at ``Request.out_row``."""
         if out is not None:
             self._check_out(out, None)
-        return Sampler(self.components, self.prompt_cache, capacity, self.resolution, out, mean, std, return_latents)
+        return Sampler(self.components, self.prompt_cache, capacity, self.resolution, out, mean, std, return_latents,
+                       self.decode_chunk if decode_chunk is None else decode_chunk)  # fmt: skip
+
+    def memory_estimate(self, capacity: int = 8, decode_chunk: int | None = None, guided: bool = True) -> dict:
+        """Predicted device memory (bytes) of a sampler with ``capacity`` slots; see :mod:`.memory`.
+
+        Keys: ``weights`` (``{module: bytes}``), ``weights_by_dtype``, ``unet_activations`` (one UNet call on
+        ``capacity`` rows, twice that with CFG when ``guided``), ``decode_activations`` (one decode of
+        ``decode_chunk`` samples), ``sampler_buffers``, ``prompt_cache`` (its bound), ``total`` (weights + the
+        larger of the two activation peaks + buffers + prompt cache), and the inputs.
+        """
+        from .memory import estimate
+
+        return estimate(self.components, self.prompt_cache, self.resolution, capacity,
+                        self.decode_chunk if decode_chunk is None else decode_chunk, guided)  # fmt: skip
 
     # -- the public calls -------------------------------------------------------------------------------
 
@@ -345,7 +376,8 @@ class Synthesizer:
         result = [{} for _ in strengths]
         if n_img:
             sub = images[n_img] if len(n_img) < len(images) else images
-            mean, std = encode_posterior(self.components.vae, sub, self.resolution, device=self.device)
+            with device_scope(self.device):
+                mean, std = encode_posterior(self.components.vae, sub, self.resolution, device=self.device)
             for k, i in enumerate(n_img):
                 result[i] = dict(latent_mean=mean[k], latent_std=None if latent_mode == "mean" else std[k])
         return result
@@ -405,12 +437,13 @@ class Synthesizer:
         ops of a step measurably cheaper on CPU than no_grad; what it returns are inference tensors, which
         callers turn into plain ones (``torch.stack``) or write into a caller's plain ``out``."""
         results: dict[int, Finished] = {}
-        with torch.inference_mode():
+        with torch.inference_mode(), device_scope(self.device):
             for members in phases:
                 cap = capacity or min(len(members), DEFAULT_MAX_CAPACITY)
                 if reqs[members[0]].cohort is not None:
                     cap = max(cap, len(members))
-                sampler = Sampler(self.components, self.prompt_cache, cap, self.resolution, out, mean, std, return_latents)
+                sampler = Sampler(self.components, self.prompt_cache, cap, self.resolution, out, mean, std, return_latents,
+                                  self.decode_chunk)  # fmt: skip
                 for i in members:
                     sampler.submit(reqs[i])
                 for f in sampler.drain():
