@@ -179,6 +179,10 @@ class FusionConfig:
     #: a tqdm-like object (``set_postfix``) for live counts; ``log_every`` batches between log lines (0: never).
     progress: Any = None
     log_every: int = 0
+    #: DA-Fusion's data-centric leakage prevention: refuse (``ValueError`` at construction, naming the prompt
+    #: and the class) any prompt whose encoded token ids contain a name of ``dataset.classes``; learned
+    #: tokens pass. Needs ``dataset.classes`` and a Synthesizer or checkpoint path (for its tokenizer).
+    leakage_guard: bool = False
     #: a ``ProducerPool``-like factory ``(synthesizer, source, devices=..., **kwargs)`` (tests, custom pools).
     pool_factory: Callable | None = field(default=None, repr=False)
 
@@ -221,6 +225,8 @@ class FusionConfig:
         if self.progress is not None and not callable(getattr(self.progress, "set_postfix", None)):
             raise TypeError(f"progress must have set_postfix (a tqdm bar), got {self.progress!r}")
         self.log_every = _int("log_every", self.log_every, 0)
+        if not isinstance(self.leakage_guard, bool):
+            raise TypeError(f"leakage_guard must be True or False, got {self.leakage_guard!r}")
         for name in ("transform", "pool_factory"):
             value = getattr(self, name)
             if value is not None and not callable(value):

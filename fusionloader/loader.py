@@ -194,8 +194,11 @@ class FusionLoader(Generic[T_co]):
         self._seed = cfg.seed if cfg.seed is not None else torch.initial_seed()
         self._user_sampler = sampler is not None or batch_sampler is not None
         self._init_runtime()
+        self._guard = None
         if not self._passthrough:
             cfg.check_dataset(dataset, self._source.label_set())
+            if cfg.leakage_guard:
+                self._guard = self._leakage_guard()
         self._next_epoch = 0
         self._epoch_pinned = False
         self._resume: dict | None = None  # a loaded state, until the next iter() continues from it
@@ -540,11 +543,37 @@ class FusionLoader(Generic[T_co]):
             cause.add_note(f"fusionloader: raised reading dataset index {e.index}" + (f" (path {e.path!r})" if e.path else ""))
             raise cause from None
 
+    def _leakage_guard(self):
+        """Check every prompt the run can encode now; a callable's prompts are checked as they are made."""
+        from .engine.leakage import LeakageGuard, tokenizer_of
+
+        classes = getattr(self._dl.dataset, "classes", None)
+        if not classes:
+            raise ValueError("leakage_guard=True needs dataset.classes (the class names to keep from the text encoder)")
+        guard = LeakageGuard(tokenizer_of(self.config.synthesizer), [str(c) for c in classes])
+        prompts = self.config.prompts
+        if not (callable(prompts) and not isinstance(prompts, (str, Mapping, Sequence))):
+            labels = self._source.label_set()
+            labels = range(len(classes)) if labels is None else labels
+            guard.check([p for label in labels for p in self._prompt_choices(label)])
+        return guard
+
     def _prompt_of(self, index: int, draw: float) -> str:
         prompts = self.config.prompts
         if callable(prompts) and not isinstance(prompts, (str, Mapping, Sequence)):
-            return str(prompts(index, self._source.label(index)))
-        label = self._source.label(index)
+            prompt = str(prompts(index, self._source.label(index)))
+            if self._guard is not None:
+                self._guard.check([prompt])
+            return prompt
+        try:
+            choices = self._prompt_choices(self._source.label(index))
+        except ValueError as e:
+            raise ValueError(f"{e} (dataset index {index})") from None
+        return choices[min(int(draw * len(choices)), len(choices) - 1)]
+
+    def _prompt_choices(self, label) -> list[str]:
+        """The prompts a sample of ``label`` may get (one is drawn per sample); not for callable prompts."""
+        prompts = self.config.prompts
         classes = getattr(self._dl.dataset, "classes", None)
 
         def name(lab):
@@ -560,10 +589,9 @@ class FusionLoader(Generic[T_co]):
             try:
                 value = prompts[label] if isinstance(prompts, Mapping) else prompts[int(label)]
             except (KeyError, IndexError, TypeError, ValueError):
-                raise ValueError(f"prompts has no prompt for label {label!r} of dataset index {index}") from None
-        if isinstance(value, (list, tuple)):
-            value = value[min(int(draw * len(value)), len(value) - 1)]
-        return value.format(name(label)) if "{}" in value else value
+                raise ValueError(f"prompts has no prompt for label {label!r}") from None
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [v.format(name(label)) if "{}" in v else v for v in values]
 
     # -- state ----------------------------------------------------------------------------------------
 

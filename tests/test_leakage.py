@@ -103,3 +103,69 @@ def test_guard_object_and_bad_arguments(tok):
         LeakageGuard(tok, ["cat", ""])
     with pytest.raises(TypeError, match="prompts"):
         guard.check([3])
+
+
+# -- FusionLoader(..., leakage_guard=True): refused at construction, before anything starts -----------------
+
+
+class _Digits:
+    """A tiny labelled dataset whose class names are digit words (the embedded model's classes)."""
+
+    classes = list(DIGITS)
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        import torch
+
+        return torch.zeros(3, 32, 32), i
+
+
+def test_loader_refuses_a_template_that_encodes_a_class_name():
+    from fusionloader import FusionLoader
+    from fusionloader.pretrained import default_model_path
+
+    with pytest.raises(ValueError, match=r"prompt 'a photo of a zero' encodes the class name 'zero'") as e:
+        FusionLoader(_Digits(), batch_size=2, synthesizer=default_model_path(), prompts="a photo of a {}",
+                     leakage_guard=True)
+    assert isinstance(e.value, LeakageError) and e.value.class_name == "zero"
+    # A multi-token class name in a per-class mapping is caught too.
+    ds = _Digits()
+    ds.classes = ["dining table"] + list(DIGITS[1:])
+    with pytest.raises(LeakageError) as e:
+        FusionLoader(ds, batch_size=2, synthesizer=default_model_path(), leakage_guard=True,
+                     prompts={i: ["a photo", f"a photo of a {name}"] for i, name in enumerate(ds.classes)})
+    assert e.value.class_name == "dining table" and len(e.value.token_ids) > 1
+
+
+def test_loader_accepts_learned_tokens_and_checks_callable_prompts_as_made():
+    import torch
+
+    from fusionloader import FusionLoader, Synthesizer
+    from fusionloader.pretrained import default_model_path
+
+    synth = Synthesizer.from_pretrained(default_model_path())
+    width = synth.components.text_encoder.get_input_embeddings().weight.shape[1]
+    for d in DIGITS:
+        synth.load_textual_inversion({f"<{d}>": torch.randn(width)})
+    names = [f"a photo of a <{d}>" for d in DIGITS]
+    loader = FusionLoader(_Digits(), batch_size=2, synthesizer=synth, prompts=names, leakage_guard=True)
+    loader.close()
+    # A callable's prompts cannot be listed up front: each is checked as it is made.
+    loader = FusionLoader(_Digits(), batch_size=2, synthesizer=synth, leakage_guard=True,
+                          prompts=lambda index, label: f"a photo of a {DIGITS[label]}")
+    with pytest.raises(LeakageError):
+        loader._prompt_of(3, 0.0)
+    loader.close()
+
+
+def test_loader_guard_needs_class_names():
+    import torch
+
+    from fusionloader import FusionLoader
+    from fusionloader.pretrained import default_model_path
+
+    data = [(torch.zeros(3, 8, 8), 0)] * 4
+    with pytest.raises(ValueError, match="leakage_guard=True needs dataset.classes"):
+        FusionLoader(data, batch_size=2, synthesizer=default_model_path(), leakage_guard=True)

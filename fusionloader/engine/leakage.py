@@ -16,11 +16,12 @@ class's token reaches the encoder all the same, so it is reported.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 
 from .prompts import _convert_multivector
 
-__all__ = ["LeakageError", "LeakageGuard", "check_prompts", "class_token_sequences", "find_leaks"]
+__all__ = ["LeakageError", "LeakageGuard", "check_prompts", "class_token_sequences", "find_leaks", "tokenizer_of"]
 
 
 class LeakageError(ValueError):
@@ -120,6 +121,20 @@ class LeakageGuard:
             raise LeakageError(prompt, name, seq, pos, self.tokenizer.convert_ids_to_tokens(list(seq)))
 
     __call__ = check
+
+
+def tokenizer_of(synthesizer):
+    """The tokenizer whose ids reach ``synthesizer``'s text encoder: a ``Synthesizer``'s own (learned tokens
+    included), or a checkpoint folder's ``tokenizer/`` loaded as the engine loads it (nothing else is read)."""
+    components = getattr(synthesizer, "components", None)
+    if components is not None:
+        return components.tokenizer
+    if isinstance(synthesizer, (str, os.PathLike)):
+        from .models import load_tokenizer
+
+        return load_tokenizer(os.fspath(synthesizer))
+    raise TypeError(f"leakage_guard needs the synthesizer's tokenizer: give a Synthesizer or a checkpoint path, "
+                    f"got {type(synthesizer).__name__}")
 
 
 def find_leaks(tokenizer, prompts: Iterable[str], class_names: Sequence[str]):

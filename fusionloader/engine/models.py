@@ -42,6 +42,7 @@ __all__ = [
     "device_scope",
     "fused_substitute",
     "load_components",
+    "load_tokenizer",
     "set_attention",
 ]
 
@@ -193,6 +194,15 @@ def _component_classes(path_or_id: str, local_only: bool, revision: str | None) 
             if not os.path.isdir(sub):
                 raise MissingComponentError(path_or_id, name, f"folder {sub!r} does not exist")
     return classes
+
+
+def load_tokenizer(path_or_id, local_files_only: bool | None = None, revision: str | None = None):
+    """A checkpoint's tokenizer alone, loaded as :func:`load_components` loads it (the leakage guard's)."""
+    path_or_id = os.fspath(path_or_id)
+    local_only = _default_local_only(local_files_only)
+    classes = _component_classes(path_or_id, local_only, revision)
+    return _load_one(path_or_id, "tokenizer", *classes["tokenizer"], local_only=local_only, revision=revision,
+                     variant=None)
 
 
 def _load_one(location, name, library, class_name, local_only, revision, variant, **kwargs):
