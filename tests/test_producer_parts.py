@@ -33,11 +33,13 @@ def test_memory_estimate_counts_every_module_once_and_scales_with_capacity(engin
 
 
 def test_the_engines_own_estimate_is_preferred():
-    class Engine:
+    class Engine:  # shaped like Synthesizer.memory_estimate: weights per module, the larger peak in total
         def memory_estimate(self, capacity):
-            return {"weights": 10, "activations": 5 * capacity}
+            return {"capacity": capacity, "weights": {"unet": 6, "vae": 4}, "weights_by_dtype": {"float16": 10},
+                    "unet_activations": 5 * capacity, "decode_activations": 3, "total": 20}
 
-    assert memory_estimate(Engine(), 2, ring_bytes=1) == {"weights": 10, "activations": 10, "ring": 1, "total": 21}
+    assert memory_estimate(Engine(), 2, ring_bytes=1) == {
+        "unet_activations": 10, "decode_activations": 3, "weights": 10, "ring": 1, "total": 21}
 
 
 def test_scratch_folder_is_private_and_stale_ones_are_swept(tmp_path):
