@@ -120,7 +120,6 @@ from .devices import resolve_device
 from .jobs import JobBook, NonFiniteWindow
 from .protocol import Job, PoolConfig, ProducerError, StartupBudget
 from .ring import SlotRing, check_shm_space
-from .scratch import make_scratch, remove_scratch
 from .supervisor import READY, Supervisor
 
 __all__ = ["Job", "ProducerError", "ProducerPool", "StartupBudget"]
@@ -207,7 +206,6 @@ class _PoolCore:
         self.closed = self.started = False
         self.resolution = cfg.image_size
         self.pin_device = None
-        self.scratch: str | None = None  # the shared latent cache folder when latent_cache_path is None
         self.notices: list[str] = []  # warnings for the trainer's thread, besides the supervisor's
 
     # -- lifetime -------------------------------------------------------------------------------------
@@ -223,8 +221,10 @@ class _PoolCore:
             load_spec = getattr(self.cfg.synthesizer, "load_spec", None)
             if load_spec is not None:  # send the recipe, not the object: each child loads onto its own device
                 changes["synthesizer"] = load_spec()
-            if self.cfg.latent_cache_path is None:  # one cache for all producers, removed by close()
-                self.scratch = changes["latent_cache_path"] = make_scratch()
+            if self.cfg.latent_cache_path is None:  # NOTE [Latent cache]: the node's, shared by every producer
+                from .engine.latent_store import default_cache_dir
+
+                changes["latent_cache_path"] = default_cache_dir()
             if changes:
                 self.cfg = self.supervisor.cfg = dataclasses.replace(self.cfg, **changes)
             self.pin_device = pin_device_for(self.cfg.ring_device)
@@ -254,7 +254,6 @@ class _PoolCore:
         self.supervisor.close()
         if self.ring is not None:
             self.ring.unlink()
-        remove_scratch(self.scratch)  # after the producers: they may still be writing to it
 
     @property
     def error(self) -> ProducerError | None:
