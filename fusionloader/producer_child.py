@@ -278,9 +278,10 @@ class Producer:
         # Keep the sampler full; each job takes its slot credit now (no credit, no admission: back-pressure).
         # Passed jobs take at most half the sampler, so a job that can still arrive in time never waits for
         # a whole batch of them to finish (continuous batching admits it at the next step).
+        # All of a round's (job, slot) pairs are taken first, so its img2img latents come from one cache get.
         admitted: list[tuple[Job, int]] = []
-        while self.credits and len(self.inflight) + len(admitted) < self.cfg.capacity and (
-                self.wanted or (self.passed and 2 * (len(self.inflight) + len(admitted)) < self.cfg.capacity)):  # fmt: skip
+        while self.credits and (busy := len(self.inflight) + len(admitted)) < self.cfg.capacity and (
+                self.wanted or (self.passed and 2 * busy < self.cfg.capacity)):  # fmt: skip
             job = (self.wanted or self.passed).popleft()
             admitted.append((job, self.credits.popleft()))
             if job.key in self.received:  # its wait for a slot ends here
