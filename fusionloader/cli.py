@@ -90,12 +90,19 @@ def _bench(args) -> None:
 
 def _cache(args) -> None:
     from fusionloader import Synthesizer
+    from fusionloader.engine.latents import file_digest
+    from fusionloader.sources.dataset import to_float
+    from fusionloader.sources.folder import pil_loader
 
     synth = Synthesizer.from_pretrained(args.model, device=args.device)
     paths = [p for p, _ in _image_paths(args.images)]
     cache = synth.latent_cache(path=args.path)
-    cache.build(len(paths), lambda i: _load_images([paths[i]], synth.resolution)[0], batch_size=args.batch_size)
-    print(f"{len(paths)} images cached in {args.path} (fingerprint {cache.fingerprint})")
+    # Entries as producers key and compute them (engine.latents.source_digest): a file's digest, and the image
+    # as loaded (resized by the cache, not here), so a pool over the same ImageFolder hits every one of them.
+    cache.build(len(paths), lambda i: to_float(pil_loader(paths[i])), batch_size=args.batch_size,
+                digest=lambda i: file_digest(paths[i]))
+    cache.close()
+    print(f"{len(paths)} images cached in {cache.path} (fingerprint {cache.fingerprint})")
 
 
 def _parser() -> argparse.ArgumentParser:

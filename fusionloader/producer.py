@@ -43,6 +43,21 @@ producer's device (a CPU producer and a host ring), otherwise the finished image
 credit, no admission: when the trainer does not take results, the producers stop (back-pressure). A key
 taken or cancelled frees its slot for new credits.
 
+NOTE [Latent cache] (issue 14). An img2img job starts from its image's VAE posterior, encoded once and kept in
+the latent cache (engine/latents.py). ``latent_cache_path=None`` resolves, at ``start``, to the node's shared
+cache ``default_cache_dir()`` (``$FUSIONLOADER_LATENT_CACHE``, else ``<tmp>/fusionloader-<uid>/latents``): one
+folder per model fingerprint, shared by every producer of this pool, of the other ranks' pools on the node and
+of later runs -- entries are keyed by the data (file path + size + mtime, or the image bytes) and the model, so
+sharing is safe and a second epoch, rank or run encodes nothing. Each child prefetches the img2img jobs' latents
+as they arrive and makes one ``get`` per admission round (NOTE [Producer latents] in producer_child.py), so
+misses are encoded in batches off the sampler's critical path. Nothing of it is temporary: no exit path (close,
+``with``, garbage collection, atexit, a producer fault, a SIGKILLed trainer or producer) leaves a folder to
+remove, and a writer killed mid-write leaves no entry rather than a wrong one. The price is disk: the mean and
+std of every image encoded, float32 -- ``2 * 4 * (H/8) * (W/8) * 4`` bytes, 128 KiB per image at 512 px (SD's
+4x64x64 latents), 288 KiB at 768 px -- e.g. 160 GiB for ImageNet-1k's 1.28 M images at 512 px. Pick another
+place with ``latent_cache_path=`` (per pool) or ``FUSIONLOADER_LATENT_CACHE`` (per environment; also for a
+``/tmp`` that is RAM-backed or too small); ``fusionloader cache`` fills it ahead of training.
+
 NOTE [Deadlines]. Serving strictly in order is wrong when producers are slower than the trainer: the
 job due next would be finished after the trainer has passed it, and so would every job after it, so
 no fresh image would ever arrive in time. The pool therefore estimates the consumption rate R (jobs
@@ -120,7 +135,6 @@ from .devices import resolve_device
 from .jobs import JobBook, NonFiniteWindow
 from .protocol import Job, PoolConfig, ProducerError, StartupBudget
 from .ring import SlotRing, check_shm_space
-from .scratch import make_scratch, remove_scratch
 from .supervisor import READY, Supervisor
 
 __all__ = ["Job", "ProducerError", "ProducerPool", "StartupBudget"]
@@ -207,7 +221,6 @@ class _PoolCore:
         self.closed = self.started = False
         self.resolution = cfg.image_size
         self.pin_device = None
-        self.scratch: str | None = None  # the shared latent cache folder when latent_cache_path is None
         self.notices: list[str] = []  # warnings for the trainer's thread, besides the supervisor's
 
     # -- lifetime -------------------------------------------------------------------------------------
@@ -223,8 +236,10 @@ class _PoolCore:
             load_spec = getattr(self.cfg.synthesizer, "load_spec", None)
             if load_spec is not None:  # send the recipe, not the object: each child loads onto its own device
                 changes["synthesizer"] = load_spec()
-            if self.cfg.latent_cache_path is None:  # one cache for all producers, removed by close()
-                self.scratch = changes["latent_cache_path"] = make_scratch()
+            if self.cfg.latent_cache_path is None:  # NOTE [Latent cache]: the node's, shared by every producer
+                from .engine.latent_store import default_cache_dir
+
+                changes["latent_cache_path"] = default_cache_dir()
             if changes:
                 self.cfg = self.supervisor.cfg = dataclasses.replace(self.cfg, **changes)
             self.pin_device = pin_device_for(self.cfg.ring_device)
@@ -254,7 +269,6 @@ class _PoolCore:
         self.supervisor.close()
         if self.ring is not None:
             self.ring.unlink()
-        remove_scratch(self.scratch)  # after the producers: they may still be writing to it
 
     @property
     def error(self) -> ProducerError | None:

@@ -6,6 +6,18 @@ reports each start-up phase (``download`` when the checkpoint is a hub id, ``loa
 pool can give each its own budget (protocol.StartupBudget), then ``ready`` with its memory estimate.
 Its ``logging`` records (WARNING and up, and fusionloader's own INFO) and ``warnings`` go to the trainer
 over the result pipe (``("log", level, name, text)``), where they are re-logged under "fusionloader".
+
+NOTE [Producer latents] (issue 14). An img2img job needs its image's VAE posterior. The child binds the latent
+cache at ``cfg.latent_cache_path`` (the pool passes the node-shared ``default_cache_dir()`` unless told otherwise,
+so every producer of every rank on the node, and every later run, shares one set of entries, keyed by data and
+model) to its source once, and then makes two calls: ``prefetch`` of the img2img indices of every ``("jobs", ...)``
+message as it arrives -- the cache's background thread encodes the misses in batches while the sampler steps --
+and one ``get`` per admission round for all the img2img jobs admitted in it (a hit is a read; one host-to-device
+copy for the round). So no miss is encoded at batch 1 on the sampler's critical path, except one whose prefetch
+is still running when its job is admitted (``get`` then waits for that batch). The cache holds no temporary
+files: the child closes it when it leaves its loop; a child killed without a chance to (SIGKILL, SIGTERM, its
+watchdog's ``os._exit``) leaves only complete entries behind (latent_store's write order) and its ``flock``
+goes with its file descriptors.
 """
 
 from __future__ import annotations
@@ -139,7 +151,7 @@ class Producer:
         # admit for want of a free slot (back-pressure from a consumer that is behind, not slowness).
         self.received: dict[int, tuple[float, float]] = {}  # key -> (when, starved_s then; at admission: of it)
         self.starved_s, self.starved_since = 0.0, None
-        self._cache = None
+        self._latents = None  # the latent cache bound to cfg.source (SourceLatents), made at first img2img need
 
     # -- start-up -------------------------------------------------------------------------------------
 
@@ -176,16 +188,22 @@ class Producer:
             self.sampler = self.engine.sampler(capacity=self.cfg.capacity, out=self.ring.data)
 
     @property
-    def cache(self):
-        if self._cache is None:  # at the generation resolution: these latents feed the sampler
-            self._cache = self.engine.latent_cache(path=self.cfg.latent_cache_path)
-        return self._cache
+    def latents(self):
+        """The latent cache at ``cfg.latent_cache_path``, at the generation resolution, bound to the source."""
+        if self._latents is None:
+            self._latents = self.engine.latent_cache(path=self.cfg.latent_cache_path).bind(self.cfg.source)
+        return self._latents
 
-    def _request(self, job: Job, slot: int | None = None):
-        mean = std = None
-        if job.strength is not None:
-            mean, std = self.cache.get([job.index], lambda i: self.cfg.source.raw(i)[0])
-            mean, std = mean[0], (None if std is None else std[0])
+    def close(self) -> None:
+        """Leave cleanly: stop the cache's prefetch thread (after at most the batch it is encoding), unmap the
+        cache files and the ring. Called when the loop ends; a killed child needs none of it (NOTE above)."""
+        latents, self._latents = self._latents, None
+        if latents is not None:
+            latents.cache.close()
+        if self.ring is not None:
+            self.ring.close()
+
+    def _request(self, job: Job, slot: int | None = None, mean=None, std=None):
         return self.Request(job.key, job.prompt, job.strength, job.guidance_scale, job.num_inference_steps,
                             seed=job.seed, latent_mean=mean, latent_std=std, out_row=slot if self.direct else None)
 
@@ -200,6 +218,11 @@ class Producer:
             self.wanted.extend(msg[1])
             now = time.perf_counter()
             self.received.update((job.key, (now, self.starved(now))) for job in msg[1])
+            img2img = [job for job in msg[1] if job.strength is not None]
+            if img2img:  # misses are encoded in batches on the cache's thread while the sampler steps
+                self.current = img2img  # (an error binding the cache names these jobs)
+                self.latents.prefetch([job.index for job in img2img])
+                self.current = []
         elif kind == P.CREDIT:
             self.credits.extend(msg[1])
         elif kind == P.CANCEL:
@@ -255,23 +278,52 @@ class Producer:
         # Keep the sampler full; each job takes its slot credit now (no credit, no admission: back-pressure).
         # Passed jobs take at most half the sampler, so a job that can still arrive in time never waits for
         # a whole batch of them to finish (continuous batching admits it at the next step).
-        while self.credits and len(self.inflight) < self.cfg.capacity and (
-                self.wanted or (self.passed and 2 * len(self.inflight) < self.cfg.capacity)):  # fmt: skip
+        # All of a round's (job, slot) pairs are taken first, so its img2img latents come from one cache get.
+        admitted: list[tuple[Job, int]] = []
+        while self.credits and (busy := len(self.inflight) + len(admitted)) < self.cfg.capacity and (
+                self.wanted or (self.passed and 2 * busy < self.cfg.capacity)):  # fmt: skip
             job = (self.wanted or self.passed).popleft()
-            slot = self.credits.popleft()
+            admitted.append((job, self.credits.popleft()))
             if job.key in self.received:  # its wait for a slot ends here
                 when, starved = self.received[job.key]
                 self.received[job.key] = (when, self.starved(time.perf_counter()) - starved)
-            self.current = [job]
-            t0 = time.perf_counter()
-            try:
-                self.sampler.submit(self._request(job, slot))
-            except BaseException:
-                self.credits.appendleft(slot)
-                raise
-            self.busy_s += time.perf_counter() - t0
-            self.inflight[job.key] = (job, slot)
+        if not admitted:
+            return
+        t0 = time.perf_counter()
+        submitted = 0
+        try:
+            latents = self.round_latents([job for job, _ in admitted])
+            for (job, slot), (mean, std) in zip(admitted, latents):
+                self.current = [job]
+                self.sampler.submit(self._request(job, slot, mean, std))
+                self.inflight[job.key] = (job, slot)
+                submitted += 1
+        except BaseException:
+            self.credits.extendleft(slot for _, slot in reversed(admitted[submitted:]))  # not reserved after all
+            raise
+        self.busy_s += time.perf_counter() - t0
         self.current = []
+
+    def round_latents(self, jobs: list[Job]) -> list[tuple]:
+        """(mean, std) per job of an admission round, (None, None) for text-only ones: one cache ``get`` for all
+        the img2img jobs (hits are a read, prefetched misses are waited for). If it fails, each job's latents are
+        fetched alone, so the error names the job whose image it is (NOTE [Producer protocol], Faults)."""
+        out: list[tuple] = [(None, None)] * len(jobs)
+        rows = [k for k, job in enumerate(jobs) if job.strength is not None]
+        if not rows:
+            return out
+        self.current = [jobs[k] for k in rows]
+        try:
+            mean, std = self.latents.get([jobs[k].index for k in rows])
+        except Exception:
+            for k in rows:
+                self.current = [jobs[k]]
+                self.latents.get([jobs[k].index])  # raises for the job whose image is bad
+            self.current = [jobs[k] for k in rows]
+            raise  # each one alone succeeded: the round's error stands, naming all its jobs
+        for n, k in enumerate(rows):
+            out[k] = (mean[n], None if std is None else std[n])
+        return out
 
     def step(self) -> None:
         self.current = [job for job, _ in self.inflight.values()]
@@ -331,5 +383,4 @@ def producer_main(cfg: ChildConfig, requests, results, stop_event) -> None:
             pass
         os._exit(1)  # skip interpreter teardown: nothing here needs it, and it can hang on CUDA state
     finally:
-        if producer.ring is not None:
-            producer.ring.close()
+        producer.close()

@@ -64,6 +64,27 @@ def test_cache_command_builds_a_cache(tiny_sd1_path, tmp_path, capsys):
     assert any(name.startswith("latents.cache") for name in os.listdir(tmp_path))
 
 
+def test_a_cache_built_by_the_command_is_hit_by_producers_of_the_same_folder(tiny_sd1_path, tmp_path, capsys):
+    # The command keys and computes entries as producers do (file digest; the image as loaded, resized by the
+    # cache): a SourceLatents bound to the same ImageFolder -- what a producer's cache is -- encodes nothing.
+    from fusionloader import Synthesizer
+    from fusionloader.sources.dataset import ImageSource
+
+    root = _write_folder(str(tmp_path / "data"))  # 20 x 23 px: not the model's 32 px, so resizing matters
+    path = str(tmp_path / "latents")
+    main(["cache", "--model", tiny_sd1_path, "--images", root, "--path", path, "--batch-size", "3"])
+    assert f"4 images cached in {path}" in capsys.readouterr().out
+    source = ImageSource(ImageFolder(root))
+    with Synthesizer.from_pretrained(tiny_sd1_path).latent_cache(path=path) as cache:
+        latents = cache.bind(source)
+        assert latents.ensure(range(4)) == 0
+        mean, std = latents.get(range(4))
+        assert cache.encoded == 0
+        expected_mean, expected_std = cache.encode([source.raw(i)[0] for i in range(4)])
+    torch.testing.assert_close(mean, expected_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, expected_std, atol=1e-5, rtol=1e-5)
+
+
 def test_parser_rejects_unknown_command():
     with pytest.raises(SystemExit):
         _parser().parse_args(["train"])

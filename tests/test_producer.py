@@ -7,6 +7,7 @@ warm-up), so pools are shared within this module where a test does not need a fr
 
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,12 +40,16 @@ class Source:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _producers_use_torch_kernels():
+def cache_root(tmp_path_factory):
     # Producers inherit the environment. conftest sets TRITON_INTERPRET=1 for the kernel tests; a CPU
-    # producer in real use runs the torch reference kernels, so spawn them that way (and fast).
+    # producer in real use runs the torch reference kernels, so spawn them that way (and fast). The node's
+    # shared latent cache is moved to a folder of this module's own (FUSIONLOADER_LATENT_CACHE), so what the
+    # pools leave in it can be checked exactly (other processes of this user share the default one).
+    root = str(tmp_path_factory.mktemp("node-latents"))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("TRITON_INTERPRET", raising=False)
-        yield
+        mp.setenv("FUSIONLOADER_LATENT_CACHE", root)
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +76,19 @@ def wait_gone(pids, names, within=5.0):
 
 def jobs(keys, index=lambda k: k % 8, strength=0.5, prompt="a photo of a cat"):
     return [Job(k, index(k), prompt, strength, 2.0, STEPS, seed=1000 + k) for k in keys]
+
+
+def cache_leftovers(root):
+    """What is under the latent-cache root besides cache folders (``<fingerprint>/`` holding index.json,
+    data.f32, digest.bin and lock): temporary folders or stray files a pool or producer left behind."""
+    odd = []
+    for name in os.listdir(root):
+        sub = os.path.join(root, name)
+        if not (os.path.isdir(sub) and re.fullmatch(r"[0-9a-f]{32}", name)):
+            odd.append(name)
+            continue
+        odd += [f"{name}/{f}" for f in os.listdir(sub) if f not in {"index.json", "data.f32", "digest.bin", "lock"}]
+    return odd
 
 
 def take_all(pool, keys, timeout=60.0):
@@ -110,9 +128,10 @@ def test_produces_every_job_into_the_ring(pool):
     assert all(p["images"] > 0 for p in st["producers"]), "both producers should have served jobs"
 
 
-def test_same_images_as_the_engine_in_process(pool, synth):
+def test_same_images_as_the_engine_in_process(pool, synth, cache_root):
     # "async equals sync": through processes, the ring and direct slot writes, a job gives what the
     # engine gives for the same request in this process (batch invariance makes batching irrelevant).
+    # The latents come from the node's shared cache, which the producers filled: this process only reads.
     from fusionloader.engine import Request, Synthesizer
 
     todo = jobs([700, 701, 702]) + jobs([703], strength=None)
@@ -131,6 +150,9 @@ def test_same_images_as_the_engine_in_process(pool, synth):
         while not done:
             done = sampler.step()
         torch.testing.assert_close(got[j.key], done[0].image.float(), atol=1e-4, rtol=0)
+    assert cache.path == pool.config.latent_cache_path == cache_root
+    assert cache.encoded == 0  # every img2img job's entry was there: written by the producers, shared
+    cache.close()
 
 
 def test_slots_recycle_under_backpressure_and_cancel(pool):
@@ -183,10 +205,14 @@ def test_duplicate_key_rejected(pool):
 # -- faults ----------------------------------------------------------------------------------------
 
 
-def test_producer_exception_reraises_naming_producer_device_and_sample(synth):
+def test_producer_exception_reraises_naming_producer_device_and_sample(synth, pool, cache_root):
     # (This pool's slots are smaller than the model's 32 px: results are resized into them.)
+    from fusionloader.engine.latents import default_cache_dir
+
     with make_pool(synth, source=Source(bad_index=7), image_size=16) as p:
-        pids, names, scratch_dir = p.pids, p.shm_names, p.config.latent_cache_path
+        pids, names = p.pids, p.shm_names
+        # by default, two pools (and every producer of each) share the node's latent cache
+        assert p.config.latent_cache_path == pool.config.latent_cache_path == default_cache_dir() == cache_root
         p.submit(jobs([0]))
         image = p.take(0, timeout=60.0)
         assert image.shape == (3, 16, 16) and 0 <= float(image.min()) and float(image.max()) <= 1
@@ -200,8 +226,9 @@ def test_producer_exception_reraises_naming_producer_device_and_sample(synth):
         assert info.value.producer == 0 and info.value.device == "cpu" and info.value.indices == [7]
         with pytest.raises(ProducerError):  # a failed pool stays failed
             p.check()
-    # context-manager exit cleans up, the temporary latent cache included
-    assert wait_gone(pids, names) and not os.path.exists(scratch_dir)
+    # context-manager exit cleans up: no process, no segment; the shared cache stays, holding entries only
+    assert wait_gone(pids, names)
+    assert os.path.isdir(cache_root) and cache_leftovers(cache_root) == []
 
 
 def wait_for(cond, within):
@@ -279,7 +306,7 @@ SCRIPT = textwrap.dedent(
         pool.start()
         print("PIDS", *pool.pids, flush=True)
         print("SHM", *pool.shm_names, flush=True)
-        print("SCRATCH", pool.config.latent_cache_path, flush=True)
+        print("CACHE", pool.config.latent_cache_path, flush=True)
         pool.submit([Job(k, k, "a cat", 0.5, 2.0, 2, k) for k in range(4)])
         if mode == "exit":
             sys.exit(0)  # no close(): the atexit path must clean up
@@ -299,28 +326,29 @@ def run_script(synth, tmp_path, mode):
 
 
 def read_ids(proc, until):
-    pids, names, scratch = [], [], []
+    pids, names, cache = [], [], []
     for line in proc.stdout:
         if line.startswith("PIDS"):
             pids = [int(x) for x in line.split()[1:]]
         elif line.startswith("SHM"):
             names = line.split()[1:]
-        elif line.startswith("SCRATCH"):
-            scratch.append(line.split()[1])
+        elif line.startswith("CACHE"):
+            cache.append(line.split()[1])
         if line.startswith(until):
             break
     else:
         pytest.fail("script ended early:\n" + proc.stderr.read())
-    return pids, names, scratch
+    return pids, names, cache
 
 
-def test_consumer_exit_paths_leave_nothing(synth, tmp_path):
+def test_consumer_exit_paths_leave_nothing(synth, tmp_path, cache_root):
     # Three training processes at once (start-up dominates): one exits without close() (atexit), one
     # gets SIGINT inside `with pool:` (KeyboardInterrupt), one is SIGKILLed (producer watchdogs, and the
-    # resource tracker for the segment). Each must leave no producer and no segment within 5 s.
+    # resource tracker for the segment). Each must leave no producer and no segment within 5 s, and
+    # nothing temporary: their producers share the node's latent cache, which keeps complete entries only.
     procs = {mode: run_script(synth, tmp_path / mode, mode) for mode in ("exit", "SIGINT", "SIGKILL")}
-    ids = {mode: read_ids(proc, "SCRATCH" if mode == "exit" else "WAITING") for mode, proc in procs.items()}
-    assert all(pids and names and scratch for pids, names, scratch in ids.values()), ids
+    ids = {mode: read_ids(proc, "CACHE" if mode == "exit" else "WAITING") for mode, proc in procs.items()}
+    assert all(pids and names and cache for pids, names, cache in ids.values()), ids
     time.sleep(0.3)
     procs["SIGINT"].send_signal(signal.SIGINT)
     procs["SIGKILL"].send_signal(signal.SIGKILL)
@@ -332,13 +360,10 @@ def test_consumer_exit_paths_leave_nothing(synth, tmp_path):
             assert proc.returncode == 0, err
         if mode == "SIGINT":
             assert "KeyboardInterrupt" in err, err
-        pids, names, (scratch_dir,) = ids[mode]
+        pids, names, (cache_dir,) = ids[mode]
         assert wait_gone(pids, names), (mode, ids[mode])
-        if mode == "SIGKILL":  # nothing ran in the trainer: the next pool's start sweeps its folder
-            from fusionloader.scratch import sweep_stale
-
-            assert os.path.isdir(scratch_dir) and scratch_dir in sweep_stale()
-        assert not os.path.exists(scratch_dir), mode
+        assert cache_dir == cache_root, mode  # the environment's node cache, inherited by the script
+    assert cache_leftovers(cache_root) == []
 
 
 UNGUARDED = textwrap.dedent(
@@ -428,7 +453,9 @@ def test_producer_admits_wanted_jobs_first_and_times_them_without_slot_waits():
     child = Producer(ChildConfig(0, "cpu", None, None, 2, None, os.getpid(), None, False), None, None, None)
     admitted = []
     child.sampler = SimpleNamespace(submit=admitted.append)
-    child._request = lambda job, slot: job.key
+    child._latents = SimpleNamespace(prefetch=lambda indices: None,
+                                     get=lambda indices: (torch.zeros(len(indices), 1), torch.ones(len(indices), 1)))
+    child._request = lambda job, slot, mean, std: job.key
     child.handle(("jobs", jobs(range(4))))
     child.handle(("passed", [0, 1]))  # the trainer went past these while they waited here
     child.starved_since = time.perf_counter() - 5.0  # no slot credit for 5 s so far
@@ -452,7 +479,7 @@ def test_producer_killed_while_starting_is_started_again_and_uint8_slots_hold_th
     pool = ProducerPool(synth, Source(), devices=["cpu"], capacity=2, image_size=SIZE, wait_ready=False,
                         slot_dtype=torch.uint8, start_retries=1)
     pool.start()
-    first, scratch_dir = pool.pids[0], pool.config.latent_cache_path
+    first = pool.pids[0]
     os.kill(first, signal.SIGKILL)
     with pytest.warns(RuntimeWarning, match=r"killed by signal 9.*starting it again \(1/1\)"):
         assert wait_for(lambda: pool.stats()["start_retries"] == 1, 30)
@@ -472,9 +499,9 @@ def test_producer_killed_while_starting_is_started_again_and_uint8_slots_hold_th
         done = sampler.step()
     expected = (done[0].image.float() * 255).round()
     assert (image.float() - expected).abs().max() <= 1  # rounding of the last ulp may differ
-    assert os.path.isdir(scratch_dir)
     pool.close()
-    assert not os.path.exists(scratch_dir)  # the shared latent-cache folder goes with the pool
+    assert pool.config.latent_cache_path == engine.latent_cache().path  # one node cache, persistent
+    assert not alive(first) and not any(alive(p) for p in pool.pids)
 
 
 def test_a_start_up_phase_over_its_budget_fails_naming_the_phase(synth):

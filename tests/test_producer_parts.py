@@ -1,5 +1,6 @@
-"""Producer-side pieces in-process: the memory estimate, the pool's scratch folder, the child's start-up
-phase report and its non-finite handling (no per-image host sync)."""
+"""Producer-side pieces in-process: the memory estimate, the child's start-up phase report, its use of the
+latent cache (prefetch on arrival, one get per admission round) and its non-finite handling (no per-image
+host sync)."""
 
 import os
 import time
@@ -8,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusionloader import scratch
 from fusionloader.memory import estimate_memory, format_bytes, memory_estimate
 from fusionloader.producer_child import Producer, load_phase
 from fusionloader.protocol import DOWNLOAD, LOAD, ChildConfig
@@ -42,18 +42,6 @@ def test_the_engines_own_estimate_is_preferred():
         "unet_activations": 10, "decode_activations": 3, "weights": 10, "ring": 1, "total": 21}
 
 
-def test_scratch_folder_is_private_and_stale_ones_are_swept(tmp_path):
-    path = scratch.make_scratch(str(tmp_path))
-    assert os.path.basename(path).startswith(f"fusionloader-pool-{os.getpid()}-")
-    assert os.stat(path).st_mode & 0o777 == 0o700
-    dead = tmp_path / "fusionloader-pool-999999999-abc"  # no such pid
-    dead.mkdir()
-    (dead / "data.f32").write_bytes(b"x")
-    assert scratch.sweep_stale(str(tmp_path)) == [str(dead)] and not dead.exists() and os.path.isdir(path)
-    scratch.remove_scratch(path)
-    assert not os.path.exists(path)
-
-
 def test_load_phase_names_a_download_for_hub_ids(tmp_path):
     assert load_phase(str(tmp_path)) == LOAD
     assert load_phase({"path_or_id": str(tmp_path), "device": "cpu"}) == LOAD
@@ -67,6 +55,71 @@ class Sent:
     def send(self, *msg):
         self.msgs.append(msg)
         self.t_sent = time.monotonic()
+
+
+class Latents:
+    """A SourceLatents stand-in that records the child's calls; ``get`` gives each index's value as its latents."""
+
+    def __init__(self, bad=None):
+        self.prefetched, self.gets, self.bad, self.closed = [], [], bad, False
+        self.cache = SimpleNamespace(close=lambda: setattr(self, "closed", True))
+
+    def prefetch(self, indices):
+        self.prefetched.append(list(indices))
+
+    def get(self, indices):
+        self.gets.append(list(indices))
+        if self.bad in indices:
+            raise OSError(f"cannot identify image file 'img_{self.bad}.png'")
+        mean = torch.tensor(indices, dtype=torch.float32)[:, None]
+        return mean, mean + 0.5
+
+
+def job(key, index, strength=0.5):
+    from fusionloader.protocol import Job
+
+    return Job(key, index, "a cat", strength, 2.0, 2, seed=key)
+
+
+def child_with(latents, capacity=4):
+    child = Producer(ChildConfig(0, "cpu", None, None, capacity, None, os.getpid(), None, False), None, Sent(), None)
+    child._latents = latents
+    child.Request = lambda key, *args, **kw: SimpleNamespace(key=key, **kw)
+    child.submitted = []
+    child.sampler = SimpleNamespace(submit=child.submitted.append)
+    return child
+
+
+def test_jobs_prefetch_their_latents_on_arrival_and_each_round_makes_one_get():
+    latents = Latents()
+    child = child_with(latents)
+    child.handle(("jobs", [job(0, 10), job(1, 11, None), job(2, 12), job(3, 13), job(4, 14)]))
+    assert latents.prefetched == [[10, 12, 13, 14]] and latents.gets == []  # text-only jobs need none
+    child.handle(("credit", [5, 6, 7]))
+    child.admit()  # three credits: one round of three jobs, one get for its two img2img ones
+    assert latents.gets == [[10, 12]]
+    got = {r.key: r for r in child.submitted}
+    assert float(got[0].latent_mean) == 10 and float(got[0].latent_std) == 10.5 and got[0].out_row is None
+    assert float(got[2].latent_mean) == 12 and float(got[2].latent_std) == 12.5
+    assert got[1].latent_mean is None and got[1].latent_std is None
+    assert {k: slot for k, (_, slot) in child.inflight.items()} == {0: 5, 1: 6, 2: 7}
+    child.handle(("credit", [8, 9]))
+    child.admit()  # capacity 4: one more job this round
+    assert latents.gets == [[10, 12], [13]] and set(child.inflight) == {0, 1, 2, 3} and list(child.credits) == [9]
+    child.close()
+    assert latents.closed and child._latents is None
+
+
+def test_a_bad_image_in_a_round_fails_naming_its_job_and_returns_unused_credits():
+    latents = Latents(bad=7)
+    child = child_with(latents)
+    child.handle(("jobs", [job(0, 1), job(1, 7), job(2, 3)]))
+    child.handle(("credit", [0, 1, 2]))
+    with pytest.raises(OSError, match="img_7.png"):
+        child.admit()
+    assert latents.gets == [[1, 7, 3], [1], [7]]  # the round's get failed; alone, index 7's does
+    assert [j.key for j in child.current] == [1]  # the error report names the job whose image is bad
+    assert child.submitted == [] and sorted(child.credits) == [0, 1, 2]  # no slot stays reserved
 
 
 def test_nonfinite_results_use_the_samplers_flag_and_free_their_slot(monkeypatch):
