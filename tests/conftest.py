@@ -12,6 +12,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Producers share the node's latent cache by default; the suite keeps its own, removed at exit (spawned
+# producers and launched scripts inherit the variable).
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "FUSIONLOADER_LATENT_CACHE" not in os.environ:
+    os.environ["FUSIONLOADER_LATENT_CACHE"] = _LATENTS = tempfile.mkdtemp(prefix="fusionloader-test-latents-")
+    atexit.register(shutil.rmtree, _LATENTS, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
