@@ -515,7 +515,7 @@ class FusionLoader(Generic[T_co]):
         else:
             from .producer import ProducerPool
 
-            pool = ProducerPool(cfg.synthesizer, self._source, devices=devices, **kwargs)
+            pool = ProducerPool(cfg.synthesizer, self._source, devices=devices, slot_dtype=self._slot_dtype(), **kwargs)
         try:
             pool.start()
         except BaseException:
@@ -523,6 +523,16 @@ class FusionLoader(Generic[T_co]):
             raise
         self._pool = self._window.pool = pool
         _LIVE.add(self)
+
+    def _slot_dtype(self) -> torch.dtype:
+        """uint8 ring slots when the raw images are 8-bit (PIL, uint8 arrays/tensors): what reaches the train
+        transform is quantised to 8 bits anyway (``from_float``), and the ring in /dev/shm is 4x smaller."""
+        try:
+            info = self._source.info(0)
+        except Exception:  # an unreadable first image is the runner's to report, with its index
+            return torch.float32
+        eight_bit = info.kind == "pil" and info.dtype in ("RGB", "L") or info.dtype == "uint8"
+        return torch.uint8 if eight_bit else torch.float32
 
     def _make_jobs(self, key_base: int, plan: EpochPlan, positions, indices, draws) -> list:
         from .producer import Job

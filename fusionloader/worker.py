@@ -66,7 +66,10 @@ class Item(NamedTuple):
 def synthetic_sample(sample, image: torch.Tensor, info: RawInfo | None, transform, seed: int):
     """The synthetic image in the real image's form and size (DA-Fusion resizes back), through the train
     transform under the position's seed, in the real sample's structure (its label kept)."""
-    raw_like = from_float(image, info) if info is not None else image
+    if info is not None:
+        raw_like = from_float(image, info)
+    else:
+        raw_like = image.float() / 255 if image.dtype == torch.uint8 else image
     if transform is not None:
         raw_like = seeded_call(transform, raw_like, seed)
     return replace_image(sample, raw_like)

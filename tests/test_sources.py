@@ -175,3 +175,23 @@ def test_dali_image_folder(folder):
     (folder / "dog" / "2.png").write_bytes(b"broken")
     with pytest.raises(Exception, match=r"dataset index 5 \(path '.*dog/2\.png'\)"):
         list(FusionLoader(ds, batch_size=3, alpha=0))
+
+
+def to_tensor_16(img):
+    return to_tensor(img.resize((16, 16)))
+
+
+def test_eight_bit_images_travel_in_uint8_slots_float_images_in_float32(folder, tiny_sd1_path):
+    # Issue 14: the ring holds what the train transform will see. PIL images are quantised to 8 bits on the
+    # way back (from_float) anyway, so their slots are uint8 (4x less /dev/shm); float tensors keep float32.
+    ds = Folder(folder, transform=to_tensor_16)
+    with FusionLoader(ds, batch_size=3, alpha=1.0, late_policy="wait", return_meta=True, seed=0,
+                      synthesizer=tiny_sd1_path, num_inference_steps=2, producer_devices=["cpu"]) as loader:
+        batches = list(loader)
+        assert loader._pool.config.slot_dtype == torch.uint8
+    assert all(m["fresh"].all() for _, m in batches)
+    for (x, _), m in batches:  # every synthetic sample is a variant at the real image's size, in [0, 1]
+        assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+    floats = [(torch.rand(3, 16, 16), 0) for _ in range(2)]
+    with FusionLoader(floats, batch_size=2, alpha=0.0, synthesizer=tiny_sd1_path, producer_devices=["cpu"]) as loader:
+        assert loader._slot_dtype() == torch.float32

@@ -139,11 +139,12 @@ def to_float(image: Any) -> torch.Tensor:
 
 
 def from_float(x: torch.Tensor, info: RawInfo) -> Any:
-    """A synthetic float image (3, R, R) in [0, 1] -> the form and size described by ``info``.
+    """A synthetic image (3, R, R), float in [0, 1] or uint8 -> the form and size described by ``info``.
 
     DA-Fusion resizes generated images back to the real image's size before the train transform.
     """
-    x = x.detach().float().cpu().clamp(0, 1)
+    x = x.detach().cpu()
+    x = (x.float() / 255 if x.dtype == torch.uint8 else x.float()).clamp(0, 1)  # uint8 ring slots / store
     if info.kind == "pil":
         from PIL import Image
 
