@@ -181,7 +181,8 @@ class PlannedDataset(Dataset):
     def _path(self, index):
         return self.source.path(index) if isinstance(index, (int, np.integer)) else None
 
-    def _finish(self, key: Key, sample) -> Item:
+    def _finish(self, key: Key, sample, raw: bool = False) -> Item:
+        """``raw``: ``sample`` was read with the image transform off (a synthetic position's, see below)."""
         try:
             if key.image is not None:  # a synthetic image was resolved for this position at dispatch
                 if self.transform is not None:
@@ -189,7 +190,7 @@ class PlannedDataset(Dataset):
                 else:
                     info = self._infos.get(key.index)
                     if info is None:
-                        info = self.source.info(key.index) if self.source.reads_raw else describe(get_image(sample))
+                        info = self.source.info(key.index) if self.source.reads_raw and not raw else describe(get_image(sample))
                         if len(self._infos) < 100_000:
                             self._infos[key.index] = info
                 sample = synthetic_sample(sample, key.image, info, self.source.transform, key.seed)
@@ -201,10 +202,13 @@ class PlannedDataset(Dataset):
 
     def __getitem__(self, key: Key) -> Item:
         try:
-            sample = self.dataset[key.index]
+            sample = self.source.untransformed(key.index) if key.image is not None else None
+            raw = sample is not None
+            if not raw:
+                sample = self.dataset[key.index]
         except Exception as e:
             raise _note(e, key.index, self._path(key.index))
-        return self._finish(key, sample)
+        return self._finish(key, sample, raw)
 
     def __getitems__(self, keys):
         getitems = getattr(self.dataset, "__getitems__", None)

@@ -201,6 +201,11 @@ class ImageSource:
         """Whether raw images are read apart from ``dataset[index]`` (ImageFolder-style or a transform-off view)."""
         return self._folder or self._raw_view is not None
 
+    def untransformed(self, index: int):
+        """``dataset[index]`` with the image transform switched off (VisionDataset-style datasets), else None:
+        a position that gets a synthetic image need not pay for transforming the real one."""
+        return self._raw_view[index] if self._raw_view is not None else None
+
     def path(self, index: int) -> str | None:
         for attr in ("samples", "imgs"):
             seq = getattr(self.dataset, attr, None)
