@@ -150,9 +150,10 @@ def main():
         record = Record(dataset)
         with make_loader(dataset, synthesizer_for(source, args.path)) as loader:
             {"plain": run_plain, "accelerate": run_accelerate, "lightning": run_lightning}[args.client](loader, record)
-        record.save(args.out, source, dist.get_rank())
-    dist.barrier()
-    dist.destroy_process_group()
+        record.save(args.out, source, int(os.environ["RANK"]))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
