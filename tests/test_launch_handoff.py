@@ -110,3 +110,19 @@ def test_embedded_model_hands_over_by_path_on_any_rank(rank_one):
     rebuilt = pickle.loads(pickle.dumps(from_pipe))
     images = torch.rand(2, 3, *synth.resolution, generator=torch.Generator().manual_seed(2))
     assert torch.equal(_latents(rebuilt, images), _latents(synth, images))
+
+
+def test_tiny_decoder_travels_too(pipe):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(3)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    synth = Synthesizer(pipe, tiny_vae=tiny)
+    spec = synth.load_spec()
+    assert os.path.isfile(os.path.join(spec["tiny_vae"], "diffusion_pytorch_model.safetensors"))
+    rebuilt = Synthesizer.from_pretrained(**spec)
+    assert type(rebuilt.components.decoder).__name__ == "AutoencoderTiny"
+    images = _images()
+    out = synth.augment(images, ["a cat"] * 2, strengths=0.5, num_inference_steps=2, seeds=[1, 2])
+    assert torch.equal(rebuilt.augment(images, ["a cat"] * 2, strengths=0.5, num_inference_steps=2, seeds=[1, 2]), out)

@@ -150,8 +150,8 @@ class Synthesizer:
         if self._spec is not None:
             spec = dict(self._spec)
         else:
-            spec = self._handoff() if self._live_spec is None else self._live_spec()
-            if spec is None:
+            spec = self._live_spec() if self._live_spec is not None else None
+            if spec is None:  # none held (or the last holder dropped it): write a new one
                 spec = self._handoff()
         spec["prompt_policy"] = self.prompt_policy
         spec["resolution"] = self.resolution
@@ -172,7 +172,7 @@ class Synthesizer:
 
     def __reduce__(self):
         spec = self.load_spec()
-        if isinstance(spec, dict) and type(spec) is not dict:
+        if type(spec) is not dict and not any(s is spec for s in self._pickled_specs):
             # Pickled directly (e.g. inside a loader sent to ddp_spawn ranks): the receiver loads whenever it
             # unpickles, so the folder lives as long as this synthesizer (or this process).
             self._pickled_specs.append(spec)
