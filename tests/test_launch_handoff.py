@@ -49,7 +49,8 @@ def test_handoff_on_rank_one_rebuilds_the_same_model(pipe, rank_one):
     ref = _latents(synth, _images())
     spec = synth.load_spec()
     folder = spec["path_or_id"]
-    assert isinstance(spec, LoadSpec) and os.path.basename(folder).startswith(f"fusionloader-synth-rank1-pid{os.getpid()}-")
+    assert isinstance(spec, LoadSpec)
+    assert os.path.basename(folder).startswith(f"fusionloader-synth-rank1-pid{os.getpid()}-")
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     rebuilt = Synthesizer.from_pretrained(**{**spec, "device": "cpu"})
     assert torch.equal(_latents(rebuilt, _images()), ref)

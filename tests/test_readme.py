@@ -62,8 +62,8 @@ def samples_printed(stdout):
 
 
 def test_plain_loop_example(image_folder, tiny_sd1_path, tmp_path):
-    stdout = run([sys.executable, os.path.join(ROOT, "examples", "plain_loop.py"), *tiny_args(image_folder, tiny_sd1_path)],
-                 tmp_path)
+    stdout = run([sys.executable, os.path.join(ROOT, "examples", "plain_loop.py"),
+                  *tiny_args(image_folder, tiny_sd1_path)], tmp_path)
     assert samples_printed(stdout) == [8]
 
 

@@ -149,7 +149,8 @@ def _check_written(folder: str, tiny: str | None) -> None:
     if not os.listdir(os.path.join(folder, "tokenizer")):
         missing.append("tokenizer/*")
     if missing:
-        raise OSError(f"the temporary checkpoint {folder!r} (rank {_rank()}) lacks {missing}: a library skipped writing")
+        raise OSError(f"the temporary checkpoint {folder!r} (rank {_rank()}) lacks {missing}: "
+                      "a library skipped writing")
 
 
 def write_temp_checkpoint(components) -> tuple[str, str | None]:
