@@ -1,5 +1,7 @@
 """FusionLoader works unchanged in a plain loop, under Lightning (incl. 2-process DDP on CPU with gloo)
-and in an accelerate loop (``prepare`` passes it through)."""
+and in an accelerate loop (``prepare`` passes it through). These run in-process with a stand-in pool; the
+real launches (torchrun / accelerate / Lightning ddp, real producers, every rank's fresh variants) are in
+tests/test_launch.py, and the README's examples run in tests/test_readme.py."""
 
 import os
 

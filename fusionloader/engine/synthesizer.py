@@ -15,17 +15,17 @@ after the other, i.e. equal to consecutive pipeline calls per group sharing the 
 in-kernel Philox streams instead (batch-invariant; what the loader's plan supplies).
 
 NOTE [pickling]: a Synthesizer pickles as its load spec (path or hub id + options) and reloads in the receiving
-process. One built from a pipeline object is first saved (``save_pretrained``, safetensors) into a temporary
-folder owned by the creating process; that folder is removed when the creating process exits, so unpickle
-while it lives (producers start while the trainer runs).
+process. One built from a pipeline object is first written into a temporary checkpoint folder by
+``handoff.py`` -- on every rank, whatever the process group (``save_pretrained`` writes nothing on ranks != 0
+once one exists) -- in a 0700 folder per rank and process. The producer pool holds the spec naming it and
+the folder goes when the pool closes (or at exit); a Synthesizer pickled directly keeps its folder as long as
+it lives (or until exit), so unpickle while it lives (producers start while the trainer runs).
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -38,17 +38,8 @@ from .sampler import DEFAULT_DECODE_CHUNK, Finished, Request, Sampler, _Cohort
 
 __all__ = ["Synthesizer"]
 
-_TEMP_DIRS: list[str] = []
 # augment's default UNet batch (slots) when ``capacity`` is not given: all images, up to this many.
 DEFAULT_MAX_CAPACITY = 64
-
-
-def _cleanup_temp_dirs() -> None:
-    for d in _TEMP_DIRS:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-atexit.register(_cleanup_temp_dirs)
 
 
 def _as_list(value, n: int, name: str) -> list:
@@ -89,6 +80,8 @@ class Synthesizer:
         self._options = dict(vae_dtype=vae_dtype, attention=attention)
         self.components = _components
         self._spec = _spec
+        self._live_spec: weakref.ref | None = None  # the temporary-checkpoint spec producers hold (see load_spec)
+        self._pickled_specs: list[dict] = []
         self.resolution = self._check_resolution(resolution)
         f = self.components.vae_scale_factor
         self.latent_shape = (self.components.latent_channels, self.resolution[0] // f, self.resolution[1] // f)
@@ -164,39 +157,43 @@ class Synthesizer:
     # -- pickling: as the load spec ---------------------------------------------------------------------
 
     def load_spec(self) -> dict:
-        """Keyword arguments of :meth:`from_pretrained` that rebuild this synthesizer (saving a pipe if needed)."""
-        if self._spec is None:
-            self._spec = self._save_to_temp()
-        spec = dict(self._spec)
+        """Keyword arguments of :meth:`from_pretrained` that rebuild this synthesizer in another process.
+
+        Built from a path or hub id: that path or id. Built from a pipeline object: a temporary checkpoint this
+        process writes (any rank, any process group; see NOTE [rank-independent handoff] in ``handoff.py``),
+        returned as a :class:`~fusionloader.engine.handoff.LoadSpec` that removes the folder once the last holder
+        (the producer pool, until it closes) drops it. Calls while one is held return that same spec."""
+        if self._spec is not None:
+            spec = dict(self._spec)
+        else:
+            spec = self._live_spec() if self._live_spec is not None else None
+            if spec is None:  # none held (or the last holder dropped it): write a new one
+                spec = self._handoff()
         spec["prompt_policy"] = self.prompt_policy
         spec["resolution"] = self.resolution
         spec["prompt_cache_size"], spec["decode_chunk"] = self.prompt_cache.max_size, self.decode_chunk  # engine: memory bounds
         return spec
 
-    def _save_to_temp(self) -> dict:
-        from diffusers import StableDiffusionImg2ImgPipeline
+    def _handoff(self) -> dict:
+        from .handoff import LoadSpec, write_temp_checkpoint
 
         c = self.components
-        if c.vae is None:
-            raise TypeError("cannot pickle a Synthesizer whose pipeline has no AutoencoderKL (tiny decoder only)")
-        folder = tempfile.mkdtemp(prefix="fusionloader-synth-")
-        _TEMP_DIRS.append(folder)
-        pipe = StableDiffusionImg2ImgPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-        pipe.save_pretrained(folder, safe_serialization=True)
-        tiny = None
-        if c.decoder is not c.vae:
-            tiny = os.path.join(folder, "tiny_vae")
-            c.decoder.save_pretrained(tiny, safe_serialization=True)
-        return dict(
+        folder, tiny = write_temp_checkpoint(c)
+        spec = LoadSpec(
             path_or_id=folder, device=str(c.device), dtype=c.dtype, vae_dtype=c.vae_dtype, scheduler=None,
             tiny_vae=tiny, attention=self._options.get("attention", "sdpa"), local_files_only=True,
         )  # fmt: skip
+        spec.own(folder)
+        self._live_spec = weakref.ref(spec)
+        return spec
 
     def __reduce__(self):
-        return (_rebuild, (self.load_spec(),))
+        spec = self.load_spec()
+        if type(spec) is not dict and not any(s is spec for s in self._pickled_specs):
+            # Pickled directly (e.g. inside a loader sent to ddp_spawn ranks): the receiver loads whenever it
+            # unpickles, so the folder lives as long as this synthesizer (or this process).
+            self._pickled_specs.append(spec)
+        return (_rebuild, (dict(spec),))
 
     # -- parts ------------------------------------------------------------------------------------------
 
