@@ -326,7 +326,11 @@ def save_learned_tokens(tokens: Mapping[str, torch.Tensor], path: str | os.PathL
         if len({f for f, _ in targets}) != len(targets):
             raise ValueError(f"tokens {[t for t, _ in items]} map to clashing file names")
     for file, (token, emb) in targets:
-        save_file({token: emb.contiguous()}, file, metadata={"format": "pt", "num_vectors": str(emb.shape[0])})
+        # Written beside and renamed over: ranks saving to one path, or a producer loading it meanwhile,
+        # never see a torn file (issue 13's audit).
+        tmp = f"{file}.{os.getpid()}.tmp"
+        save_file({token: emb.contiguous()}, tmp, metadata={"format": "pt", "num_vectors": str(emb.shape[0])})
+        os.replace(tmp, file)
     return [f for f, _ in targets]
 
 
