@@ -52,7 +52,7 @@ def run(cmd, tmp_path, timeout=300):
 
 
 def tiny_args(image_folder, model):
-    return ["--data", image_folder, "--model", model, "--producers", "cpu", "--steps", "2", "--epochs", "1"]
+    return ["--data", image_folder, "--model", model, "--producers", "cpu", "--steps", "4", "--epochs", "1"]
 
 
 def samples_printed(stdout):
@@ -77,7 +77,7 @@ def test_accelerate_example(image_folder, tiny_sd1_path, tmp_path):
 def test_torchrun_example(image_folder, tiny_sd1_path, tmp_path):
     stdout = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                   os.path.join(ROOT, "examples", "torchrun_ddp.py"), *tiny_args(image_folder, tiny_sd1_path)], tmp_path)
-    assert samples_printed(stdout) == [4, 4]  # each rank its half of the 8 images
+    assert samples_printed(stdout) == [4, 4], stdout  # each rank its half of the 8 images
 
 
 def test_lightning_example(image_folder, tiny_sd1_path, tmp_path):
