@@ -50,7 +50,6 @@ import atexit
 import inspect
 import logging
 import math
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -61,15 +60,16 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from .config import LATE_POLICIES, FusionConfig, LatePolicy
 from .distributed import devices_for_rank, dist_info, local_info
+from .epoch import EpochIterator, EpochProgress
 from .mixing import Mixer
 from .order import (ArrayOrder, OrderSnapshot, StreamOrder, distributed_order, from_json, mix_seed, random_order,
                     recomputable, sequential_order, to_json)  # fmt: skip
-from .plan import EpochPlan, normalize_strengths
+from .plan import EpochPlan
 from .sources.dataset import DatasetError, ImageSource
 from .stats import LoaderStats
 from .store import VariantStore
 from .window import RequestWindow
-from .worker import Batch, Key, PlannedDataset, PlanSampler, WorkerCollate, WorkerInit
+from .worker import PlannedDataset, PlanSampler, WorkerCollate, WorkerInit
 
 __all__ = ["LATE_POLICIES", "FusionConfig", "FusionLoader", "LatePolicy"]
 
@@ -100,40 +100,6 @@ class _TrackedDistributedSampler(torch.utils.data.DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.set_by_caller = True
-
-
-class _Progress:
-    """How far the current epoch is: the consumed batches (a prefix plus out-of-order ones), the order's
-    snapshot at its start, and per logical worker the RNG state after its last consumed batch."""
-
-    def __init__(self, epoch: int, num_batches: int | None, snapshot: dict | None, prefix: int = 0,
-                 extra=(), workers: dict | None = None, last_worker: int | None = None):  # fmt: skip
-        self.epoch, self.num_batches, self.snapshot = epoch, num_batches, snapshot
-        self.prefix, self.extra = prefix, set(extra)
-        self.workers = dict(workers or {})
-        self.last_worker = last_worker
-        self.stored_rest: dict | None = None  # the remaining order, for samplers that cannot re-derive it
-        self.plan = None  # the epoch's plan (not saved)
-        self.draws_base_seed = True  # whether this epoch's iter() drew the workers' base seed (DataLoader's rule)
-
-    @property
-    def consumed(self) -> int:
-        return self.prefix + len(self.extra)
-
-    def consume(self, batch: int, worker: int | None, rng) -> None:
-        if batch == self.prefix:
-            self.prefix += 1
-            while self.prefix in self.extra:
-                self.extra.discard(self.prefix)
-                self.prefix += 1
-        elif batch > self.prefix:
-            self.extra.add(batch)
-        if worker is not None:
-            self.workers[worker] = rng
-            self.last_worker = worker
-
-    def finished(self) -> bool:
-        return self.num_batches is not None and self.prefix >= self.num_batches
 
 
 class FusionLoader(Generic[T_co]):
@@ -202,7 +168,7 @@ class FusionLoader(Generic[T_co]):
         self._next_epoch = 0
         self._epoch_pinned = False
         self._resume: dict | None = None  # a loaded state, until the next iter() continues from it
-        self._progress: _Progress | None = None  # the epoch in progress (for state_dict)
+        self._progress: EpochProgress | None = None  # the epoch in progress (for state_dict)
         self._stats = LoaderStats()
         self._initialized = True
 
@@ -424,7 +390,7 @@ class FusionLoader(Generic[T_co]):
                 gen = torch.Generator()
                 gen.manual_seed(mix_seed(self._seed, epoch, 0xD3))
         plan = self._plan(epoch, order)
-        progress = _Progress(epoch, plan.num_batches, snapshot)
+        progress = EpochProgress(epoch, plan.num_batches, snapshot)
         progress.plan = plan
         progress.draws_base_seed = draw
         if resume is not None:
@@ -437,7 +403,7 @@ class FusionLoader(Generic[T_co]):
         adopted = self._window.adopt(plan) if resume is None else (self._window.drop_ahead() or None)
         key_base, submitted = (self._window.new_key_base(), None) if adopted is None else adopted
         self._stats.begin(epoch)
-        it = _EpochIterator(plan, progress, key_base, submitted, pool=self._pool, window=self._window, mixer=self._mixer,
+        it = EpochIterator(plan, progress, key_base, submitted, pool=self._pool, window=self._window, mixer=self._mixer,
                             stats=self._stats, config=self.config, horizon=self._horizon, plan_ahead=self._plan_ahead,
                             length=self.__len__)  # requests its first window now; fmt: skip
         # the runner dispatches its first batches at iter(): their synthetic images are resolved then
@@ -445,7 +411,7 @@ class FusionLoader(Generic[T_co]):
         self._active = weakref.ref(it)
         return it
 
-    def _runner_iter(self, plan: EpochPlan, progress: _Progress, gen, resumed: bool, dispatch):
+    def _runner_iter(self, plan: EpochPlan, progress: EpochProgress, gen, resumed: bool, dispatch):
         dl = self._dl
         auto = dl.batch_sampler is not None
         if self._runner is None:
@@ -752,141 +718,6 @@ class FusionLoader(Generic[T_co]):
         cfg = self.config
         return (f"FusionLoader(alpha={cfg.alpha}, batch_size={self.batch_size}, late_policy={cfg.late_policy.name!r}, "
                 f"strengths={cfg.strengths!r}, devices={cfg.producer_devices})")
-
-
-class _EpochIterator:
-    """One epoch: requests ahead, resolves each batch's synthetic images as the runner dispatches it, takes
-    the runner's collated batches, records progress and counts."""
-
-    def __init__(self, plan: EpochPlan, progress: _Progress, key_base: int, submitted: int | None, *, pool, window,
-                 mixer: Mixer, stats: LoaderStats, config: FusionConfig, horizon, plan_ahead, length):  # fmt: skip
-        self.plan, self.progress, self.key_base = plan, progress, key_base
-        self.pool, self.window, self.mixer, self.stats, self.config = pool, window, mixer, stats, config
-        self.horizon, self.plan_ahead, self.length = horizon, plan_ahead, length
-        self.runner_iter = None  # set by the loader once the runner can dispatch to this iterator
-        span = plan.span(progress.prefix)
-        self.submitted = (span[0] if span else plan.order.known_positions) if submitted is None else submitted
-        self.done = self.ended = False
-        self.t_last = time.perf_counter()
-        # strengths a reused variant may have this epoch (the current curriculum stage's)
-        choices = normalize_strengths(plan.strengths)
-        self.allowed = {None} if choices is None else {float(np.float32(c)) for c in choices}
-        if pool is not None:  # producers start on the first look-ahead window at once
-            self._submit_upto(self.submitted + horizon())
-
-    def __iter__(self):
-        return self
-
-    def __len__(self) -> int:
-        n = self.plan.num_batches
-        return n if n is not None else self.length()
-
-    def _submit_upto(self, end: int) -> None:
-        self.submitted = max(self.submitted, self.window.submit(self.plan, self.key_base, self.submitted, end,
-                                                                 self.window.outstanding))  # fmt: skip
-
-    def _request_ahead(self, position: int) -> None:
-        """Keep the window ``horizon`` samples ahead of ``position`` (into the next epochs when it ends)."""
-        horizon = position + self.horizon()
-        self._submit_upto(horizon)
-        if self.plan.order.exhausted and horizon > self.plan.order.known_positions:
-            self.plan_ahead(self.plan.epoch + 1, horizon - self.plan.order.known_positions)
-
-    def dispatch(self, keys: list[Key]) -> list[Key]:
-        """The runner hands this batch to a worker: resolve its synthetic positions (NOTE [Mixing])."""
-        pool = self.pool
-        if self.done or not any(k.synthetic for k in keys):
-            return keys
-        if pool is not None:
-            pool.check()  # a dead producer raises here, before anything waits
-            self._request_ahead(keys[-1].position + 1)
-        d = self.plan.draws(keys[0].position, keys[-1].position + 1)
-        deadline = self.mixer.deadline()  # one deadline for the whole batch
-        out = []
-        for j, key in enumerate(keys):
-            if not key.synthetic:
-                out.append(key)
-                continue
-            job = self.key_base + key.position
-            if job in self.window.outstanding:
-                self.window.outstanding.discard(job)
-            else:
-                job = None
-            image, s, kind, waited = self.mixer.resolve(pool, job, key.index, self.plan.job_strength(d.strength[j]),
-                                                        key.seed, deadline, self.allowed)  # fmt: skip
-            self.stats.add_time("stall_s", waited)
-            out.append(key._replace(image=image, kind=kind, strength=float("nan") if s is None else float(s)))
-        return out
-
-    def __next__(self):
-        if self.done:  # also after the loader's close() or a new iter() (they mark it done)
-            raise StopIteration
-        pool, stats = self.pool, self.stats
-        if pool is not None:
-            pool.check()
-            if self.mixer.late:
-                self.mixer.harvest(pool)
-            nxt = self.plan.span(self.progress.prefix + 1)
-            self._request_ahead(nxt[0] if nxt else self.plan.order.known_positions)
-        t0 = time.perf_counter()
-        try:
-            batch = next(self.runner_iter)
-        except StopIteration:
-            self._finish()
-            raise
-        stats.add_time("real_wait_s", time.perf_counter() - t0)
-        out = self._deliver(batch)
-        self.progress.consume(batch.batch, batch.worker, batch.rng)
-        self.plan.order.release(self.progress.prefix)
-        now = time.perf_counter()
-        stats.add_time("wall_s", now - self.t_last)
-        self.t_last = now
-        stats.end_batch()
-        cfg = self.config
-        if cfg.progress is not None:
-            cfg.progress.set_postfix(stats.postfix(), refresh=False)
-        if cfg.log_every and stats.current.batches % cfg.log_every == 0:
-            stats.log()
-        if self.progress.finished():
-            self._end_of_epoch()  # not done: the runner's next call pulls the sampler past its end, as DataLoader's
-        return out
-
-    def _deliver(self, batch: Batch):
-        plan = self.plan
-        for kind in batch.kinds:
-            self.stats.record(kind)
-        if not self.config.return_meta:
-            return batch.data
-        n = len(batch.positions)
-        start = batch.positions[0] if n else 0
-        d = plan.draws(start, start + n)  # a batch is a contiguous span of positions
-        kinds = np.asarray(batch.kinds)
-        if plan.order.integer:
-            index = torch.from_numpy(np.asarray(plan.order.batch(batch.batch), dtype=np.int64).copy())
-        else:
-            index = torch.full((n,), -1, dtype=torch.int64)
-        meta = {
-            "index": index,
-            "planned": torch.from_numpy(d.synthetic.copy()),
-            "synthetic": torch.from_numpy((kinds == "fresh") | (kinds == "reused")),
-            "fresh": torch.from_numpy(kinds == "fresh"),
-            "strength": torch.tensor(batch.strengths, dtype=torch.float32),
-        }
-        return batch.data, meta
-
-    def _end_of_epoch(self) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        self.window.cancel_outstanding()
-        if self.config.log_every or self.config.progress is not None:
-            self.stats.log()
-
-    def _finish(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._end_of_epoch()
 
 
 def _signature() -> inspect.Signature:
