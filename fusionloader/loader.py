@@ -27,9 +27,10 @@ the parts it composes each have their own file and NOTE (docs/ARCHITECTURE.md dr
 * Requests (window.py, NOTE [Request window]) and mixing (mixing.py, NOTE [Mixing]): synthetic positions
   are requested ahead from the ``ProducerPool`` (only through its public methods), resolved against the
   late policy (a :class:`~fusionloader.config.LatePolicy`), post-processed and collated.
+* Epoch (epoch.py): ``iter()`` returns an ``EpochIterator`` handed its collaborators; its ``EpochProgress``
+  (consumed batches, worker RNG states) is what ``state_dict()`` saves mid-epoch.
 * Lifetime. Nothing is started before the first ``iter()``. ``close()`` (also ``__exit__``, ``__del__``
-  and interpreter exit) cancels outstanding jobs, stops the runner's workers, the post-processing threads
-  and the pool. A new ``iter()`` abandons the previous epoch iterator (its jobs are cancelled).
+  and interpreter exit) cancels outstanding jobs, stops the runner's workers and the pool. A new ``iter()`` abandons the previous epoch iterator (its jobs are cancelled).
 * Epochs. ``set_epoch(e)`` sets the next epoch and is forwarded to the sampler; without it the loader
   counts epochs itself. Under torch.distributed with default sampling, ``sampler`` is a
   ``DistributedSampler`` with the same shard; a ``set_epoch`` made on it by a trainer is honoured.
