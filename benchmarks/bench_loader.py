@@ -38,7 +38,6 @@ stand in for spare GPUs: each takes one core's worth of threads, and the trainer
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -53,10 +52,10 @@ from torch.utils.data import DataLoader, Dataset
 from fusionloader.benchmarks.common import (
     calibrated_step_s,
     environment,
+    loader_bench_main,
     producers_ready,
     synthetic_capacity,
     tiny_sd_model,
-    write_json,
 )
 
 __all__ = ["Regime", "Settings", "run"]
@@ -363,15 +362,7 @@ def _summary(r: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default=None, help="producer device (default: cuda if available, else cpu)")
-    parser.add_argument("--model", default=None, help="diffusers checkpoint (default: tiny random pipeline)")
-    parser.add_argument("--json", default="out/bench_loader.json")
-    args = parser.parse_args(argv)
-    result = run(quick=args.quick, model=args.model, device=args.device)
-    write_json(args.json, result)
-    print({k: v for k, v in result.items() if k not in ("regimes", "environment", "settings")})
+    loader_bench_main(argv, __doc__, run, "out/bench_loader.json", ("regimes", "environment", "settings"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ and the share of step time spent waiting for the next batch.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -41,10 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 from fusionloader.benchmarks.common import (
     calibrated_step_s,
     environment,
+    loader_bench_main,
     producers_ready,
     synthetic_capacity,
     tiny_sd_model,
-    write_json,
 )
 
 __all__ = ["Compose", "Normalize", "RandomHorizontalFlip", "RandomResizedCrop", "Settings", "ToTensor", "run"]
@@ -273,15 +272,7 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default=None, help="producer device (default: cuda if available, else cpu)")
-    parser.add_argument("--model", default=None, help="diffusers checkpoint (default: tiny random pipeline)")
-    parser.add_argument("--json", default="out/bench_transforms.json")
-    args = parser.parse_args(argv)
-    result = run(quick=args.quick, model=args.model, device=args.device)
-    write_json(args.json, result)
-    print({k: v for k, v in result.items() if k not in ("plain", "fusion", "environment", "settings", "calibration")})
+    loader_bench_main(argv, __doc__, run, "out/bench_transforms.json", ("plain", "fusion", "environment", "settings", "calibration"))
 
 
 if __name__ == "__main__":

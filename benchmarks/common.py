@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ import torch
 
 __all__ = [
     "calibrated_step_s",
+    "loader_bench_main",
     "environment",
     "median_seconds",
     "producers_ready",
@@ -21,6 +23,20 @@ __all__ = [
     "tiny_sd_model",
     "write_json",
 ]
+
+
+def loader_bench_main(argv, doc: str, run: Callable[..., dict], default_json: str, hide: tuple[str, ...]) -> None:
+    """The loader benchmarks' command line: ``--quick``, ``--device``, ``--model``, ``--json``; prints the
+    headline figures (the result less the ``hide`` keys)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default=None, help="producer device (default: cuda if available, else cpu)")
+    parser.add_argument("--model", default=None, help="diffusers checkpoint (default: tiny random pipeline)")
+    parser.add_argument("--json", default=default_json)
+    args = parser.parse_args(argv)
+    result = run(quick=args.quick, model=args.model, device=args.device)
+    write_json(args.json, result)
+    print({k: v for k, v in result.items() if k not in hide})
 
 
 def synchronize(device) -> None:

@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "PROMPT_TEMPLATE",
+    "TRAIN_TEMPLATES",
     "DigitsSplit",
     "DigitsSplits",
     "class_names",
@@ -38,6 +39,18 @@ class_names: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "
 
 #: The prompt template the model was mainly trained with (other templates were seen too, see train.py).
 PROMPT_TEMPLATE = "a photo of the digit {}"
+
+#: Every prompt template seen in training (train.py draws PROMPT_TEMPLATE half of the time); the embedded
+#: CLIP's zero-shot queries average them.
+TRAIN_TEMPLATES = (
+    PROMPT_TEMPLATE,
+    "a photo of a {}",
+    "an image of the digit {}",
+    "a picture of the digit {}",
+    "a drawing of the digit {}",
+    "the digit {}",
+    "{}",
+)
 
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.5, 0.25)  # generator, train; test gets the rest

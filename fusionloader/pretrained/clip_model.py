@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import os
 
+from fusionloader.pretrained import TRAIN_TEMPLATES
+
 __all__ = ["ZERO_SHOT_TEMPLATES", "build_clip_model", "default_clip_path", "load_default_embedder"]
 
-#: Templates averaged into each class's zero-shot query (the embedded diffusion model's training templates).
-ZERO_SHOT_TEMPLATES = (
-    "a photo of the digit {}",
-    "a photo of a {}",
-    "an image of the digit {}",
-    "a picture of the digit {}",
-    "a drawing of the digit {}",
-    "the digit {}",
-    "{}",
-)
+#: Templates averaged into each class's zero-shot query: the embedded diffusion model's training templates.
+ZERO_SHOT_TEMPLATES = TRAIN_TEMPLATES
 
 
 def default_clip_path() -> str:

@@ -42,18 +42,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fusionloader.pretrained import PROMPT_TEMPLATE, class_names, load_digits_splits, recorded_path
+from fusionloader.pretrained import TRAIN_TEMPLATES, class_names, load_digits_splits, recorded_path
 
-#: Prompt templates seen in training (the first, PROMPT_TEMPLATE, is drawn half of the time).
-TRAIN_TEMPLATES = (
-    PROMPT_TEMPLATE,
-    "a photo of a {}",
-    "an image of the digit {}",
-    "a picture of the digit {}",
-    "a drawing of the digit {}",
-    "the digit {}",
-    "{}",
-)
 EXTRA_WORDS = ("handwritten", "number", "photograph", "black", "white")
 
 
