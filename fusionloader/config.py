@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .plan import check_alpha, normalize_strengths
+from .policies import mixing_policy
 
 __all__ = ["LATE_POLICIES", "FusionConfig", "LatePolicy"]
 
@@ -160,8 +161,20 @@ class FusionConfig:
     #: one seed for coins, strengths, sample seeds and (with default sampling) the order; default
     #: ``torch.initial_seed()``.
     seed: int | None = None
-    #: yield ``(batch, meta)`` (index, planned, synthetic, fresh, strength tensors).
+    #: yield ``(batch, meta)`` (index, planned, synthetic, fresh, strength tensors; with ``retrieval``: also
+    #: retrieved and pool_id).
     return_meta: bool = False
+    #: the mixing policy (fusionloader/policies.py, NOTE [Mixing policies]): ``"replace"`` (per-index replacement
+    #: at ``alpha``, DA-Fusion; the default), ``"concat"`` (every real image plus one generated variant of each
+    #: per epoch, Bansal & Grover; ``len()`` counts both; ``alpha`` must stay 0.5), ``"hard"`` (DisCL: hard
+    #: samples requested first and given ``share`` of the synthetic positions; feedback via
+    #: ``FusionLoader.report``), or a policy object (``Replace()``, ``Concat()``, ``HardWeighted(share=0.5,
+    #: threshold=0.5, tail_class_size=20)``).
+    mixing: Any = "replace"
+    #: a ``fusionloader.methods.retrieval.RetrievedVariants``: synthetic positions are served retrieved images
+    #: (labelled with the class that retrieved them; kind ``"retrieved"``) instead of generated ones (no
+    #: ``synthesizer``: no producers start) or, with a synthesizer too, for half of them (NOTE [Mixing policies]).
+    retrieval: Any = field(default=None, repr=False)
     guidance_scale: float = 7.5
     num_inference_steps: int = 50
     #: seconds a batch may wait for its fresh images under ``late_policy="wait"`` (one deadline per batch).
@@ -183,11 +196,30 @@ class FusionConfig:
     #: and the class) any prompt whose encoded token ids contain a name of ``dataset.classes``; learned
     #: tokens pass. Needs ``dataset.classes`` and a Synthesizer or checkpoint path (for its tokenizer).
     leakage_guard: bool = False
+    #: per-class concept-erased UNet weights for the producers (a ``fusionloader.engine.adapters.ClassAdapters``
+    #: or a folder of per-class deltas); passed unchanged to the pool as ``adapters=`` when not None.
+    adapters: Any = field(default=None, repr=False)
+    #: a ``fusionloader.engine.clip_filter.ClipFilter`` run by the producers on their decoded images (rejects are
+    #: regenerated with the next seed); passed unchanged to the pool as ``clip_filter=`` when not None.
+    clip_filter: Any = field(default=None, repr=False)
     #: a ``ProducerPool``-like factory ``(synthesizer, source, devices=..., **kwargs)`` (tests, custom pools).
     pool_factory: Callable | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.alpha = check_alpha(self.alpha)
+        self.mixing = mixing_policy(self.mixing)
+        self.mixing.check(self.alpha)
+        if self.retrieval is not None and not (callable(getattr(self.retrieval, "choose", None))
+                                               and callable(getattr(self.retrieval, "pick", None))):  # fmt: skip
+            raise TypeError(f"retrieval must be a fusionloader.methods.retrieval.RetrievedVariants (choose/pick), "
+                            f"got {type(self.retrieval).__name__}")  # fmt: skip
+        if self.adapters is not None and isinstance(self.adapters, (str, os.PathLike)):
+            if not os.path.isdir(os.path.expanduser(os.fspath(self.adapters))):
+                raise FileNotFoundError(f"adapters: no such folder of per-class deltas {os.fspath(self.adapters)!r}")
+        elif self.adapters is not None and isinstance(self.adapters, (bool, int, float)):
+            raise TypeError(f"adapters must be a ClassAdapters or a folder path, got {self.adapters!r}")
+        if self.clip_filter is not None and isinstance(self.clip_filter, (bool, int, float, str)):
+            raise TypeError(f"clip_filter must be a ClipFilter object (fusionloader.engine.clip_filter), got {self.clip_filter!r}")
         choices = normalize_strengths(self.strengths)
         self.late_policy = LatePolicy.of(self.late_policy)
         devices = (self.producer_devices,) if isinstance(self.producer_devices, (str, torch.device)) else self.producer_devices
@@ -233,8 +265,9 @@ class FusionConfig:
                 raise TypeError(f"{name} must be callable, got {value!r}")
         if not (self.prompts is None or isinstance(self.prompts, (str, Mapping, Sequence)) or callable(self.prompts)):
             raise TypeError(f"prompts must be a template, a sequence, a mapping or a callable, got {self.prompts!r}")
-        if self.alpha > 0 and self.synthesizer is None and self.pool_factory is None:
-            raise ValueError(f"alpha={self.alpha} > 0 needs a synthesizer (a Synthesizer, a checkpoint path or a spec)")
+        if self.alpha > 0 and self.synthesizer is None and self.pool_factory is None and self.retrieval is None:
+            raise ValueError(f"alpha={self.alpha} > 0 needs a synthesizer (a Synthesizer, a checkpoint path or a spec) "
+                             "or a retrieval source (retrieval=)")  # fmt: skip
         if self.pool_factory is None:  # a custom pool gives ``synthesizer`` its own meaning
             check_synthesizer(self.synthesizer)
 
@@ -245,13 +278,20 @@ class FusionConfig:
                 raise ValueError(f"strengths={self.strengths!r} with num_inference_steps={self.num_inference_steps}: "
                                  f"strength {s} leaves int({self.num_inference_steps} * {s}) = 0 denoising steps")  # fmt: skip
 
-    def with_synthesis(self, alpha=None, strengths=...) -> "FusionConfig":
-        """A copy with a new ``alpha`` and/or ``strengths``, validated (the curriculum hook's check)."""
+    @property
+    def generates(self) -> bool:
+        """Whether producers are needed: something synthetic is planned and a synthesizer (or pool) is given."""
+        return self.alpha > 0 and (self.synthesizer is not None or self.pool_factory is not None)
+
+    def with_synthesis(self, alpha=None, strengths=..., mixing=None) -> "FusionConfig":
+        """A copy with a new ``alpha``, ``strengths`` and/or ``mixing``, validated (the curriculum hook's check)."""
         changes = {}
         if alpha is not None:
             changes["alpha"] = alpha
         if strengths is not ...:
             changes["strengths"] = strengths
+        if mixing is not None:
+            changes["mixing"] = mixing
         return replace(self, **changes)
 
     def check_dataset(self, dataset, labels) -> None:

@@ -174,6 +174,10 @@ class EpochIterator:
             "fresh": torch.from_numpy(kinds == "fresh"),
             "strength": torch.tensor(batch.strengths, dtype=torch.float32),
         }
+        if self.mixer.retrieval is not None:  # retrieved images (NOTE [Mixing]): which, and the pool id served
+            retrieved = kinds == "retrieved"
+            meta["retrieved"] = torch.from_numpy(retrieved)
+            meta["pool_id"] = torch.from_numpy(self.mixer.pool_ids(index.numpy(), d.sample_seed, retrieved))
         return batch.data, meta
 
     def _end_of_epoch(self) -> None:

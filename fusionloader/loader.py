@@ -34,7 +34,14 @@ the parts it composes each have their own file and NOTE (docs/ARCHITECTURE.md dr
 * Epochs. ``set_epoch(e)`` sets the next epoch and is forwarded to the sampler; without it the loader
   counts epochs itself. Under torch.distributed with default sampling, ``sampler`` is a
   ``DistributedSampler`` with the same shard; a ``set_epoch`` made on it by a trainer is honoured.
-  ``set_synthesis(alpha=, strengths=)`` changes what the next epochs synthesise (the curriculum hook).
+  ``set_synthesis(alpha=, strengths=, mixing=)`` changes what the next epochs synthesise (the curriculum hook).
+* Mixing policy (policies.py, NOTE [Mixing policies]). ``mixing=`` decides which positions are synthetic: the
+  plan binds it per epoch (``Replace``: the alpha coin; ``Concat``: the epoch is the dataset doubled, so the
+  loader's own orders, ``len()`` and the distributed shard are those of ``2N`` virtual indices; ``HardWeighted``:
+  the hard-sample mask of feedback.py taken when the epoch is planned, saved in ``state_dict`` mid-epoch).
+  ``report(indices, values, kind=)`` feeds the hard-sample tracker (feedback.py). ``retrieval=`` serves
+  synthetic positions from a ``RetrievedVariants`` (mixing.py); no producer job is made for them, and without a
+  synthesizer no pool starts.
 * Resume (torchdata's contract). ``state_dict()`` holds the epoch, the batches consumed (a prefix plus the
   few consumed out of order under ``in_order=False``), the order's snapshot at the epoch's start (NOTE
   [Epoch order]: generator/global RNG/sampler state -- never the order itself, except for a sampler whose
@@ -63,6 +70,7 @@ from .config import LATE_POLICIES, FusionConfig, LatePolicy
 from .distributed import devices_for_rank, dist_info, local_info
 from .epoch import EpochIterator, EpochProgress
 from .mixing import Mixer
+from .feedback import HardSampleTracker, tail_classes
 from .order import (ArrayOrder, OrderSnapshot, StreamOrder, distributed_order, from_json, mix_seed, random_order,
                     recomputable, sequential_order, to_json)  # fmt: skip
 from .plan import EpochPlan
@@ -160,10 +168,13 @@ class FusionLoader(Generic[T_co]):
         self.config = cfg
         self._seed = cfg.seed if cfg.seed is not None else torch.initial_seed()
         self._user_sampler = sampler is not None or batch_sampler is not None
+        self._check_mixing(cfg)
         self._init_runtime()
         self._guard = None
+        self._feedback = None if self._passthrough else HardSampleTracker(len(dataset))
         if not self._passthrough:
             cfg.check_dataset(dataset, self._source.label_set())
+            self._check_retrieval(cfg)
             if cfg.leakage_guard:
                 self._guard = self._leakage_guard()
         self._next_epoch = 0
@@ -173,11 +184,36 @@ class FusionLoader(Generic[T_co]):
         self._stats = LoaderStats()
         self._initialized = True
 
+    def _check_mixing(self, cfg: FusionConfig) -> None:
+        if cfg.mixing.copies > 1 and self._user_sampler:
+            raise ValueError(f"sampler: mixing={cfg.mixing.name!r} orders the doubled epoch itself (every real index "
+                             "once plus one generated copy of each); a sampler or batch_sampler orders only the real "
+                             "indices. Leave sampler/batch_sampler unset (shuffle= picks sequential or random)")  # fmt: skip
+        if self._passthrough and cfg.mixing.copies > 1:
+            raise ValueError(f"mixing={cfg.mixing.name!r} needs a map-style dataset (an index per sample)")
+
+    def _check_retrieval(self, cfg: FusionConfig) -> None:
+        """The retrieval source must know every class of the dataset (labels are its class ids)."""
+        if cfg.retrieval is None:
+            return
+        labels = self._source.label_set()
+        num_classes = getattr(cfg.retrieval, "num_classes", None)
+        if labels is None or num_classes is None:
+            return  # checked per position (RetrievedVariants raises naming the label)
+        for label in labels:
+            if not isinstance(label, (int, np.integer)) or not 0 <= int(label) < int(num_classes):
+                raise ValueError(f"retrieval: the dataset has label {label!r} but the retrieval source covers class ids "
+                                 f"0 .. {int(num_classes) - 1} (retrieve with num_classes= the dataset's classes)")  # fmt: skip
+
     def _init_runtime(self) -> None:
         cfg = self.config
         self._source = ImageSource(self._dl.dataset, cfg.transform) if not self._passthrough else None
         self._store = VariantStore(cfg.variants_per_index, cfg.store_bytes)
-        self._mixer = Mixer(self._store, cfg.late_policy, cfg.wait_timeout)
+        split = cfg.synthesizer is not None or cfg.pool_factory is not None
+        source = self._source  # not the loader (a cycle through the mixer would keep a dropped loader alive)
+        self._mixer = Mixer(self._store, cfg.late_policy, cfg.wait_timeout, retrieval=cfg.retrieval,
+                            label_of=lambda index: int(source.label(index)), split=split)  # fmt: skip
+        self._tail = None  # the tail-class mask (HardWeighted), computed once from the labels
         self._window = RequestWindow(self._make_jobs)
         self._pool = None
         self._runner: DataLoader | None = None
@@ -229,15 +265,19 @@ class FusionLoader(Generic[T_co]):
         return self._dl.batch_sampler
 
     def __len__(self) -> int:
+        copies = 1 if self._passthrough else self.config.mixing.copies
         if self._order_mode() == "distributed":
             rank, world = dist_info()
-            n = len(self._dl.dataset)
+            n = len(self._dl.dataset) * copies
             per_rank = math.ceil((n - world) / world) if self._dl.drop_last and n % world else math.ceil(n / world)
-            bs = self._dl.batch_size
-            if bs is None:
-                return per_rank
-            return per_rank // bs if self._dl.drop_last else math.ceil(per_rank / bs)
-        return len(self._dl)
+        elif copies > 1:  # a doubled epoch (Concat), ordered by the loader itself
+            per_rank = len(self._dl.dataset) * copies
+        else:
+            return len(self._dl)
+        bs = self._dl.batch_size
+        if bs is None:
+            return per_rank
+        return per_rank // bs if self._dl.drop_last else math.ceil(per_rank / bs)
 
     # -- synthesis settings ---------------------------------------------------------------------------
 
@@ -248,18 +288,58 @@ class FusionLoader(Generic[T_co]):
     synthesizer = property(lambda self: self.config.synthesizer)
     return_meta = property(lambda self: self.config.return_meta)
 
+    mixing = property(lambda self: self.config.mixing)
+    retrieval = property(lambda self: self.config.retrieval)
+
     @property
     def synthesizes(self) -> bool:
-        """Whether this loader can synthesise (it was given a synthesizer or a pool factory)."""
-        return self.config.synthesizer is not None or self.config.pool_factory is not None
+        """Whether this loader can replace samples (it was given a synthesizer, a pool factory or a retrieval source)."""
+        cfg = self.config
+        return cfg.synthesizer is not None or cfg.pool_factory is not None or cfg.retrieval is not None
 
-    def set_synthesis(self, alpha: float | None = None, strengths=...) -> None:
-        """Change ``alpha`` and/or ``strengths`` for the epochs planned from now on (the next ``iter()``);
-        validated as at construction. The hook for schedules (``fusionloader.methods.curriculum.apply``)."""
-        cfg = self.config.with_synthesis(alpha, strengths)
+    def set_synthesis(self, alpha: float | None = None, strengths=..., mixing=None) -> None:
+        """Change ``alpha``, ``strengths`` and/or ``mixing`` for the epochs planned from now on (the next
+        ``iter()``); validated as at construction. The hook for schedules (``fusionloader.methods.curriculum.apply``)."""
+        cfg = self.config.with_synthesis(alpha, strengths, mixing)
         if cfg.alpha > 0 and self._passthrough:
             raise ValueError(f"alpha={cfg.alpha}: synthesis needs a map-style dataset")
+        self._check_mixing(cfg)
         self.config = cfg
+
+    # -- feedback (DisCL) -------------------------------------------------------------------------------
+
+    def report(self, indices, values, kind: str = "prob") -> None:
+        """Trainer feedback: per-sample true-class probabilities (``kind="prob"``) or cross-entropy losses
+        (``kind="loss"``) for dataset ``indices`` (e.g. ``meta["index"]``). Cheap (vectorised; callable every
+        step); the latest value per index is kept, saved in ``state_dict``, and shapes the epochs planned after
+        it under ``mixing="hard"`` (NOTE [Mixing policies]). ``ValueError`` naming the argument for bad input."""
+        if self._feedback is None:
+            raise ValueError("report: an IterableDataset has no dataset indices to report on")
+        self._feedback.report(indices, values, kind)
+
+    def hard_samples(self) -> np.ndarray:
+        """The dataset indices the hard-sample policy counts as hard now (``HardWeighted``'s rules; its defaults
+        when another policy is in use), sorted."""
+        return np.flatnonzero(self._hard_mask())
+
+    def _hard_mask(self) -> np.ndarray:
+        from .policies import HardWeighted
+
+        policy = self.config.mixing if isinstance(self.config.mixing, HardWeighted) else HardWeighted()
+        if self._tail is None or self._tail[0] != policy.tail_class_size:
+            labels = self._labels()
+            self._tail = (policy.tail_class_size, tail_classes(labels, policy.tail_class_size))
+        return self._feedback.hard(policy.threshold) | self._tail[1]
+
+    def _labels(self) -> np.ndarray:
+        """Every index's label (without images when the dataset has ``targets``/``samples``)."""
+        targets = getattr(self._dl.dataset, "targets", None)
+        if targets is not None and len(targets) == len(self._dl.dataset):
+            arr = np.asarray(targets.tolist() if isinstance(targets, torch.Tensor) else targets)
+            if arr.ndim == 1:
+                return arr
+        labels = [self._source.label(i) for i in range(len(self._dl.dataset))]
+        return np.asarray([str(v) if not isinstance(v, (int, np.integer)) else int(v) for v in labels])
 
     # -- epochs ---------------------------------------------------------------------------------------
 
@@ -302,6 +382,8 @@ class FusionLoader(Generic[T_co]):
             return "distributed"
         if not self._user_sampler and self.config.seed is not None and self._dl.generator is None:
             return "seeded"
+        if self.config.mixing.copies > 1:  # a doubled epoch: always the loader's own order, from the loader's seed
+            return "seeded"
         return "sampler"
 
     def _rank_world(self) -> tuple[int, int]:
@@ -328,19 +410,28 @@ class FusionLoader(Generic[T_co]):
 
     def _array_order(self, epoch: int) -> ArrayOrder:
         n = len(self._dl.dataset)
+        copies = self.config.mixing.copies  # Concat: the order of 2N virtual indices (NOTE [Mixing policies])
         shuffle = isinstance(self._dl.sampler, RandomSampler)
         if self._order_mode() == "distributed":
             rank, world = dist_info()
             seed = self.config.seed if self.config.seed is not None else 0
-            order = distributed_order(n, rank, world, shuffle, seed, epoch, self._dl.drop_last)
+            order = distributed_order(n * copies, rank, world, shuffle, seed, epoch, self._dl.drop_last)
         else:
-            order = random_order(n, self._seed, epoch) if shuffle else sequential_order(n)
+            order = random_order(n * copies, self._seed, epoch) if shuffle else sequential_order(n * copies)
+        if copies > 1:
+            return ArrayOrder.doubled(order, n, self._dl.batch_size, self._dl.drop_last)
         return ArrayOrder.batched(order, self._dl.batch_size, self._dl.drop_last)
 
-    def _plan(self, epoch: int, order) -> EpochPlan:
+    def _plan(self, epoch: int, order, saved_mixing: dict | None = None) -> EpochPlan:
+        """The epoch's plan; its mixing policy is bound now (``saved_mixing``: the bound state a resumed epoch had)."""
         rank, world = self._rank_world()
-        return EpochPlan(order, seed=self._seed, epoch=epoch, alpha=self.config.alpha, strengths=self.config.strengths,
-                         rank=rank, world_size=world)  # fmt: skip
+        cfg = self.config
+        if saved_mixing is not None:
+            mixing = cfg.mixing.restore(saved_mixing.get("state"), cfg.alpha)
+        else:
+            mixing = cfg.mixing.bind(cfg.alpha, self._hard_mask() if cfg.mixing.uses_feedback else None)
+        return EpochPlan(order, seed=self._seed, epoch=epoch, alpha=cfg.alpha, strengths=cfg.strengths,
+                         rank=rank, world_size=world, mixing=mixing)  # fmt: skip
 
     def _epoch_order(self, epoch: int, fresh_workers: bool):
         """(order, runner generator or None, snapshot or None) for ``epoch``; NOTE [Loader design], "Order"."""
@@ -390,7 +481,7 @@ class FusionLoader(Generic[T_co]):
             if gen is None and self._runner is None:  # new workers the saved run did not draw a seed for
                 gen = torch.Generator()
                 gen.manual_seed(mix_seed(self._seed, epoch, 0xD3))
-        plan = self._plan(epoch, order)
+        plan = self._plan(epoch, order, resume.get("epoch_mixing") if resume is not None else None)
         progress = EpochProgress(epoch, plan.num_batches, snapshot)
         progress.plan = plan
         progress.draws_base_seed = draw
@@ -399,7 +490,7 @@ class FusionLoader(Generic[T_co]):
             progress.workers = dict(resume.get("workers", {}))
             progress.last_worker = resume.get("last_worker")
         self._progress = progress
-        if self.config.alpha > 0:
+        if self.config.generates:  # retrieval alone needs no producers
             self._start_pool()
         adopted = self._window.adopt(plan) if resume is None else (self._window.drop_ahead() or None)
         key_base, submitted = (self._window.new_key_base(), None) if adopted is None else adopted
@@ -475,8 +566,9 @@ class FusionLoader(Generic[T_co]):
         kwargs = dict(on_error=cfg.on_producer_error, max_restarts=cfg.max_restarts, latent_cache_path=cfg.latent_cache_path,
                       capacity=cfg.producer_capacity, image_size=cfg.image_size, slots=cfg.producer_slots,
                       timeout=cfg.producer_timeout, wait_ready=cfg.late_policy.producers_wait_ready,
-                      deadlines=cfg.late_policy.deadline_order)  # fmt: skip
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+                      deadlines=cfg.late_policy.deadline_order, adapters=cfg.adapters,
+                      clip_filter=cfg.clip_filter)  # fmt: skip
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # adapters/clip_filter only when given
         if cfg.pool_factory is not None:
             pool = cfg.pool_factory(cfg.synthesizer, self._source, devices=devices, **kwargs)
         else:
@@ -505,6 +597,12 @@ class FusionLoader(Generic[T_co]):
         from .producer import Job
 
         cfg = self.config
+        if cfg.retrieval is not None:  # positions the retrieval source serves get no producer job
+            keep = ~self._mixer.retrieves(draws.sample_seed)
+            positions, indices, draws = positions[keep], indices[keep], type(draws)(*(a[keep] for a in draws))
+        perm = plan.priority(indices) if len(indices) else None
+        if perm is not None:  # e.g. hard samples first (HardWeighted): producers make jobs in submission order
+            positions, indices, draws = positions[perm], indices[perm], type(draws)(*(a[perm] for a in draws))
         return [
             Job(key=key_base + int(p), index=int(i), prompt=self._prompt(int(i), float(pd)),
                 strength=plan.job_strength(s), guidance_scale=cfg.guidance_scale,
@@ -581,6 +679,12 @@ class FusionLoader(Generic[T_co]):
         in_progress = cur is not None and cur.consumed > 0 and not cur.finished()
         state: dict[str, Any] = {"version": _STATE_VERSION, "seed": self._seed, "alpha": self.config.alpha,
                                  "stats": self._stats.state_dict()}  # fmt: skip
+        if self._feedback is not None and self._feedback.reports:
+            state["feedback"] = self._feedback.state_dict()
+        if (in_progress or cur is not None and cur.consumed == 0 and not cur.finished() and not self._epoch_pinned) \
+                and cur.plan is not None and self.config.mixing.uses_feedback:  # fmt: skip
+            # the hard set this epoch was planned with (the tracker has moved on since)
+            state["epoch_mixing"] = {"state": cur.plan.mixing.state()}
         if in_progress:
             state.update(next_epoch=cur.epoch, batch=cur.prefix, extra=sorted(cur.extra), draws_base_seed=cur.draws_base_seed,
                          workers={str(k): v for k, v in cur.workers.items()}, last_worker=cur.last_worker)  # fmt: skip
@@ -639,6 +743,12 @@ class FusionLoader(Generic[T_co]):
                   "extra": state.get("extra", []), "workers": state.get("workers", {}),
                   "last_worker": state.get("last_worker"), "stored_rest": state.get("stored_rest"),
                   "draws_base_seed": state.get("draws_base_seed", True)}  # fmt: skip
+        if "epoch_mixing" in state:
+            resume["epoch_mixing"] = state["epoch_mixing"]
+        if self._feedback is not None:
+            self._feedback = HardSampleTracker(len(self._dl.dataset))
+            if state.get("feedback") is not None:
+                self._feedback.load_state_dict(state["feedback"])
         self._resume = resume
         self._epoch_pinned = True
         self._stats.load_state_dict(state.get("stats", {}))

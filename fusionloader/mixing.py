@@ -15,6 +15,13 @@ NOTE [Mixing]
   store. A late position gets a stored variant of the same index (``reuse``) or the real sample already
   fetched (``real``/``wait``; counted as fallback). Under ``real``/``wait`` the late job is cancelled; under
   ``reuse`` it keeps running and is harvested into the store when done (:meth:`Mixer.harvest`).
+* Retrieved (``retrieval=``, NOTE [Mixing policies]). A synthetic position that the retrieval source serves
+  (all of them without a synthesizer; half, by the sample seed's top bit, with one) gets
+  ``retrieval.choose(index, label_of(index), seed)`` -- a pure function, so a resume gets the same image --
+  at once, never late: kind ``"retrieved"``; no producer job was made for it. A class with nothing retrieved
+  gives the real sample (``fallback``). The image is read here, in the trainer's process at dispatch (a dict
+  lookup for tensor-backed pools, one file decode for path-backed ones); resize and train transform happen in
+  the workers like a generated image's.
 * Post-process (worker.py, :func:`~fusionloader.worker.synthetic_sample`). In the runner's workers: the
   image is resized back to the real image's size and form (PIL/array/tensor) and passed through the *same*
   train transform under an RNG seeded by the position's seed (a resumed run reproduces it; the worker's own
@@ -28,7 +35,10 @@ import time
 
 import torch
 
+import numpy as np
+
 from .config import LatePolicy
+from .policies import retrieval_positions
 from .store import VariantStore
 
 __all__ = ["Mixer"]
@@ -37,10 +47,27 @@ __all__ = ["Mixer"]
 class Mixer:
     """Resolves synthetic positions against the pool and the variant store; harvests late jobs."""
 
-    def __init__(self, store: VariantStore, policy: LatePolicy, wait_timeout: float):
+    def __init__(self, store: VariantStore, policy: LatePolicy, wait_timeout: float, retrieval=None, label_of=None,
+                 split: bool = False):  # fmt: skip
         self.store, self.policy, self.wait_timeout = store, policy, wait_timeout
         self.late: collections.deque = collections.deque()  # (key, index, strength): late jobs left running
         self.harvested = 0
+        # retrieval: a RetrievedVariants; label_of(index) -> class id; split: a synthesizer serves the other half
+        self.retrieval, self.label_of, self.split = retrieval, label_of, split
+
+    def retrieves(self, seeds) -> np.ndarray:
+        """bool per synthetic position (by its sample seed): served by the retrieval source."""
+        if self.retrieval is None:
+            return np.zeros(np.shape(seeds), dtype=bool)
+        return retrieval_positions(seeds, self.split)
+
+    def pool_ids(self, indices, seeds, retrieved) -> np.ndarray:
+        """The pool id of each retrieved position (-1 elsewhere): ``return_meta``'s ``pool_id``."""
+        out = np.full(len(indices), -1, dtype=np.int64)
+        for j in np.flatnonzero(retrieved):
+            pid = self.retrieval.pick(int(indices[j]), self.label_of(int(indices[j])), int(seeds[j]))
+            out[j] = -1 if pid is None else pid
+        return out
 
     def deadline(self) -> float:
         """The batch's one deadline (monotonic seconds)."""
@@ -48,8 +75,13 @@ class Mixer:
 
     def resolve(self, pool, key: int | None, index: int, strength: float | None, seed: int, deadline: float,
                 allowed) -> tuple[torch.Tensor | None, float | None, str, float]:  # fmt: skip
-        """(image or None, strength, "fresh" | "reused" | "fallback", seconds waited) for a synthetic position;
-        ``key`` is None when nothing was requested for it."""
+        """(image or None, strength, "fresh" | "reused" | "retrieved" | "fallback", seconds waited) for a synthetic
+        position; ``key`` is None when nothing was requested for it."""
+        if self.retrieval is not None and bool(self.retrieves(seed)):
+            got = self.retrieval.choose(index, self.label_of(index), seed)
+            if got is None:  # nothing retrieved for this class
+                return None, None, "fallback", 0.0
+            return got[0], None, "retrieved", 0.0
         image, waited = None, 0.0
         if pool is not None and key is not None:
             timeout = max(0.0, deadline - time.monotonic())

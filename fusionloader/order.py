@@ -123,15 +123,19 @@ class ArrayOrder:
 
     integer = True
 
-    def __init__(self, indices: np.ndarray, starts: np.ndarray, first_batch: int = 0):
+    def __init__(self, indices: np.ndarray, starts: np.ndarray, first_batch: int = 0, generated: np.ndarray | None = None):
         # ``first_batch`` > 0: the rest of an epoch from batch ``first_batch`` on (a stored remaining order);
         # ``starts`` then holds absolute positions and ``indices`` begins at ``starts[0]``.
+        # ``generated``: bool per position, the position holds the generated copy of its index (a doubled epoch,
+        # NOTE [Mixing policies] in policies.py); None: no position does.
         self.indices = np.asarray(indices, dtype=np.int64)
         self.starts = np.asarray(starts, dtype=np.int64)
         self.first_batch = first_batch
+        self.generated = None if generated is None else np.asarray(generated, dtype=bool)
 
     @classmethod
-    def batched(cls, indices: np.ndarray, batch_size: int | None, drop_last: bool) -> "ArrayOrder":
+    def batched(cls, indices: np.ndarray, batch_size: int | None, drop_last: bool,
+                generated: np.ndarray | None = None) -> "ArrayOrder":  # fmt: skip
         n = len(indices)
         step = 1 if batch_size is None else int(batch_size)
         if drop_last and batch_size is not None:
@@ -139,7 +143,14 @@ class ArrayOrder:
         starts = np.arange(0, n + step, step, dtype=np.int64)
         starts[-1] = n
         starts = starts[: np.searchsorted(starts, n) + 1]
-        return cls(indices[:n], starts)
+        return cls(indices[:n], starts, generated=None if generated is None else generated[:n])
+
+    @classmethod
+    def doubled(cls, virtual: np.ndarray, n: int, batch_size: int | None, drop_last: bool) -> "ArrayOrder":
+        """The order of a doubled epoch from its virtual indices in ``[0, 2n)``: ``v`` is index ``v mod n``,
+        generated iff ``v >= n`` (policies.Concat)."""
+        virtual = np.asarray(virtual, dtype=np.int64)
+        return cls.batched(virtual % n, batch_size, drop_last, generated=virtual >= n)
 
     @classmethod
     def from_batches(cls, batches, first_batch: int = 0, first_position: int = 0) -> "ArrayOrder":
@@ -170,6 +181,13 @@ class ArrayOrder:
     def indices_between(self, start: int, end: int) -> np.ndarray:
         base = int(self.starts[0])
         return self.indices[max(start - base, 0) : max(end - base, 0)]
+
+    def generated_between(self, start: int, end: int) -> np.ndarray:
+        """bool per position in ``start`` .. ``end``: it holds its index's generated copy."""
+        if self.generated is None:
+            return np.zeros(len(self.indices_between(start, end)), dtype=bool)
+        base = int(self.starts[0])
+        return self.generated[max(start - base, 0) : max(end - base, 0)]
 
     def extend_to(self, position: int) -> int:
         return self.known_positions
@@ -250,6 +268,10 @@ class StreamOrder:
                 continue
             parts.append(np.asarray(arr, dtype=np.int64)[max(start - s, 0) : min(end, e) - s])
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def generated_between(self, start: int, end: int) -> np.ndarray:
+        """No stream position holds a generated copy (doubled epochs are array orders)."""
+        return np.zeros(len(self.indices_between(start, end)), dtype=bool)
 
     def release(self, b: int) -> None:
         """Forget batches before ``b`` (consumed)."""

@@ -6,9 +6,13 @@ NOTE [Plan draws]
 Position ``p`` of epoch ``e`` on ``rank`` of ``world_size`` gets four 64-bit words from a counter-based
 generator: Philox-4x64 keyed by ``mix_seed(seed, e, rank, world_size)`` at counter ``p`` (``advance(p)``):
 
-* word 0 -> the alpha coin (DA-Fusion's per-draw replacement: synthetic iff ``u < alpha``);
+* word 0 -> the synthetic coin's uniform ``u``, turned into the coin by the epoch's mixing policy (NOTE [Mixing
+  policies] in policies.py): ``Replace`` (default, DA-Fusion's per-draw replacement) is synthetic iff
+  ``u < alpha``; ``HardWeighted`` compares ``u`` with a per-index probability; ``Concat`` ignores ``u`` (its
+  coins are the doubled order's generated copies);
 * word 1 -> the strength, uniform over the choices (fixed, a sequence, or ``RANDOMIZED_INTENSITY``);
-* word 2 -> the 63-bit sample seed (noise, transform RNG, the choice among stored variants);
+* word 2 -> the 63-bit sample seed (noise, transform RNG, the choice among stored variants; its top bit also
+  picks retrieval or synthesis when a loader has both, ``policies.retrieval_positions``);
 * word 3 -> the prompt draw in [0, 1) (picks among several prompts/templates).
 
 So any span of positions is drawn vectorised in O(span) time and memory without the positions before it,
@@ -23,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .order import ArrayOrder, mix_seed
+from .policies import AlphaCoins, EpochMixing
 
 __all__ = [
     "RANDOMIZED_INTENSITY",
@@ -85,9 +90,11 @@ class EpochPlan:
     """One epoch on one rank: an order plus lazily drawn coins, strengths and seeds."""
 
     def __init__(self, order, *, seed: int, epoch: int, alpha: float, strengths=0.5, rank: int = 0,
-                 world_size: int = 1):  # fmt: skip
+                 world_size: int = 1, mixing: EpochMixing | None = None):  # fmt: skip
         self.order, self.seed, self.epoch, self.rank, self.world_size = order, int(seed), int(epoch), rank, world_size
         self.alpha = check_alpha(alpha)
+        #: the epoch's bound mixing policy (policies.py); default: per-index replacement at ``alpha``
+        self.mixing = AlphaCoins(self.alpha) if mixing is None else mixing
         self.strengths = strengths
         self.choices = normalize_strengths(strengths)
         words = np.random.SeedSequence([mix_seed(self.seed, self.epoch, rank, world_size)]).generate_state(2, np.uint64)
@@ -102,7 +109,8 @@ class EpochPlan:
             bg.advance(start)
         raw = bg.random_raw(4 * n).reshape(n, 4) if n else np.zeros((0, 4), dtype=np.uint64)
         u = (raw[:, 0] >> np.uint64(11)).astype(np.float64) * _U53
-        coins = u < self.alpha
+        coins = self.mixing.coins(u, lambda: self._indices(start, start + n),
+                                  lambda: self.order.generated_between(start, start + n))
         if self.choices is None:
             strength = np.full(n, TEXT_ONLY, dtype=np.float32)
         else:
@@ -113,6 +121,16 @@ class EpochPlan:
         sample_seed = (raw[:, 2] >> np.uint64(1)).astype(np.int64)
         prompt_draw = (raw[:, 3] >> np.uint64(11)).astype(np.float64) * _U53
         return Draws(coins, strength, sample_seed, prompt_draw)
+
+    def _indices(self, start: int, end: int) -> np.ndarray:
+        if not self.order.integer:
+            raise ValueError(f"mixing={self.mixing.name!r} needs one integer dataset index per position; this sampler "
+                             "yields other keys (e.g. lists with batch_size=None)")  # fmt: skip
+        return self.order.indices_between(start, end)
+
+    def priority(self, indices) -> np.ndarray | None:
+        """The order in which to request a window's synthetic positions (a permutation; None: as they come)."""
+        return self.mixing.priority(indices)
 
     def job_strength(self, strength: float) -> float | None:
         """The strength a producer job gets for a recorded plan strength (None = text-only)."""
@@ -172,14 +190,17 @@ class EpochPlan:
         """Whether ``other`` draws the same epoch (requests made ahead for one serve the other)."""
         return (isinstance(other, EpochPlan) and (self.seed, self.epoch, self.rank, self.world_size, self.alpha,
                 self.choices) == (other.seed, other.epoch, other.rank, other.world_size, other.alpha, other.choices)
+                and self.mixing.key() == other.mixing.key()
                 and isinstance(self.order, ArrayOrder) and isinstance(other.order, ArrayOrder)
                 and np.array_equal(self.order.indices, other.order.indices)
-                and np.array_equal(self.order.starts, other.order.starts))  # fmt: skip
+                and np.array_equal(self.order.starts, other.order.starts)
+                and np.array_equal(self.order.generated_between(0, self.order.known_positions),
+                                   other.order.generated_between(0, other.order.known_positions)))  # fmt: skip
 
 
 def plan_epoch(batches, *, seed: int, epoch: int, alpha: float, strengths=0.5, rank: int = 0,
-               world_size: int = 1) -> EpochPlan:  # fmt: skip
+               world_size: int = 1, mixing: EpochMixing | None = None) -> EpochPlan:  # fmt: skip
     """The plan of an epoch whose batches of indices are ``batches`` (a list of lists)."""
     return EpochPlan(ArrayOrder.from_batches(batches), seed=seed, epoch=epoch, alpha=alpha, strengths=strengths,
-                     rank=rank, world_size=world_size)  # fmt: skip
+                     rank=rank, world_size=world_size, mixing=mixing)  # fmt: skip
 

@@ -1,9 +1,10 @@
 """What the loader actually delivered, per epoch and cumulative (DESIGN.md: "Honesty").
 
 Every sample is exactly one of: ``real`` (its coin said real), ``fresh`` (synthetic, made for this
-position), ``reused`` (synthetic, an earlier variant of the same index from the store) or ``fallback``
-(its coin said synthetic but it was delivered real because nothing synthetic was ready in time).
-``achieved_alpha = (fresh + reused) / samples``; ``stall_s`` is the time the consumer spent waiting for
+position), ``reused`` (synthetic, an earlier variant of the same index from the store), ``retrieved`` (a
+pool image retrieved for its class, ``retrieval=``; not counted as synthetic) or ``fallback`` (its coin said
+synthetic but it was delivered real because nothing synthetic was ready in time, or nothing was retrieved
+for its class). ``achieved_alpha = (fresh + reused + retrieved) / samples`` (the share replaced); ``stall_s`` is the time the consumer spent waiting for
 synthetic samples (``late_policy="wait"``) — time spent waiting for real data is the DataLoader's own
 and is reported apart as ``real_wait_s``.
 """
@@ -26,6 +27,7 @@ class EpochStats:
     fresh: int = 0
     reused: int = 0
     fallback: int = 0
+    retrieved: int = 0
     stall_s: float = 0.0
     real_wait_s: float = 0.0
     wall_s: float = 0.0
@@ -35,13 +37,17 @@ class EpochStats:
         return self.fresh + self.reused
 
     @property
+    def replaced(self) -> int:
+        return self.fresh + self.reused + self.retrieved
+
+    @property
     def planned_synthetic(self) -> int:
-        return self.fresh + self.reused + self.fallback
+        return self.fresh + self.reused + self.retrieved + self.fallback
 
     def as_dict(self) -> dict:
         d = asdict(self)
         n = max(self.samples, 1)
-        d["achieved_alpha"] = self.synthetic / n if self.samples else 0.0
+        d["achieved_alpha"] = self.replaced / n if self.samples else 0.0
         d["planned_alpha"] = self.planned_synthetic / n if self.samples else 0.0
         # undefined (NaN) while nothing synthetic has been delivered: never a flattering 1.0
         d["fresh_fraction"] = self.fresh / self.synthetic if self.synthetic else float("nan")
@@ -88,6 +94,7 @@ class LoaderStats:
             "per_epoch": {e: s.as_dict() for e, s in sorted(self.epochs.items())},
         }
         out["producer"] = dict(producer or {})
+        out["retrieved"] = self.total.retrieved  # cumulative retrieved samples delivered (also per epoch)
         return out
 
     def postfix(self, producer: dict | None = None) -> dict:
@@ -110,8 +117,8 @@ class LoaderStats:
         s = (self.current or EpochStats()).as_dict()
         logger.log(
             level,
-            "epoch %s: %d samples, real %d, fresh %d, reused %d, fallback %d, alpha %.3f, stall %.2fs%s",
-            self.current_epoch, s["samples"], s["real"], s["fresh"], s["reused"], s["fallback"],
+            "epoch %s: %d samples, real %d, fresh %d, reused %d, retrieved %d, fallback %d, alpha %.3f, stall %.2fs%s",
+            self.current_epoch, s["samples"], s["real"], s["fresh"], s["reused"], s["retrieved"], s["fallback"],
             s["achieved_alpha"], s["stall_s"],
             f", producers {producer.get('images_per_s', 0.0):.1f} img/s" if producer else "",
         )
