@@ -68,12 +68,12 @@ class HardSampleTracker:
         if kind == "prob":
             bad = ~finite | (val < 0.0) | (val > 1.0)
             if bad.any():
-                raise ValueError(f"values: probability {val[bad][0]!r} (for index {int(idx[bad][0])}) is outside [0, 1]")
+                raise ValueError(f"values: probability {float(val[bad][0])!r} (for index {int(idx[bad][0])}) is outside [0, 1]")
             prob = val
         else:
             bad = ~finite | (val < 0.0)
             if bad.any():
-                raise ValueError(f"values: loss {val[bad][0]!r} (for index {int(idx[bad][0])}) is not a finite "
+                raise ValueError(f"values: loss {float(val[bad][0])!r} (for index {int(idx[bad][0])}) is not a finite "
                                  "cross-entropy >= 0")  # fmt: skip
             prob = np.exp(-val)
         self.prob[idx] = prob  # duplicates: the last one wins (numpy assigns in order)
