@@ -320,6 +320,8 @@ class FusionLoader(Generic[T_co]):
     def hard_samples(self) -> np.ndarray:
         """The dataset indices the hard-sample policy counts as hard now (``HardWeighted``'s rules; its defaults
         when another policy is in use), sorted."""
+        if self._feedback is None:
+            raise ValueError("hard_samples: an IterableDataset has no dataset indices")
         return np.flatnonzero(self._hard_mask())
 
     def _hard_mask(self) -> np.ndarray:
