@@ -28,7 +28,9 @@ recomputed, so coins stay a pure function of ``(seed, epoch, rank, world_size, p
   side cannot take its part (then ``c < 1`` shrinks both, so ``share`` holds exactly in expectation and the
   achieved alpha drops below ``alpha``: ``stats()`` shows it). With no hard sample known (``h = 0``, before any
   report) or every sample hard, the coin is ``u < alpha`` -- :class:`Replace` exactly. The hard set is taken
-  when an epoch is planned: reports during an epoch shape the next one (DisCL re-assesses per stage).
+  when an epoch is planned: reports during an epoch shape the next one (DisCL re-assesses per stage). Each
+  rank keeps its own tracker: under DDP report the gathered values on every rank (``all_gather`` of indices
+  and values), or a rank knows only the samples it saw -- its next shard holds other ones.
 
 Retrieval (``retrieval=``, fusionloader/methods/retrieval.py) is a *source*, not a policy: a synthetic position is
 served by a retrieved image instead of a producer's. With both a synthesizer and a retrieval source, the
