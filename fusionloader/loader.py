@@ -830,7 +830,8 @@ class FusionLoader(Generic[T_co]):
     def __repr__(self) -> str:
         cfg = self.config
         return (f"FusionLoader(alpha={cfg.alpha}, batch_size={self.batch_size}, late_policy={cfg.late_policy.name!r}, "
-                f"strengths={cfg.strengths!r}, devices={cfg.producer_devices})")
+                f"strengths={cfg.strengths!r}, mixing={cfg.mixing!r}, devices={cfg.producer_devices}"
+                f"{', retrieval=' + repr(cfg.retrieval) if cfg.retrieval is not None else ''})")
 
 
 def _signature() -> inspect.Signature:
