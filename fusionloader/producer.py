@@ -155,7 +155,7 @@ def _size_pair(image_size) -> tuple[int, int] | None:
 
 def make_config(synthesizer, source, devices, slots, image_size, on_error, max_restarts, latent_cache_path, capacity,
                 timeout, *, ring_device, threads, warmup, wait_ready, deadlines, slot_dtype, startup,
-                start_retries) -> PoolConfig:
+                start_retries, adapters=None, clip_filter=None) -> PoolConfig:
     """Validate ProducerPool's arguments (each error names the argument and its value) into a PoolConfig."""
     if on_error not in ("raise", "restart"):
         raise ValueError(f"on_error must be 'raise' or 'restart', got {on_error!r}")
@@ -187,12 +187,15 @@ def make_config(synthesizer, source, devices, slots, image_size, on_error, max_r
     ring_device = str(torch.device(ring_device))
     if size is not None:  # fail at construction, not with a SIGBUS at the first write
         check_shm_space(slots, (3, *size), slot_dtype, ring_device)
+    from .producer_methods import method_options
+
+    adapters, clip_filter = method_options(adapters, clip_filter, source)
     return PoolConfig(
         synthesizer=synthesizer, source=source, devices=devices, slots=slots, image_size=size, slot_dtype=slot_dtype,
         on_error=on_error, max_restarts=max_restarts, start_retries=start_retries,
         latent_cache_path=None if latent_cache_path is None else os.fspath(latent_cache_path), capacity=capacity,
         timeout=float(timeout), startup=startup, ring_device=ring_device, threads=threads, warmup=bool(warmup),
-        wait_ready=bool(wait_ready), deadlines=bool(deadlines),
+        wait_ready=bool(wait_ready), deadlines=bool(deadlines), adapters=adapters, clip_filter=clip_filter,
     )
 
 
@@ -289,8 +292,11 @@ class _PoolCore:
                 self.free.append(slot)
             self._nonfinite(True)
         elif kind == P.DROPPED:
-            self.book.drop(msg[1], p.producer)
-            self._nonfinite(False)
+            self.book.drop(msg[1], p.producer, msg[2])
+            if msg[2] == "nonfinite":
+                self._nonfinite(False)
+        elif kind == P.COUNTS:  # increments: a restarted producer adds to its predecessor's
+            self.book.counters.update(msg[1])
         elif kind == P.BEAT:
             p.busy_s = msg[1]
         elif kind == P.READY:
@@ -396,6 +402,11 @@ class ProducerPool:
     producers fall behind (NOTE [Deadlines]) -- for a consumer that never blocks in ``take`` (the loader under
     "reuse"/"fallback"); a consumer that waits for each job in turn must leave it off, or results made ahead
     can hold every ring slot while the job it waits for needs one.
+    ``adapters``: per-class ESD UNet deltas -- a ``fusionloader.engine.adapters.ClassAdapters`` or a folder written
+    by ``fusionloader erase`` (one ``<class name>.safetensors`` per class, names from ``dataset.classes``); each
+    producer loads them once and switches per class (NOTE [Producer methods] in producer_child.py).
+    ``clip_filter``: a ``fusionloader.engine.clip_filter.ClipFilter``: DisCL's CLIP-score filter, run by each
+    producer on the batch it just decoded; rejects are regenerated with the next seed.
 
     Use as a context manager, or call ``close()``; garbage collection and interpreter exit also close it.
     """
@@ -405,11 +416,11 @@ class ProducerPool:
                  capacity: int = 8, timeout: float = 120.0, *, ring_device="cpu", threads: int | None = None,
                  warmup: bool = True, wait_ready: bool = True, deadlines: bool = False,
                  slot_dtype: torch.dtype = torch.float32, startup: StartupBudget | None = None,
-                 start_retries: int = 2):
+                 start_retries: int = 2, adapters=None, clip_filter=None):
         cfg = make_config(synthesizer, source, devices, slots, image_size, on_error, max_restarts, latent_cache_path,
                           capacity, timeout, ring_device=ring_device, threads=threads, warmup=warmup,
                           wait_ready=wait_ready, deadlines=deadlines, slot_dtype=slot_dtype, startup=startup,
-                          start_retries=start_retries)
+                          start_retries=start_retries, adapters=adapters, clip_filter=clip_filter)
         self._core = _PoolCore(cfg)
         self._finalizer = weakref.finalize(self, self._core.close)
 
@@ -583,6 +594,12 @@ class ProducerPool:
                 "start_retries": core.supervisor.start_retries,
                 "lost": c["lost"],
                 "nonfinite_dropped": c["nonfinite_dropped"],
+                # NOTE [Producer methods] in producer_child.py: CLIP-filter rejects (each regenerated or, after
+                # max_tries, dropped to real: clip_dropped, or kept: clip_kept_below); per-class delta swaps
+                "clip_rejected": c["clip_rejected"],
+                "clip_dropped": c["clip_dropped"],
+                "clip_kept_below": c["clip_kept_below"],
+                "adapter_swaps": c["adapter_swaps"],
                 "cancelled": c["cancelled"],
                 # jobs the consumer went past unfinished, and of those the ones no producer had started
                 "passed": c["passed"],

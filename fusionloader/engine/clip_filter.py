@@ -1,0 +1,191 @@
+"""DisCL's CLIP-score filter, run by a producer on the batch it just decoded (METHODS.md section 4).
+
+    pool = ProducerPool(synth, source, clip_filter=ClipFilter(threshold=0.30))   # or FusionLoader(clip_filter=...)
+
+Each decoded image is scored against ``template.format(class name)`` ("a photo of a {}" by default, DisCL's text)
+as CLIP's cosine similarity between the L2-normalised image and text embeddings, on the device the batch was
+decoded on (one image forward per decoded batch, text embeddings computed once per class and kept there). An
+image scoring below ``threshold`` is *rejected*: the producer regenerates it with the next seed -- the job's seed
++ 1, then + 2, ... (deterministic from the job) -- up to ``max_tries`` generations in all. Every rejected
+generation is counted (``clip_rejected`` in ``ProducerPool.stats()``). When all ``max_tries`` are rejected,
+``on_exhausted`` decides: ``"real"`` (default, DisCL's filter keeps only passing images) drops the job -- its
+position falls back to the real image, counted as ``clip_dropped``; ``"keep"`` keeps the last generation, counted
+as ``clip_kept_below``.
+
+Threshold semantics. DisCL keeps images with a CLIP cosine >= 0.30 (0.25 for iWildCam) with OpenAI's CLIP, where a
+matching image/caption pair scores about 0.25-0.35. The embedded digits CLIP (``model=None``,
+``fusionloader/assets/digits-clip``) is a tiny model trained contrastively on 10 captions' worth of classes, and
+its cosines spread much wider: measured on the 449 held-out test digits with "a photo of a {}", the true class
+scores 0.77 / 0.80 / 0.81 (5th / 50th / 95th percentile) and the nine wrong classes 0.02 (median), 0.18 (95th),
+0.29 (99th), 0.56 (max). So on it 0.30 means "at least as close to its class as all but 1% of real digits are to
+a wrong class": it rejects generations that look like no digit or like another digit, and passes any real digit.
+docs/CONTRACTS.md (section "CLIP filter") has the pass rates of the embedded generator's images.
+
+``model``: None (the embedded digits CLIP), a CLIP checkpoint folder (transformers ``CLIPModel`` layout, loaded
+offline), or a :class:`~fusionloader.methods.embedders.ClipEmbedder` (pickled whole to each producer: prefer a
+path). The filter pickles as its settings; each producer loads the model onto its own device at first use.
+``class_names``: a sequence indexed by integer label or a ``{label: name}`` mapping; None takes the source
+dataset's ``classes`` (``ProducerPool`` resolves it at construction, see :func:`class_names_of`), and string labels
+are their own names.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ClipFilter", "class_names_of"]
+
+ON_EXHAUSTED = ("real", "keep")
+
+
+def class_names_of(source) -> dict | None:
+    """``{label: name}`` from a source's dataset ``classes`` (torchvision convention: label i is ``classes[i]``),
+    or None when it has none. ``source``: a fusionloader ImageSource (``.dataset``) or a dataset itself."""
+    for obj in (source, getattr(source, "dataset", None)):
+        classes = getattr(obj, "classes", None)
+        if classes is not None and not isinstance(classes, str) and len(classes) > 0:
+            return {i: str(c) for i, c in enumerate(classes)}
+    return None
+
+
+def _names_mapping(class_names) -> dict | None:
+    if class_names is None:
+        return None
+    if isinstance(class_names, Mapping):
+        names = dict(class_names)
+    elif isinstance(class_names, Sequence) and not isinstance(class_names, str):
+        names = dict(enumerate(class_names))
+    else:
+        raise TypeError(f"class_names must be a sequence (indexed by label) or a {{label: name}} mapping, got "
+                        f"{type(class_names).__name__}")
+    for label, name in names.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"class_names[{label!r}] must be a non-empty string, got {name!r}")
+    if not names:
+        raise ValueError("class_names is empty")
+    return names
+
+
+class ClipFilter:
+    """Rejects decoded images whose CLIP score against ``template.format(class name)`` is below ``threshold``
+    (see the module docstring for the semantics, regeneration and counting)."""
+
+    def __init__(self, threshold: float = 0.30, model=None, *, class_names=None, template: str = "a photo of a {}",
+                 max_tries: int = 4, on_exhausted: str = "real"):  # fmt: skip
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+                or not -1.0 <= float(threshold) <= 1.0:  # fmt: skip
+            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold!r}")
+        if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+            raise ValueError(f"max_tries must be an int >= 1 (generations per job, the first included), got {max_tries!r}")
+        if on_exhausted not in ON_EXHAUSTED:
+            raise ValueError(f"on_exhausted must be one of {ON_EXHAUSTED}, got {on_exhausted!r}")
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(f"template must be a string with one '{{}}' for the class name, got {template!r}")
+        if model is not None and not isinstance(model, (str, os.PathLike)) and not hasattr(model, "model"):
+            raise TypeError(f"model must be None (the embedded digits CLIP), a CLIP checkpoint folder or a "
+                            f"ClipEmbedder, got {type(model).__name__}")
+        if isinstance(model, (str, os.PathLike)):
+            model = os.fspath(model)
+            if not os.path.isdir(model):
+                raise ValueError(f"model: {model!r} is not a CLIP checkpoint folder")
+        self.threshold = float(threshold)
+        self.model = model
+        self.class_names = _names_mapping(class_names)
+        self.template = template
+        self.max_tries = max_tries
+        self.on_exhausted = on_exhausted
+        self._embedder = None
+        self._text: dict = {}  # (device, label) -> text embedding (dim,)
+
+    def __getstate__(self):  # settings only: each producer loads the model on its own device
+        state = dict(vars(self))
+        state["_embedder"], state["_text"] = None, {}
+        return state
+
+    def __repr__(self) -> str:
+        model = "embedded digits-clip" if self.model is None else (self.model if isinstance(self.model, str) else
+                                                                    type(self.model).__name__)  # fmt: skip
+        return (f"ClipFilter(threshold={self.threshold}, model={model!r}, template={self.template!r}, "
+                f"max_tries={self.max_tries}, on_exhausted={self.on_exhausted!r})")
+
+    def with_class_names(self, class_names) -> ClipFilter:
+        """A copy with ``class_names`` (``ProducerPool`` fills them from the dataset when not given)."""
+        clone = ClipFilter(self.threshold, self.model, class_names=class_names, template=self.template,
+                           max_tries=self.max_tries, on_exhausted=self.on_exhausted)  # fmt: skip
+        return clone
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+
+    def name_of(self, label) -> str:
+        """The class name filled into the template for ``label``."""
+        if self.class_names is not None:
+            key = label.item() if isinstance(label, torch.Tensor) and label.numel() == 1 else label
+            if key in self.class_names:
+                return self.class_names[key]
+            raise ValueError(f"clip_filter: label {label!r} has no class name (class_names has {sorted(self.class_names, key=str)[:10]})")
+        if isinstance(label, str) and label.strip():
+            return label
+        raise ValueError(f"clip_filter: label {label!r} is not a class name and no class_names were given "
+                         "(give ClipFilter(class_names=...) or a dataset with .classes)")
+
+    def embedder(self, device):
+        """The CLIP model (a ClipEmbedder) on ``device``, loaded at first use."""
+        device = torch.device(device)
+        if self._embedder is None:
+            from ..methods.embedders import ClipEmbedder
+
+            if self.model is None:
+                from ..pretrained.clip_model import load_default_embedder
+
+                self._embedder = load_default_embedder(device=device)
+            elif isinstance(self.model, str):
+                self._embedder = ClipEmbedder.from_pretrained(self.model, device=device)
+            else:
+                self._embedder = self.model
+        e = self._embedder
+        if torch.device(e.device) != device:
+            e.model.to(device)
+            e.device = device
+        return e
+
+    @torch.no_grad()
+    def _text_embedding(self, labels, device) -> torch.Tensor:
+        e = self.embedder(device)
+        keys = [label.item() if isinstance(label, torch.Tensor) else label for label in labels]
+        missing = [k for k in dict.fromkeys(keys) if (str(device), k) not in self._text]
+        if missing:
+            prompts = [self.template.format(self.name_of(k)) for k in missing]
+            rows = torch.as_tensor(e.encode_text(prompts), device=device)  # L2-normalised, once per class
+            for k, row in zip(missing, rows):
+                self._text[(str(device), k)] = row
+        return torch.stack([self._text[(str(device), k)] for k in keys])
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, labels: Sequence) -> torch.Tensor:
+        """CLIP cosine of each image (N, 3, H, W) -- float in [0, 1] or uint8 0..255 -- with its class's text,
+        computed on ``images.device``; a float32 (N,) tensor there (no host sync)."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a (N, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+        if len(labels) != images.shape[0]:
+            raise ValueError(f"got {len(labels)} labels for {images.shape[0]} images")
+        device = images.device
+        e = self.embedder(device)
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        size = (e.image_size, e.image_size)
+        if tuple(x.shape[-2:]) != size:  # as CLIP's processor: bicubic resize of the whole image
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        x = (x.clamp(0, 1) - e.mean.to(device)) / e.std.to(device)
+        dtype = next(e.model.parameters()).dtype
+        feats = e.model.get_image_features(pixel_values=x.to(dtype))
+        feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output  # transformers >= 5: an output
+        img = F.normalize(feats.float(), dim=-1)
+        return (img * self._text_embedding(labels, device)).sum(-1)
+
+    def accept(self, images: torch.Tensor, labels: Sequence) -> torch.Tensor:
+        """Bool (N,) on the images' device: score >= threshold."""
+        return self.scores(images, labels) >= self.threshold
