@@ -171,6 +171,8 @@ class Producer:
         self.tries: dict[int, int] = {}  # key -> generations made so far, for jobs the CLIP filter rejected
         self.counts: collections.Counter = collections.Counter()  # increments not yet sent (P.COUNTS)
         self._swaps_sent = 0
+        self.arrived: dict[int, int] = {}  # key -> self.steps_run when it arrived (with adapters only)
+        self.steps_run = 0
         self._labels: dict[int, object] = {}
 
     # -- start-up -------------------------------------------------------------------------------------
@@ -259,6 +261,8 @@ class Producer:
         kind = msg[0]
         if kind == P.JOBS:
             self.wanted.extend(msg[1])
+            if self.adapters is not None:  # for pick()'s fairness bound
+                self.arrived.update((job.key, self.steps_run) for job in msg[1])
             now = time.perf_counter()
             self.received.update((job.key, (now, self.starved(now))) for job in msg[1])
             img2img = [job for job in msg[1] if job.strength is not None]
@@ -275,6 +279,7 @@ class Producer:
             self.cancelled |= keys & self.inflight.keys()
             for key in keys - self.inflight.keys():
                 self.received.pop(key, None)
+                self.arrived.pop(key, None)
         elif kind == P.PASSED:
             # The trainer went past these: what still waits here goes behind every job it can still use.
             keys = set(msg[1])
@@ -325,7 +330,7 @@ class Producer:
         admitted: list[tuple[Job, int]] = []
         while self.credits and (busy := len(self.inflight) + len(admitted)) < self.cfg.capacity and (
                 self.wanted or (self.passed and 2 * busy < self.cfg.capacity)):  # fmt: skip
-            job = (self.wanted or self.passed).popleft()
+            job = self.pick(self.wanted or self.passed, admitted)
             admitted.append((job, self.credits.popleft()))
             if job.key in self.received:  # its wait for a slot ends here
                 when, starved = self.received[job.key]
@@ -349,6 +354,26 @@ class Producer:
             raise
         self.busy_s += time.perf_counter() - t0
         self.current = []
+
+    def pick(self, queue: collections.deque, admitted: list) -> Job:
+        """The next job to admit from ``queue``: the oldest, except with per-class deltas, where a job of the class
+        already in the sampler goes first (one class per UNet batch: a job of another class admitted now would
+        only wait in the sampler's queue, holding a slot, and split the batch) -- until the oldest job has waited
+        ``adapters.patience`` sampler steps since it arrived (fairness, as engine/adapters.py's NOTE)."""
+        if self.adapters is None or len(queue) < 2:
+            return queue.popleft()
+        resolve = self.adapters.resolve
+        running = admitted[0][0] if admitted else next(iter(self.inflight.values()))[0] if self.inflight else None
+        head = queue[0]
+        if running is None or resolve(self.label_of(head)) == (cls := resolve(self.label_of(running))):
+            return queue.popleft()
+        if self.steps_run - self.arrived.get(head.key, self.steps_run) >= self.adapters.patience:
+            return queue.popleft()
+        for i, job in enumerate(queue):
+            if resolve(self.label_of(job)) == cls:
+                del queue[i]
+                return job
+        return queue.popleft()
 
     def round_latents(self, jobs: list[Job]) -> list[tuple]:
         """(mean, std) per job of an admission round, (None, None) for text-only ones: one cache ``get`` for all
@@ -375,12 +400,14 @@ class Producer:
         self.current = [job for job, _ in self.inflight.values()]
         t0 = time.perf_counter()
         finished = self.sampler.step()
+        self.steps_run += 1
         done = []  # (key, slot, latency)
         good = []  # (finished, job, slot, received)
         for f in finished:
             job, slot = self.inflight.pop(f.key)
             self.current = [job]
             received = self.received.pop(f.key, None)
+            self.arrived.pop(f.key, None)
             if f.key in self.cancelled:
                 self.cancelled.discard(f.key)
                 self.forget(f.key)
