@@ -53,7 +53,8 @@ def make_producer(synthesizer, source=None, *, capacity=2, adapters=None, clip_f
 def run(child: Producer, jobs, slots: int = 4, max_steps: int = 10_000) -> dict:
     """Serve ``jobs``; returns ``{key: image}`` for the images delivered (dropped jobs are absent)."""
     child.handle(("jobs", list(jobs)))
-    child.handle(("credit", list(range(slots))))
+    held = set(child.credits) | {slot for _, slot in child.inflight.values()}  # a later run: credit each slot once
+    child.handle(("credit", [s for s in range(slots) if s not in held]))
     out, open_keys = {}, {job.key for job in jobs}
     for _ in range(max_steps):
         if not open_keys:
