@@ -246,3 +246,26 @@ def test_pool_takes_a_folder_of_deltas_by_class_name(deltas, tmp_path):
         ProducerPool("unused", None, image_size=8, slots=2, adapters=str(tmp_path / "nope"))
     with pytest.raises(TypeError, match="adapters"):
         ProducerPool("unused", None, image_size=8, slots=2, adapters={7: deltas[7]})
+
+
+def test_spawned_pool_swaps_deltas_and_filters(deltas):
+    """One real pool: the deltas and the filter travel to a spawned producer as files and settings."""
+    from fusionloader.engine.clip_filter import ClipFilter
+    from fusionloader.producer import ProducerPool
+    from producer_harness import make_producer, run
+
+    classes = [7, 3, 7, 3]
+    jobs = _jobs(classes)
+    adapters = ClassAdapters({7: deltas[7], 3: deltas[3]})
+    clip = ClipFilter(-1.0, class_names=NAMES)  # passes everything: the images must be the unfiltered ones
+    with ProducerPool(default_model_path(), Labels(classes), capacity=2, adapters=adapters, clip_filter=clip,
+                      threads=1, timeout=60.0) as pool:  # fmt: skip
+        pool.submit(jobs)
+        got = {job.key: pool.take(job.key, timeout=60.0) for job in jobs}
+        stats = pool.stats()
+    assert adapters.active is None  # the caller's object was never attached: producers load their own copy
+    assert stats["adapter_swaps"] == 2 and stats["clip_rejected"] == 0 and stats["taken"] == 4
+    local = run(make_producer(default_model_path(), capacity=2, adapters=ClassAdapters({7: deltas[7], 3: deltas[3]})),
+                jobs)  # fmt: skip
+    for key in range(4):
+        torch.testing.assert_close(got[key], local[key], rtol=0, atol=1e-5)
