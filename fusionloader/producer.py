@@ -17,9 +17,11 @@ fork) one daemon process per device. Producer ``i`` has
   ``("jobs", [Job])``, ``("credit", [slot])``, ``("cancel", [key])``, ``("passed", [key])``, ``("stop",)``.
 * a result pipe (producer -> consumer, one ``Pipe`` per producer, so a SIGKILLed producer can corrupt
   or block nobody else). Messages: ``("phase", name)`` (start-up progress), ``("ready", ReadyInfo)``,
-  ``("done", key, slot, busy_s, latency_s)``, ``("dropped", key, reason)``, ``("beat", busy_s)`` (after a
-  sampler step when nothing was sent for a second), ``("log", level, logger, text)`` (the child's logging
-  and warnings, re-logged under "fusionloader"), ``("error", ErrorInfo)``.
+  ``("done", key, slot, busy_s, latency_s)``, ``("dropped", key, reason)`` (reason ``"nonfinite"``, or ``"clip"``:
+  every generation rejected by the CLIP filter), ``("beat", busy_s)`` (after a sampler step when nothing was
+  sent for a second), ``("counts", {name: increment})`` (CLIP-filter rejects, adapter swaps: NOTE [Producer
+  methods] in producer_child.py), ``("log", level, logger, text)`` (the child's logging and warnings, re-logged
+  under "fusionloader"), ``("error", ErrorInfo)``.
 
 A collector thread in the consumer (the training process) waits on every result pipe *and* every
 process sentinel with ``multiprocessing.connection.wait`` (50 ms timeout), so results are taken in, jobs
@@ -73,7 +75,8 @@ job the trainer still wants, in the pool and in the producer, and take at most h
 
 Outcomes. A finished image the sampler flags non-finite is dropped and reported (``nonfinite_dropped``
 in ``stats()``; ``take`` returns None at once so the consumer falls back to real); when most of a window
-of 32 outputs is non-finite, a ``RuntimeWarning`` says so and why.
+of 32 outputs is non-finite, a ``RuntimeWarning`` says so and why. A job whose every generation the CLIP
+filter rejected is dropped the same way (``clip_dropped``; no warning: it is the filter working).
 
 Faults. A producer that raises sends ``("error", info)`` naming its id, device, pid and the job(s) it
 was working on (key and dataset index), with the traceback, then exits. A producer that dies silently
