@@ -140,3 +140,13 @@ def test_pool_checks_the_filter_argument():
     pool = ProducerPool("unused", None, image_size=8, slots=2, clip_filter=ClipFilter(0.25))
     assert pool.config.clip_filter.class_names is None and pool.config.clip_filter.threshold == 0.25
     pool.close()
+
+
+def test_calibrate_reports_quantiles_and_pass_rates(digits):
+    from fusionloader.engine.clip_filter import calibrate
+
+    out = calibrate(n=6, strengths=(None, 0.5), num_inference_steps=2)
+    assert out["images"] == 6 and out["real_true_class"]["pass_rate"] == 1.0
+    assert set(out["generated"]) == {"text-only", "strength 0.5"}
+    q = out["real_true_class"]["quantiles"]
+    assert q["0.05"] <= q["0.5"] <= q["0.95"]
