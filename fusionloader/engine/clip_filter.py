@@ -193,7 +193,7 @@ class ClipFilter:
         return self.scores(images, labels) >= self.threshold
 
 
-def calibrate(synthesizer=None, filter: ClipFilter | None = None, *, n: int = 200, strengths=(None, 1.0, 0.75, 0.5, 0.25),
+def calibrate(synthesizer=None, clip: ClipFilter | None = None, *, n: int = 200, strengths=(None, 1.0, 0.75, 0.5, 0.25),
               guidance_scale: float = 3.0, num_inference_steps: int = 10, seed: int = 0) -> dict:
     """What a threshold means for the embedded models: score quantiles of the held-out test digits (true and wrong
     class) and of the embedded generator's variants of them per strength, with each one's pass rate at the
@@ -202,7 +202,7 @@ def calibrate(synthesizer=None, filter: ClipFilter | None = None, *, n: int = 20
 
     from ..pretrained import class_names, default_model_path, load_digits_splits, prompts_for
 
-    filter = filter or ClipFilter(class_names=class_names)
+    clip = clip or ClipFilter(class_names=class_names)
     if synthesizer is None:
         from .synthesizer import Synthesizer
 
@@ -214,16 +214,16 @@ def calibrate(synthesizer=None, filter: ClipFilter | None = None, *, n: int = 20
     def summary(s):
         s = s.cpu().numpy()
         return {"quantiles": dict(zip([str(v) for v in q], np.quantile(s, q).round(4).tolist())),
-                "pass_rate": float((s >= filter.threshold).mean())}
+                "pass_rate": float((s >= clip.threshold).mean())}
 
-    out = {"threshold": filter.threshold, "template": filter.template, "images": len(labels),
-           "real_true_class": summary(filter.scores(images, labels)),
-           "real_wrong_class": summary(filter.scores(images, [(y + 1) % 10 for y in labels])), "generated": {}}
+    out = {"threshold": clip.threshold, "template": clip.template, "images": len(labels),
+           "real_true_class": summary(clip.scores(images, labels)),
+           "real_wrong_class": summary(clip.scores(images, [(y + 1) % 10 for y in labels])), "generated": {}}
     prompts = prompts_for(labels)
     for s in strengths:
         gen = synthesizer.augment(images, prompts, strengths=s, guidance_scale=guidance_scale,
                                   num_inference_steps=num_inference_steps, seeds=[seed + i for i in range(len(labels))])
-        out["generated"]["text-only" if s is None else f"strength {s}"] = summary(filter.scores(gen, labels))
+        out["generated"]["text-only" if s is None else f"strength {s}"] = summary(clip.scores(gen, labels))
     out["settings"] = {"guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps, "seed": seed,
                        "prompt": "a photo of the digit {} (the embedded model's template)"}
     return out
