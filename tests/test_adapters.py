@@ -269,3 +269,41 @@ def test_spawned_pool_swaps_deltas_and_filters(deltas):
                 jobs)  # fmt: skip
     for key in range(4):
         torch.testing.assert_close(got[key], local[key], rtol=0, atol=1e-5)
+
+
+class PoolWithMethods:
+    """A pool factory adding the method options, as the loader will once its config forwards them: the loader's
+    jobs carry no label, so the producers read it from the source."""
+
+    def __init__(self, **options):
+        self.options = options
+
+    def __call__(self, synthesizer, source, devices, **kwargs):
+        from fusionloader.producer import ProducerPool
+
+        return ProducerPool(synthesizer, source, devices, **kwargs, **self.options)
+
+
+def test_loader_jobs_reach_deltas_and_filter_through_the_source(deltas):
+    pytest.importorskip("sklearn", reason="the embedded digits need scikit-learn")
+    from fusionloader.demo import TensorImages
+    from fusionloader.engine.clip_filter import ClipFilter
+    from fusionloader.loader import FusionLoader
+    from fusionloader.pretrained import load_digits_splits
+
+    folder = str(__import__("pathlib").Path(deltas[7]).parent)
+    train = load_digits_splits().train
+    keep = [i for i, y in enumerate(train.labels.tolist()) if y in (3, 7)][:8]
+    data = TensorImages(train.images[keep], train.labels[keep], NAMES)
+    factory = PoolWithMethods(adapters=folder, clip_filter=ClipFilter(0.30))
+    loader = FusionLoader(data, batch_size=4, alpha=1.0, strengths=0.5, synthesizer=default_model_path(), seed=0,
+                          prompts="a photo of the digit {}", num_inference_steps=4, guidance_scale=3.0,
+                          late_policy="wait", pool_factory=factory, producer_capacity=4, return_meta=True)  # fmt: skip
+    try:
+        fresh = [bool(f) for _, meta in loader for f in meta["fresh"]]
+        producer = loader.stats()["producer"]
+    finally:
+        loader.close()
+    assert len(fresh) == 8 and sum(fresh) == producer["taken"] == 8 - producer["clip_dropped"]
+    assert producer["adapter_swaps"] >= 2  # both classes' deltas ran: the labels came from the source
+    assert producer["clip_rejected"] >= producer["clip_dropped"]
