@@ -7,7 +7,7 @@ A live job is in exactly one of three places (the book's invariant, ``check()``)
 * **ready** -- finished, its image waiting in ring slot s for ``take``.
 
 A job leaves the book when it is taken or cancelled, or with an *outcome* remembered for ``state``:
-``"lost"`` (its producer died) or ``"dropped"`` (NaN/inf output). Orthogonal flags: **passed** (the
+``"lost"`` (its producer died) or ``"dropped"`` (NaN/inf output, or rejected by the CLIP filter). Orthogonal flags: **passed** (the
 trainer went past it without its image; kept for the variant store, made last -- one name for that
 concept across fusionloader) and **urgent** (a ``take`` is waiting for it).
 
@@ -126,9 +126,10 @@ class JobBook:
             self.latency_s = statistics.median(self._latencies)
         return True
 
-    def drop(self, key: int, producer: int) -> None:
-        """owned -> outcome "dropped" (non-finite output)."""
-        self.counters["nonfinite_dropped"] += 1
+    def drop(self, key: int, producer: int, reason: str = "nonfinite") -> None:
+        """owned -> outcome "dropped": a non-finite output (``reason="nonfinite"``) or every generation rejected
+        by the CLIP filter (``"clip"``); counted as ``<reason>_dropped``."""
+        self.counters[f"{reason}_dropped"] += 1
         if self.owner.get(key) == producer:
             self._unown(key)
             self.passed.discard(key)

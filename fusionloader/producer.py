@@ -17,9 +17,11 @@ fork) one daemon process per device. Producer ``i`` has
   ``("jobs", [Job])``, ``("credit", [slot])``, ``("cancel", [key])``, ``("passed", [key])``, ``("stop",)``.
 * a result pipe (producer -> consumer, one ``Pipe`` per producer, so a SIGKILLed producer can corrupt
   or block nobody else). Messages: ``("phase", name)`` (start-up progress), ``("ready", ReadyInfo)``,
-  ``("done", key, slot, busy_s, latency_s)``, ``("dropped", key, reason)``, ``("beat", busy_s)`` (after a
-  sampler step when nothing was sent for a second), ``("log", level, logger, text)`` (the child's logging
-  and warnings, re-logged under "fusionloader"), ``("error", ErrorInfo)``.
+  ``("done", key, slot, busy_s, latency_s)``, ``("dropped", key, reason)`` (reason ``"nonfinite"``, or ``"clip"``:
+  every generation rejected by the CLIP filter), ``("beat", busy_s)`` (after a sampler step when nothing was
+  sent for a second), ``("counts", {name: increment})`` (CLIP-filter rejects, adapter swaps: NOTE [Producer
+  methods] in producer_child.py), ``("log", level, logger, text)`` (the child's logging and warnings, re-logged
+  under "fusionloader"), ``("error", ErrorInfo)``.
 
 A collector thread in the consumer (the training process) waits on every result pipe *and* every
 process sentinel with ``multiprocessing.connection.wait`` (50 ms timeout), so results are taken in, jobs
@@ -73,7 +75,8 @@ job the trainer still wants, in the pool and in the producer, and take at most h
 
 Outcomes. A finished image the sampler flags non-finite is dropped and reported (``nonfinite_dropped``
 in ``stats()``; ``take`` returns None at once so the consumer falls back to real); when most of a window
-of 32 outputs is non-finite, a ``RuntimeWarning`` says so and why.
+of 32 outputs is non-finite, a ``RuntimeWarning`` says so and why. A job whose every generation the CLIP
+filter rejected is dropped the same way (``clip_dropped``; no warning: it is the filter working).
 
 Faults. A producer that raises sends ``("error", info)`` naming its id, device, pid and the job(s) it
 was working on (key and dataset index), with the traceback, then exits. A producer that dies silently
@@ -155,7 +158,7 @@ def _size_pair(image_size) -> tuple[int, int] | None:
 
 def make_config(synthesizer, source, devices, slots, image_size, on_error, max_restarts, latent_cache_path, capacity,
                 timeout, *, ring_device, threads, warmup, wait_ready, deadlines, slot_dtype, startup,
-                start_retries) -> PoolConfig:
+                start_retries, adapters=None, clip_filter=None) -> PoolConfig:
     """Validate ProducerPool's arguments (each error names the argument and its value) into a PoolConfig."""
     if on_error not in ("raise", "restart"):
         raise ValueError(f"on_error must be 'raise' or 'restart', got {on_error!r}")
@@ -187,12 +190,15 @@ def make_config(synthesizer, source, devices, slots, image_size, on_error, max_r
     ring_device = str(torch.device(ring_device))
     if size is not None:  # fail at construction, not with a SIGBUS at the first write
         check_shm_space(slots, (3, *size), slot_dtype, ring_device)
+    from .producer_methods import method_options
+
+    adapters, clip_filter = method_options(adapters, clip_filter, source)
     return PoolConfig(
         synthesizer=synthesizer, source=source, devices=devices, slots=slots, image_size=size, slot_dtype=slot_dtype,
         on_error=on_error, max_restarts=max_restarts, start_retries=start_retries,
         latent_cache_path=None if latent_cache_path is None else os.fspath(latent_cache_path), capacity=capacity,
         timeout=float(timeout), startup=startup, ring_device=ring_device, threads=threads, warmup=bool(warmup),
-        wait_ready=bool(wait_ready), deadlines=bool(deadlines),
+        wait_ready=bool(wait_ready), deadlines=bool(deadlines), adapters=adapters, clip_filter=clip_filter,
     )
 
 
@@ -289,8 +295,11 @@ class _PoolCore:
                 self.free.append(slot)
             self._nonfinite(True)
         elif kind == P.DROPPED:
-            self.book.drop(msg[1], p.producer)
-            self._nonfinite(False)
+            self.book.drop(msg[1], p.producer, msg[2])
+            if msg[2] == "nonfinite":
+                self._nonfinite(False)
+        elif kind == P.COUNTS:  # increments: a restarted producer adds to its predecessor's
+            self.book.counters.update(msg[1])
         elif kind == P.BEAT:
             p.busy_s = msg[1]
         elif kind == P.READY:
@@ -396,6 +405,11 @@ class ProducerPool:
     producers fall behind (NOTE [Deadlines]) -- for a consumer that never blocks in ``take`` (the loader under
     "reuse"/"fallback"); a consumer that waits for each job in turn must leave it off, or results made ahead
     can hold every ring slot while the job it waits for needs one.
+    ``adapters``: per-class ESD UNet deltas -- a ``fusionloader.engine.adapters.ClassAdapters`` or a folder written
+    by ``fusionloader erase`` (one ``<class name>.safetensors`` per class, names from ``dataset.classes``); each
+    producer loads them once and switches per class (NOTE [Producer methods] in producer_child.py).
+    ``clip_filter``: a ``fusionloader.engine.clip_filter.ClipFilter``: DisCL's CLIP-score filter, run by each
+    producer on the batch it just decoded; rejects are regenerated with the next seed.
 
     Use as a context manager, or call ``close()``; garbage collection and interpreter exit also close it.
     """
@@ -405,11 +419,11 @@ class ProducerPool:
                  capacity: int = 8, timeout: float = 120.0, *, ring_device="cpu", threads: int | None = None,
                  warmup: bool = True, wait_ready: bool = True, deadlines: bool = False,
                  slot_dtype: torch.dtype = torch.float32, startup: StartupBudget | None = None,
-                 start_retries: int = 2):
+                 start_retries: int = 2, adapters=None, clip_filter=None):
         cfg = make_config(synthesizer, source, devices, slots, image_size, on_error, max_restarts, latent_cache_path,
                           capacity, timeout, ring_device=ring_device, threads=threads, warmup=warmup,
                           wait_ready=wait_ready, deadlines=deadlines, slot_dtype=slot_dtype, startup=startup,
-                          start_retries=start_retries)
+                          start_retries=start_retries, adapters=adapters, clip_filter=clip_filter)
         self._core = _PoolCore(cfg)
         self._finalizer = weakref.finalize(self, self._core.close)
 
@@ -583,6 +597,12 @@ class ProducerPool:
                 "start_retries": core.supervisor.start_retries,
                 "lost": c["lost"],
                 "nonfinite_dropped": c["nonfinite_dropped"],
+                # NOTE [Producer methods] in producer_child.py: CLIP-filter rejects (each regenerated or, after
+                # max_tries, dropped to real: clip_dropped, or kept: clip_kept_below); per-class delta swaps
+                "clip_rejected": c["clip_rejected"],
+                "clip_dropped": c["clip_dropped"],
+                "clip_kept_below": c["clip_kept_below"],
+                "adapter_swaps": c["adapter_swaps"],
                 "cancelled": c["cancelled"],
                 # jobs the consumer went past unfinished, and of those the ones no producer had started
                 "passed": c["passed"],

@@ -23,6 +23,7 @@ goes with its file descriptors.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import queue
@@ -134,6 +135,17 @@ class Producer:
     otherwise the finished image is copied in (resized first if the ring's resolution differs).
     Jobs the trainer went past (``passed``) wait behind every job it still wants, and take at most half
     the sampler.
+
+    NOTE [Producer methods] (issue 8). With ``cfg.adapters`` (per-class ESD deltas, engine/adapters.py) every
+    delta is loaded onto this producer's UNet once at start, from the files the pool sent (never a pickled
+    model), and each request carries its job's class label (``Job.label``, else ``source.label(index)``): the
+    sampler admits one class per UNet batch, oldest class first, so a swap (``set_adapter``) happens only when
+    a batch of one class drains (``adapter_swaps`` in the pool's stats). With ``cfg.clip_filter`` every finished
+    batch is scored right after decode, on this device, with one read-back of the verdicts; a rejected image is
+    made again in the slot it holds from the same request with seed ``job.seed + n`` (n = 1, 2, ...: the same
+    images whatever the batching), at most ``max_tries`` generations, then dropped (the trainer falls back to
+    the real image, ``("dropped", key, "clip")``) or kept (``on_exhausted``). Counters travel as ``("counts",
+    {name: increment})`` after a step that changed them.
     """
 
     def __init__(self, cfg: ChildConfig, requests, results: ResultChannel, stop_event):
@@ -152,6 +164,16 @@ class Producer:
         self.received: dict[int, tuple[float, float]] = {}  # key -> (when, starved_s then; at admission: of it)
         self.starved_s, self.starved_since = 0.0, None
         self._latents = None  # the latent cache bound to cfg.source (SourceLatents), made at first img2img need
+        # NOTE [Producer methods]: per-class UNet deltas and the CLIP filter (see the class docstring).
+        self.adapters = None  # cfg.adapters attached to this producer's UNet (engine/adapters.ClassAdapters)
+        self.clip = cfg.clip_filter  # engine/clip_filter.ClipFilter or None
+        self.made: dict[int, object] = {}  # key -> the Request in the sampler (kept only with a CLIP filter)
+        self.tries: dict[int, int] = {}  # key -> generations made so far, for jobs the CLIP filter rejected
+        self.counts: collections.Counter = collections.Counter()  # increments not yet sent (P.COUNTS)
+        self._swaps_sent = 0
+        self.arrived: dict[int, int] = {}  # key -> self.steps_run when it arrived (with adapters only)
+        self.steps_run = 0
+        self._labels: dict[int, object] = {}
 
     # -- start-up -------------------------------------------------------------------------------------
 
@@ -163,6 +185,8 @@ class Producer:
         self.engine = load_engine(self.cfg.synthesizer, self.cfg.device)
         self.resolution = tuple(self.engine.resolution)
         self.sampler = self.engine.sampler(capacity=self.cfg.capacity)
+        if self.cfg.adapters is not None:
+            self.attach_adapters(self.cfg.adapters)
         if self.cfg.warmup:  # the first call pays for lazy init, allocator growth, kernel compilation
             self.send(P.PHASE, P.WARMUP)
             self.sampler.submit(self._request(Job(-1, -1, "", None, 2.0, 2, 0)))
@@ -186,6 +210,25 @@ class Producer:
         self.direct = fits and torch.device(self.ring.device) == torch.device(self.cfg.device)
         if self.direct:  # the fused post-process writes uint8 or float straight into the slot
             self.sampler = self.engine.sampler(capacity=self.cfg.capacity, out=self.ring.data)
+            self.sampler.adapters = self.adapters
+
+    def attach_adapters(self, adapters) -> None:
+        """Load every class's delta onto this producer's UNet once (a copy made from the delta files, as a
+        spawned producer receives it: the caller's object stays unattached) and let the sampler switch them."""
+        import pickle
+
+        self.adapters = pickle.loads(pickle.dumps(adapters)).attach(self.engine.components.unet)
+        self.sampler.adapters = self.adapters
+
+    def label_of(self, job: Job):
+        """The job's class label: carried by the job, else read from the source once per index."""
+        if job.label is not None or job.index < 0:
+            return job.label
+        if job.index not in self._labels:
+            source = self.cfg.source
+            label = source.label(job.index) if hasattr(source, "label") else source.raw(job.index)[1]
+            self._labels[job.index] = label.item() if isinstance(label, torch.Tensor) and label.numel() == 1 else label
+        return self._labels[job.index]
 
     @property
     def latents(self):
@@ -204,8 +247,10 @@ class Producer:
             self.ring.close()
 
     def _request(self, job: Job, slot: int | None = None, mean=None, std=None):
+        extra = {} if self.adapters is None else {"adapter": self.label_of(job)}  # its class's UNet delta
         return self.Request(job.key, job.prompt, job.strength, job.guidance_scale, job.num_inference_steps,
-                            seed=job.seed, latent_mean=mean, latent_std=std, out_row=slot if self.direct else None)
+                            seed=job.seed, latent_mean=mean, latent_std=std, out_row=slot if self.direct else None,
+                            **extra)  # fmt: skip
 
     # -- messages -------------------------------------------------------------------------------------
 
@@ -216,6 +261,8 @@ class Producer:
         kind = msg[0]
         if kind == P.JOBS:
             self.wanted.extend(msg[1])
+            if self.adapters is not None:  # for pick()'s fairness bound
+                self.arrived.update((job.key, self.steps_run) for job in msg[1])
             now = time.perf_counter()
             self.received.update((job.key, (now, self.starved(now))) for job in msg[1])
             img2img = [job for job in msg[1] if job.strength is not None]
@@ -232,6 +279,7 @@ class Producer:
             self.cancelled |= keys & self.inflight.keys()
             for key in keys - self.inflight.keys():
                 self.received.pop(key, None)
+                self.arrived.pop(key, None)
         elif kind == P.PASSED:
             # The trainer went past these: what still waits here goes behind every job it can still use.
             keys = set(msg[1])
@@ -282,7 +330,7 @@ class Producer:
         admitted: list[tuple[Job, int]] = []
         while self.credits and (busy := len(self.inflight) + len(admitted)) < self.cfg.capacity and (
                 self.wanted or (self.passed and 2 * busy < self.cfg.capacity)):  # fmt: skip
-            job = (self.wanted or self.passed).popleft()
+            job = self.pick(self.wanted or self.passed, admitted)
             admitted.append((job, self.credits.popleft()))
             if job.key in self.received:  # its wait for a slot ends here
                 when, starved = self.received[job.key]
@@ -295,7 +343,10 @@ class Producer:
             latents = self.round_latents([job for job, _ in admitted])
             for (job, slot), (mean, std) in zip(admitted, latents):
                 self.current = [job]
-                self.sampler.submit(self._request(job, slot, mean, std))
+                request = self._request(job, slot, mean, std)
+                self.sampler.submit(request)
+                if self.clip is not None:  # a rejected image is made again from the same request, next seed
+                    self.made[job.key] = request
                 self.inflight[job.key] = (job, slot)
                 submitted += 1
         except BaseException:
@@ -303,6 +354,26 @@ class Producer:
             raise
         self.busy_s += time.perf_counter() - t0
         self.current = []
+
+    def pick(self, queue: collections.deque, admitted: list) -> Job:
+        """The next job to admit from ``queue``: the oldest, except with per-class deltas, where a job of the class
+        already in the sampler goes first (one class per UNet batch: a job of another class admitted now would
+        only wait in the sampler's queue, holding a slot, and split the batch) -- until the oldest job has waited
+        ``adapters.patience`` sampler steps since it arrived (fairness, as engine/adapters.py's NOTE)."""
+        if self.adapters is None or len(queue) < 2:
+            return queue.popleft()
+        resolve = self.adapters.resolve
+        running = admitted[0][0] if admitted else next(iter(self.inflight.values()))[0] if self.inflight else None
+        head = queue[0]
+        if running is None or resolve(self.label_of(head)) == (cls := resolve(self.label_of(running))):
+            return queue.popleft()
+        if self.steps_run - self.arrived.get(head.key, self.steps_run) >= self.adapters.patience:
+            return queue.popleft()
+        for i, job in enumerate(queue):
+            if resolve(self.label_of(job)) == cls:
+                del queue[i]
+                return job
+        return queue.popleft()
 
     def round_latents(self, jobs: list[Job]) -> list[tuple]:
         """(mean, std) per job of an admission round, (None, None) for text-only ones: one cache ``get`` for all
@@ -329,19 +400,29 @@ class Producer:
         self.current = [job for job, _ in self.inflight.values()]
         t0 = time.perf_counter()
         finished = self.sampler.step()
+        self.steps_run += 1
         done = []  # (key, slot, latency)
+        good = []  # (finished, job, slot, received)
         for f in finished:
             job, slot = self.inflight.pop(f.key)
             self.current = [job]
             received = self.received.pop(f.key, None)
+            self.arrived.pop(f.key, None)
             if f.key in self.cancelled:
                 self.cancelled.discard(f.key)
+                self.forget(f.key)
                 self.credits.appendleft(slot)  # still WRITING and ours: reuse the credit
                 continue
             if not f.finite:  # the sampler's flag, read once per finished batch (no per-image sync here)
+                self.forget(f.key)
                 self.credits.appendleft(slot)
                 self.send(P.DROPPED, f.key, "nonfinite")
                 continue
+            good.append((f, job, slot, received))
+        if self.clip is not None and good:
+            good = self.clip_filter(good)
+        for f, job, slot, received in good:
+            self.current = [job]
             if not self.direct:
                 image = f.image
                 if tuple(image.shape[-2:]) != tuple(self.ring.shape[-2:]):
@@ -357,8 +438,54 @@ class Producer:
                 self.send(P.DONE, key, slot, self.busy_s + now - t0, latency)
         self.busy_s += time.perf_counter() - t0
         self.current = []
+        self.send_counts()
         if time.monotonic() - self.results.t_sent > HEARTBEAT_S:  # long samples: show we are alive, not hung
             self.send(P.BEAT, self.busy_s)
+
+    def forget(self, key: int) -> None:
+        self.made.pop(key, None)
+        self.tries.pop(key, None)
+
+    def clip_filter(self, good: list) -> list:
+        """Score a finished batch on its device (one read-back of the verdicts); regenerate rejects with the
+        next seed into the slot they hold, up to ``max_tries`` generations; then drop or keep (``on_exhausted``)."""
+        self.current = [job for _, job, _, _ in good]
+        images = torch.stack([f.image for f, _, _, _ in good])
+        verdicts = self.clip.accept(images, [self.label_of(job) for _, job, _, _ in good]).tolist()
+        kept = []
+        for (f, job, slot, received), ok in zip(good, verdicts):
+            made = self.tries.get(f.key, 1)
+            if ok:
+                self.forget(f.key)
+                kept.append((f, job, slot, received))
+                continue
+            self.counts["clip_rejected"] += 1
+            if made < self.clip.max_tries:  # again, seed + made: deterministic from the job whatever the batch
+                request = dataclasses.replace(self.made[f.key], seed=job.seed + made)
+                self.current = [job]
+                self.sampler.submit(request)
+                self.made[f.key], self.tries[f.key] = request, made + 1
+                self.inflight[f.key] = (job, slot)
+                if received is not None:
+                    self.received[f.key] = received  # its latency runs on: the trainer waits for this one image
+                continue
+            self.forget(f.key)
+            if self.clip.on_exhausted == "keep":
+                self.counts["clip_kept_below"] += 1
+                kept.append((f, job, slot, received))
+            else:  # "real": the position falls back to the real image
+                self.credits.appendleft(slot)
+                self.send(P.DROPPED, f.key, "clip")
+        return kept
+
+    def send_counts(self) -> None:
+        """Report counter increments (CLIP rejects, adapter swaps) to the pool, which sums them in ``stats()``."""
+        if self.adapters is not None and self.adapters.swaps != self._swaps_sent:
+            self.counts["adapter_swaps"] += self.adapters.swaps - self._swaps_sent
+            self._swaps_sent = self.adapters.swaps
+        if self.counts:
+            self.send(P.COUNTS, dict(self.counts))
+            self.counts.clear()
 
 
 def producer_main(cfg: ChildConfig, requests, results, stop_event) -> None:

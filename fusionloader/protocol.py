@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "BOOT",
+    "COUNTS",
     "ChildConfig",
     "DOWNLOAD",
     "ErrorInfo",
@@ -30,6 +31,9 @@ __all__ = [
 RING, JOBS, CREDIT, CANCEL, PASSED, STOP = "ring", "jobs", "credit", "cancel", "passed", "stop"
 # Result pipe (producer -> pool) message kinds.
 PHASE, READY, DONE, DROPPED, BEAT, LOG, ERROR = "phase", "ready", "done", "dropped", "beat", "log", "error"
+# ("counts", {name: increment}): the producer's method counters since its last report (CLIP-filter rejects,
+# adapter swaps), summed by the pool into ``stats()`` (increments, so a restarted producer adds to them).
+COUNTS = "counts"
 
 # Start-up phases a producer reports, in order (BOOT: spawned, not heard from yet -- interpreter, imports).
 BOOT, DOWNLOAD, LOAD, WARMUP = "boot", "download", "load", "warmup"
@@ -47,6 +51,10 @@ class Job:
     guidance_scale: float
     num_inference_steps: int
     seed: int
+    # The dataset item's class label: selects the producer's per-class UNet delta (ProducerPool(adapters=)) and
+    # the CLIP filter's "a photo of a {class}" (ProducerPool(clip_filter=)). None: the producer reads it from
+    # its source (``source.label(index)``) when it needs it.
+    label: object = None
 
 
 class ProducerError(RuntimeError):
@@ -111,6 +119,8 @@ class PoolConfig:
     warmup: bool = True
     wait_ready: bool = True
     deadlines: bool = False
+    adapters: object = None  # engine.adapters.ClassAdapters (pickles as its delta files) or None
+    clip_filter: object = None  # engine.clip_filter.ClipFilter (pickles as its settings, not its model) or None
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,8 @@ class ChildConfig:
     threads: int | None
     warmup: bool
     slot_dtype: torch.dtype = torch.float32  # for the memory estimate (the ring share of this producer)
+    adapters: object = None  # ClassAdapters to attach to this producer's UNet (PoolConfig.adapters)
+    clip_filter: object = None  # ClipFilter to score this producer's decoded batches with (PoolConfig.clip_filter)
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ class Supervisor:
     def spawn(self, p: ProducerProcess) -> None:
         cfg = self.cfg
         child = ChildConfig(p.producer, p.device, cfg.synthesizer, portable(cfg.source), cfg.capacity, cfg.latent_cache_path,
-                            os.getpid(), cfg.threads, cfg.warmup, cfg.slot_dtype)
+                            os.getpid(), cfg.threads, cfg.warmup, cfg.slot_dtype, cfg.adapters, cfg.clip_filter)
         p.requests = self.ctx.Queue()
         p.requests.cancel_join_thread()  # never let a dead producer's full pipe hang our exit
         reader, writer = self.ctx.Pipe(duplex=False)

@@ -158,3 +158,152 @@ def test_pickles_as_its_files_and_finds_a_folder(deltas):
     assert clone.classes == [7, 3] and clone.patience == 5 and clone.active is None
     folder = str(__import__("pathlib").Path(deltas[7]).parent)
     assert deltas_in(folder, {7: "seven", 3: "three", 1: "one"}) == {7: deltas[7], 3: deltas[3]}
+
+
+# -- through the producer (producer_child.Producer driven in-process, as the pool drives it) ---------------------
+
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class Labels:
+    """A source that knows labels only (text-only jobs read no image)."""
+
+    def __init__(self, labels):
+        self.labels = list(labels)
+
+    def label(self, index):
+        return self.labels[index]
+
+
+def _jobs(classes, labelled=lambda key: True):
+    from fusionloader.protocol import Job
+
+    return [Job(key=i, index=i, prompt=PROMPT.format(NAMES[c]), strength=None, guidance_scale=3.0, num_inference_steps=4,
+                seed=100 + i, label=c if labelled(i) else None) for i, c in enumerate(classes)]  # fmt: skip
+
+
+def test_producer_swapping_two_deltas_equals_one_producer_per_delta(deltas):
+    from producer_harness import counts, make_producer, run
+
+    classes = [7, 3, 7, 3, 7, 3]
+    # Odd keys carry no label: the producer reads it from its source.
+    both = make_producer(default_model_path(), Labels(classes), capacity=2,
+                         adapters=ClassAdapters({7: deltas[7], 3: deltas[3]}))  # fmt: skip
+    got = run(both, _jobs(classes, labelled=lambda key: key % 2 == 0))
+    # Admission grouped by class: batches [0, 2] (7), [1, 3] (3), [4] (7), [5] (3) -- 4 swaps for 6 alternating
+    # jobs; FIFO admission would give one class per batch of 1, i.e. 6 swaps.
+    assert counts(both)["adapter_swaps"] == 4
+    alone = {}
+    for c in (7, 3):
+        mine = [job for job in _jobs(classes) if job.label == c]
+        alone |= run(make_producer(default_model_path(), capacity=2, adapters=ClassAdapters({c: deltas[c]})), mine)
+    base = run(make_producer(default_model_path(), capacity=2), _jobs(classes))
+    assert sorted(got) == sorted(alone) == list(range(6))
+    for key, c in enumerate(classes):
+        assert torch.equal(got[key], alone[key]), key  # bit for bit
+        assert not torch.equal(got[key], base[key]), f"class {c}'s delta changed nothing"
+
+
+def test_producer_admission_fairness_is_bounded(deltas):
+    from producer_harness import make_producer
+
+    adapters = ClassAdapters({7: deltas[7], 3: deltas[3]}, patience=2)
+    child = make_producer(default_model_path(), capacity=2, adapters=adapters)
+    jobs = _jobs([7, 3, 7, 7, 7, 7])
+    child.handle(("jobs", jobs))
+    child.handle(("credit", list(range(8))))
+    child.admit()
+    assert [k for k in child.inflight] == [0, 2]  # class 7 first, job 1 (class 3) skipped
+    child.step()
+    child.step()  # job 1 has waited 2 steps (patience): it goes next, before the younger class-7 jobs
+    child.handle(("credit", []))
+    while child.inflight:
+        child.step()
+    child.admit()
+    assert list(child.inflight)[0] == 1
+
+
+def test_pool_takes_a_folder_of_deltas_by_class_name(deltas, tmp_path):
+    from fusionloader.engine.clip_filter import ClipFilter
+    from fusionloader.producer import ProducerPool
+
+    folder = str(__import__("pathlib").Path(deltas[7]).parent)
+    dataset = type("D", (), {"classes": list(NAMES)})()
+    pool = ProducerPool("unused", dataset, image_size=8, slots=2, adapters=folder, clip_filter=ClipFilter())
+    cfg = pool.config
+    assert isinstance(cfg.adapters, ClassAdapters) and sorted(cfg.adapters.classes) == [3, 7]
+    assert cfg.clip_filter.class_names == dict(enumerate(NAMES))  # filled from dataset.classes
+    # What travels to a spawned producer: delta file paths and filter settings (no model).
+    adapters, clip = pickle.loads(pickle.dumps((cfg.adapters, cfg.clip_filter)))
+    assert sorted(adapters.classes) == [3, 7] and clip.threshold == 0.30 and clip.class_names[7] == "seven"
+    assert adapters.__getstate__()["deltas"] == {7: deltas[7], 3: deltas[3]}
+    pool.close()
+    with pytest.raises(ValueError, match="adapters: .*no <class name>.safetensors"):
+        ProducerPool("unused", type("D", (), {"classes": ["cat", "dog"]})(), image_size=8, slots=2, adapters=folder)
+    with pytest.raises(ValueError, match="adapters: .*class names"):
+        ProducerPool("unused", None, image_size=8, slots=2, adapters=folder)
+    with pytest.raises(ValueError, match="adapters: .*not a folder"):
+        ProducerPool("unused", None, image_size=8, slots=2, adapters=str(tmp_path / "nope"))
+    with pytest.raises(TypeError, match="adapters"):
+        ProducerPool("unused", None, image_size=8, slots=2, adapters={7: deltas[7]})
+
+
+def test_spawned_pool_swaps_deltas_and_filters(deltas):
+    """One real pool: the deltas and the filter travel to a spawned producer as files and settings."""
+    from fusionloader.engine.clip_filter import ClipFilter
+    from fusionloader.producer import ProducerPool
+    from producer_harness import make_producer, run
+
+    classes = [7, 3, 7, 3]
+    jobs = _jobs(classes)
+    adapters = ClassAdapters({7: deltas[7], 3: deltas[3]})
+    clip = ClipFilter(-1.0, class_names=NAMES)  # passes everything: the images must be the unfiltered ones
+    with ProducerPool(default_model_path(), Labels(classes), capacity=2, adapters=adapters, clip_filter=clip,
+                      threads=1, timeout=60.0) as pool:  # fmt: skip
+        pool.submit(jobs)
+        got = {job.key: pool.take(job.key, timeout=60.0) for job in jobs}
+        stats = pool.stats()
+    assert adapters.active is None  # the caller's object was never attached: producers load their own copy
+    assert stats["adapter_swaps"] == 2 and stats["clip_rejected"] == 0 and stats["taken"] == 4
+    local = run(make_producer(default_model_path(), capacity=2, adapters=ClassAdapters({7: deltas[7], 3: deltas[3]})),
+                jobs)  # fmt: skip
+    for key in range(4):
+        torch.testing.assert_close(got[key], local[key], rtol=0, atol=1e-5)
+
+
+class PoolWithMethods:
+    """A pool factory adding the method options, as the loader will once its config forwards them: the loader's
+    jobs carry no label, so the producers read it from the source."""
+
+    def __init__(self, **options):
+        self.options = options
+
+    def __call__(self, synthesizer, source, devices, **kwargs):
+        from fusionloader.producer import ProducerPool
+
+        return ProducerPool(synthesizer, source, devices, **kwargs, **self.options)
+
+
+def test_loader_jobs_reach_deltas_and_filter_through_the_source(deltas):
+    pytest.importorskip("sklearn", reason="the embedded digits need scikit-learn")
+    from fusionloader.demo import TensorImages
+    from fusionloader.engine.clip_filter import ClipFilter
+    from fusionloader.loader import FusionLoader
+    from fusionloader.pretrained import load_digits_splits
+
+    folder = str(__import__("pathlib").Path(deltas[7]).parent)
+    train = load_digits_splits().train
+    keep = [i for i, y in enumerate(train.labels.tolist()) if y in (3, 7)][:8]
+    data = TensorImages(train.images[keep], train.labels[keep], NAMES)
+    factory = PoolWithMethods(adapters=folder, clip_filter=ClipFilter(0.30))
+    loader = FusionLoader(data, batch_size=4, alpha=1.0, strengths=0.5, synthesizer=default_model_path(), seed=0,
+                          prompts="a photo of the digit {}", num_inference_steps=4, guidance_scale=3.0,
+                          late_policy="wait", pool_factory=factory, producer_capacity=4, return_meta=True)  # fmt: skip
+    try:
+        fresh = [bool(f) for _, meta in loader for f in meta["fresh"]]
+        producer = loader.stats()["producer"]
+    finally:
+        loader.close()
+    assert len(fresh) == 8 and sum(fresh) == producer["taken"] == 8 - producer["clip_dropped"]
+    assert producer["adapter_swaps"] >= 2  # both classes' deltas ran: the labels came from the source
+    assert producer["clip_rejected"] >= producer["clip_dropped"]

@@ -169,3 +169,63 @@ def test_loader_guard_needs_class_names():
     data = [(torch.zeros(3, 8, 8), 0)] * 4
     with pytest.raises(ValueError, match="leakage_guard=True needs dataset.classes"):
         FusionLoader(data, batch_size=2, synthesizer=default_model_path(), leakage_guard=True)
+
+
+# -- Synthesizer(..., leakage_guard=True, class_names=...): every prompt checked before the text encoder --------
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    import torch
+
+    from fusionloader.engine.synthesizer import Synthesizer
+    from fusionloader.pretrained import default_model_path
+
+    synth = Synthesizer.from_pretrained(default_model_path(), leakage_guard=True, class_names=DIGITS + ("dining table",))
+    hidden = synth.components.text_encoder.config.hidden_size
+    synth.load_textual_inversion({"<seven>": torch.randn(hidden, generator=torch.Generator().manual_seed(0))})
+    return synth
+
+
+def test_synthesizer_refuses_class_names_on_every_path(guarded):
+    from fusionloader.engine.sampler import Request
+
+    with pytest.raises(ValueError) as e:
+        guarded.generate(["a photo of a seven"], num_inference_steps=2, seeds=[1])
+    assert isinstance(e.value, LeakageError) and e.value.class_name == "seven" and e.value.prompt == "a photo of a seven"
+    with pytest.raises(LeakageError, match="'dining table'"):  # a multi-token class name
+        guarded.generate(["a photo of a dining table"], num_inference_steps=2, seeds=[1])
+    with pytest.raises(LeakageError, match="'three'"):  # the sampler path producers use
+        guarded.sampler(capacity=1).submit(Request(0, "the digit three", None, 2.0, 2, seed=1))
+    with pytest.raises(LeakageError, match="negative|'two'"):  # the negative prompt is encoded too
+        guarded.generate(["a photo"], num_inference_steps=2, seeds=[1], negative_prompt="two")
+    for p in ("a photo of a seven", "a photo of a dining table", "the digit three", "two"):
+        assert p not in guarded.prompt_cache  # never encoded
+
+
+def test_synthesizer_guard_passes_learned_tokens_and_travels(guarded):
+    import pickle
+
+    out = guarded.generate(["a photo of a <seven>", "a photo of a digit"], guidance_scale=2.0, num_inference_steps=2,
+                           seeds=[1, 2])  # fmt: skip
+    assert out.shape == (2, 3, *guarded.resolution)
+    spec = guarded.load_spec()
+    assert spec["leakage_guard"] is True and "seven" in spec["class_names"]
+    clone = pickle.loads(pickle.dumps(guarded))  # as a producer rebuilds it
+    with pytest.raises(LeakageError, match="'nine'"):
+        clone.generate(["nine"], num_inference_steps=2, seeds=[1])
+
+
+def test_synthesizer_guard_arguments():
+    from fusionloader.engine.synthesizer import Synthesizer
+    from fusionloader.pretrained import default_model_path
+
+    with pytest.raises(ValueError, match="class_names"):
+        Synthesizer.from_pretrained(default_model_path(), leakage_guard=True)
+    with pytest.raises(ValueError, match=r"class_names\[1\]"):
+        Synthesizer.from_pretrained(default_model_path(), leakage_guard=True, class_names=["one", " "])
+    with pytest.raises(TypeError, match="leakage_guard"):
+        Synthesizer.from_pretrained(default_model_path(), leakage_guard="yes", class_names=["one"])
+    plain = Synthesizer.from_pretrained(default_model_path())
+    assert "leakage_guard" not in plain.load_spec()  # off: the spec and the engine are as before
+    plain.generate(["a photo of a seven"], num_inference_steps=2, seeds=[1])

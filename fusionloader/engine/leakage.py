@@ -19,9 +19,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 
-from .prompts import _convert_multivector
+from .prompts import PromptCache, _convert_multivector
 
-__all__ = ["LeakageError", "LeakageGuard", "check_prompts", "class_token_sequences", "find_leaks", "tokenizer_of"]
+__all__ = [
+    "GuardedPromptCache", "LeakageError", "LeakageGuard", "check_prompts", "class_token_sequences", "find_leaks",
+    "tokenizer_of",
+]
 
 
 class LeakageError(ValueError):
@@ -146,3 +149,25 @@ def check_prompts(tokenizer, prompts: Iterable[str], class_names: Sequence[str])
     """Raise :class:`LeakageError` (a ``ValueError`` naming the prompt and the class) if any prompt's encoded
     token ids contain a class name's token sequence; learned tokens pass."""
     LeakageGuard(tokenizer, class_names).check(prompts)
+
+
+class GuardedPromptCache(PromptCache):
+    """A :class:`~fusionloader.engine.prompts.PromptCache` that checks every prompt before the text encoder sees it
+    (``Synthesizer(leakage_guard=True, class_names=...)``): the one place prompts are tokenized for encoding, so
+    ``augment``, ``generate``, samplers and producers are all covered, and each distinct prompt is checked once
+    (when first encoded, or again after an eviction). ``clear()`` (called after loading a textual inversion)
+    rebuilds the guard, so newly learned tokens pass."""
+
+    def __init__(self, tokenizer, text_encoder, device=None, batch_size: int = 64, max_size=None, *,
+                 class_names: Sequence[str]):  # fmt: skip
+        super().__init__(tokenizer, text_encoder, device, batch_size, max_size)
+        self.class_names = list(class_names)
+        self.guard = LeakageGuard(tokenizer, self.class_names)
+
+    def clear(self) -> None:
+        super().clear()
+        self.guard = LeakageGuard(self.tokenizer, self.class_names)  # the tokenizer may have new learned tokens
+
+    def _encode(self, prompts: list[str]):
+        self.guard.check(prompts)
+        return super()._encode(prompts)

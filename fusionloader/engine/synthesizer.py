@@ -62,6 +62,11 @@ class Synthesizer:
     ``attention`` (``"sdpa"`` or ``"xformers"``), ``resolution`` (generation size; default the UNet's),
     ``prompt_policy`` (maps class ids to prompts).
 
+    ``leakage_guard=True`` with ``class_names`` (DA-Fusion's data-centric leakage prevention): no prompt whose
+    encoded token ids contain a class name reaches the text encoder -- :class:`~.leakage.LeakageError` (a
+    ``ValueError`` naming the prompt and the class) instead, checked on the ids actually encoded (engine/leakage.py);
+    learned tokens pass. It travels with the load spec, so producers check too.
+
     Device memory: ``prompt_cache_size`` bounds the prompt-embedding cache (LRU, default
     ``DEFAULT_PROMPT_CACHE_SIZE`` = 1024 prompts; None = unbounded); ``decode_chunk`` is how many finished samples
     one VAE decode takes (default ``DEFAULT_DECODE_CHUNK`` = 4; the result does not depend on it);
@@ -72,6 +77,7 @@ class Synthesizer:
     def __init__(self, pipe=None, *, device=None, dtype=None, vae_dtype=None, scheduler=None, tiny_vae=None,
                  attention="sdpa", resolution=None, prompt_policy: PromptPolicy | None = None,
                  prompt_cache_size: int | None = DEFAULT_PROMPT_CACHE_SIZE, decode_chunk: int = DEFAULT_DECODE_CHUNK,
+                 leakage_guard: bool = False, class_names=None,
                  _components: Components | None = None, _spec: dict | None = None):  # fmt: skip
         if _components is None:
             if pipe is None:
@@ -89,8 +95,16 @@ class Synthesizer:
         if not isinstance(decode_chunk, int) or decode_chunk < 1:
             raise ValueError(f"decode_chunk must be a positive int, got {decode_chunk!r}")
         self.decode_chunk = decode_chunk
-        self.prompt_cache = PromptCache(self.components.tokenizer, self.components.text_encoder, self.components.device,
-                                        max_size=prompt_cache_size)  # fmt: skip
+        self.leakage_guard, self.class_names = _check_guard(leakage_guard, class_names)
+        if self.leakage_guard:
+            from .leakage import GuardedPromptCache
+
+            self.prompt_cache = GuardedPromptCache(self.components.tokenizer, self.components.text_encoder,
+                                                   self.components.device, max_size=prompt_cache_size,
+                                                   class_names=self.class_names)  # fmt: skip
+        else:
+            self.prompt_cache = PromptCache(self.components.tokenizer, self.components.text_encoder,
+                                            self.components.device, max_size=prompt_cache_size)  # fmt: skip
 
     def _check_resolution(self, resolution) -> tuple[int, int]:
         if resolution is None:
@@ -106,7 +120,8 @@ class Synthesizer:
                         tiny_vae=None, attention="sdpa", variant=None, revision=None, local_files_only=None,
                         resolution=None, prompt_policy: PromptPolicy | None = None,
                         textual_inversion=None, prompt_cache_size: int | None = DEFAULT_PROMPT_CACHE_SIZE,
-                        decode_chunk: int = DEFAULT_DECODE_CHUNK) -> Synthesizer:  # fmt: skip
+                        decode_chunk: int = DEFAULT_DECODE_CHUNK, leakage_guard: bool = False,
+                        class_names=None) -> Synthesizer:  # fmt: skip
         """Load a Stable-Diffusion checkpoint (folder or hub id); see :func:`~fusionloader.engine.models.load_components`.
 
         Defaults by device: on CUDA an fp16 UNet and text encoder with an fp32 VAE, and a fused scheduler (DDIM
@@ -121,11 +136,15 @@ class Synthesizer:
             local_files_only=local_files_only, resolution=resolution, prompt_policy=prompt_policy,
             textual_inversion=[], prompt_cache_size=prompt_cache_size, decode_chunk=decode_chunk,
         )  # fmt: skip
+        guard, names = _check_guard(leakage_guard, class_names)  # before loading anything
+        if guard:
+            spec.update(leakage_guard=True, class_names=names)
         comps = load_components(
             path_or_id, device, dtype, vae_dtype, scheduler, tiny_vae, attention, variant, revision, local_files_only
         )
         synth = cls(_components=comps, _spec=spec, resolution=resolution, prompt_policy=prompt_policy,
-                    prompt_cache_size=prompt_cache_size, decode_chunk=decode_chunk)  # fmt: skip
+                    prompt_cache_size=prompt_cache_size, decode_chunk=decode_chunk, leakage_guard=guard,
+                    class_names=names)  # fmt: skip
         for source, token in textual_inversion or ():
             synth.load_textual_inversion(source, token)
         return synth
@@ -172,6 +191,8 @@ class Synthesizer:
         spec["prompt_policy"] = self.prompt_policy
         spec["resolution"] = self.resolution
         spec["prompt_cache_size"], spec["decode_chunk"] = self.prompt_cache.max_size, self.decode_chunk  # engine: memory bounds
+        if self.leakage_guard:  # producers refuse class names too
+            spec["leakage_guard"], spec["class_names"] = True, list(self.class_names)
         return spec
 
     def _handoff(self) -> dict:
@@ -457,6 +478,21 @@ class Synthesizer:
         c = self.components
         return (f"Synthesizer({type(c.unet).__name__}, scheduler={type(c.scheduler).__name__}, device={c.device}, "
                 f"dtype={c.dtype}, resolution={self.resolution})")  # fmt: skip
+
+
+def _check_guard(leakage_guard, class_names) -> tuple[bool, list[str] | None]:
+    if not isinstance(leakage_guard, bool):
+        raise TypeError(f"leakage_guard must be True or False, got {leakage_guard!r}")
+    if not leakage_guard:
+        return False, None
+    if class_names is None or isinstance(class_names, str) or not len(class_names):
+        raise ValueError(f"leakage_guard=True needs class_names (the class names to keep from the text encoder), "
+                         f"got {class_names!r}")
+    names = list(class_names)
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"class_names[{i}] must be a non-empty string, got {name!r}")
+    return True, names
 
 
 def _rebuild(spec: dict) -> Synthesizer:
