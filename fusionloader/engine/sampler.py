@@ -29,8 +29,16 @@ launches, pinned staging and everything else that uses "the current device" use 
 Memory: finished samples are decoded ``decode_chunk`` at a time (peak decoder activations bounded by the chunk,
 not by how many samples finish together); each chunk is post-processed straight into its rows.
 
+NOTE [speed options]: off by default and then the plain engine bit for bit (docs/CONTRACTS.md "Engine speed
+options"). Few-step schedulers (LCM, SD-Turbo's Euler ancestral) are rows of the same fused step
+(schedules.py); a UNet with ``time_cond_proj_dim`` takes each slot's guidance as an embedding instead of CFG rows,
+and Turbo runs without CFG. ``Request.deepcache_interval`` splits a step's UNet rows into full and shallow ones by
+each slot's own phase (deepcache.py); ``Request.decoder`` picks the decoder per finished sample (decoders.py);
+``compile`` and ``cuda_graphs`` change how the step runs, not what it computes (compile.py).
+
 NOTE [RNG, diffusers parity]: a request draws its randomness in the pipeline's order -- VAE latent sample,
-start noise, then each step's noise (DDIM with eta > 0 is the only fused scheduler that draws per step).
+start noise, then each step's noise (fused schedulers that draw per step: DDIM with eta > 0, Euler ancestral
+(Turbo), and LCM on every step but its last).
 
 - ``seed=int``: Philox streams 0, 1, 2 + i (docs/CONTRACTS.md); batch-invariant by construction.
 - ``generator=torch.Generator``: diffusers' ``randn_tensor`` on that generator, one sample's shape per draw,
