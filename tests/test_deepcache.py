@@ -16,7 +16,8 @@ def synth(tiny_sd1_path):
     return Synthesizer.from_pretrained(tiny_sd1_path, scheduler="ddim")
 
 
-def _requests(synth, intervals, strengths=(1.0, 0.5, None, 0.75, 1.0), guidance=(7.5, 1.0, 3.0, 7.5, 1.0)):
+def _requests(synth, intervals, strengths=(1.0, 0.5, None, 0.75, 1.0),
+              guidance=(7.5, 1.0, 3.0, 7.5, 1.0)):  # fmt: skip
     g = torch.Generator().manual_seed(3)
     reqs = []
     for k, every in enumerate(intervals):

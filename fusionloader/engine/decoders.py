@@ -21,7 +21,7 @@ import os
 
 import torch
 
-__all__ = ["DECODERS", "TINY_SUBFOLDER", "Decoders", "load_tiny_decoder"]
+__all__ = ["DECODERS", "Decoders", "TINY_SUBFOLDER", "load_tiny_decoder"]
 
 DECODERS = ("vae", "tiny")
 TINY_SUBFOLDER = "vae_tiny"
@@ -57,7 +57,8 @@ def load_tiny_decoder(source, device, dtype, local_files_only: bool = True) -> t
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             found = [f for f in _ORIGINAL if os.path.isfile(os.path.join(path, f))]
             if not found:
-                raise MissingComponentError(path, "tiny decoder", "no config.json and no taesd_decoder.pth/.safetensors")
+                why = "no config.json and no taesd_decoder.pth/.safetensors"
+                raise MissingComponentError(path, "tiny decoder", why)
             module = AutoencoderTiny()
             state = _original_state(os.path.join(path, found[0]))
             missing, unexpected = module.load_state_dict(state, strict=False)

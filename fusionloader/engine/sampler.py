@@ -255,7 +255,8 @@ class Sampler:
         self._graphs = None
         if cuda_graphs:
             if self.kind is None:
-                raise ValueError(f"cuda_graphs=True needs a fused scheduler; {type(components.scheduler).__name__} has none")
+                name = type(components.scheduler).__name__
+                raise ValueError(f"cuda_graphs=True needs a fused scheduler; {name} has none")
             self._graphs = GraphedStep(components.device)  # raises off CUDA, naming the device
         # LCM-distilled UNets take the guidance scale as an embedding (time_cond_proj_dim) instead of CFG rows,
         # as StableDiffusionPipeline / LatentConsistencyModelPipeline do: w = guidance - 1, sinusoidal.

@@ -10,7 +10,8 @@ the engine runs is what ``StableDiffusionImg2ImgPipeline`` runs. For step i of a
 
 with m the guided model output. Coefficients are computed in float64 from the scheduler's (float32) tables
 and cast to float32. ``fused_kind`` says whether a scheduler's configuration is one these rows reproduce
-exactly (DDIM, Euler, DPM++ 2M, LCM, and Euler ancestral when built as ``"turbo"``); anything else goes through the engine's unfused path (``scheduler.step``).
+exactly (DDIM, Euler, DPM++ 2M, LCM, and Euler ancestral when built as ``"turbo"``); anything else goes
+through the engine's unfused path (``scheduler.step``).
 
 Img2img (SDEdit) start: ``StableDiffusionImg2ImgPipeline.get_timesteps`` keeps the last
 ``min(int(n * strength), n)`` of the n timesteps and calls ``set_begin_index``; the start latent is
@@ -27,7 +28,16 @@ import math
 
 import torch
 
-__all__ = ["FUSED_KINDS", "SCHEDULER_NAMES", "TURBO_KEY", "guidance_free", "Schedule", "fused_kind", "get_scheduler", "make_schedule"]
+__all__ = [
+    "FUSED_KINDS",
+    "SCHEDULER_NAMES",
+    "Schedule",
+    "TURBO_KEY",
+    "fused_kind",
+    "get_scheduler",
+    "guidance_free",
+    "make_schedule",
+]
 
 FUSED_KINDS = ("ddim", "dpmpp_2m", "euler", "euler_a", "lcm")
 SCHEDULER_NAMES = ("ddim", "dpmpp_2m", "euler", "euler_a", "lcm", "turbo")
