@@ -510,6 +510,18 @@ cases = [  # each kernel in the configuration the sampler launches it in (fp16 U
           prev_x0_ptr=P32, noise_ptr=P32, seeds_ptr=I64, streams_ptr=I64, out_ptr=P32, x0_out_ptr=P32,
           numel="i32", HAS_PREV="constexpr", NOISE="constexpr", BLOCK="constexpr"),
      dict(HAS_PREV=True, NOISE=2, BLOCK=1024), {}),
+    # The configurations the other fused schedulers launch: DDIM eta > 0, SD-Turbo's Euler ancestral and LCM
+    # (in-kernel Philox, no prev_x0), and the deterministic ones (DDIM eta = 0, Euler, one-step LCM).
+    (kernel("cfg_step", "_cfg_step_kernel"),
+     dict(model_out_ptr=P16, sample_ptr=P32, guidance_ptr=P32, uncond_index_ptr=I64, coefs_ptr=P32,
+          prev_x0_ptr=P32, noise_ptr=P32, seeds_ptr=I64, streams_ptr=I64, out_ptr=P32, x0_out_ptr=P32,
+          numel="i32", HAS_PREV="constexpr", NOISE="constexpr", BLOCK="constexpr"),
+     dict(HAS_PREV=False, NOISE=2, BLOCK=1024), {}),
+    (kernel("cfg_step", "_cfg_step_kernel"),
+     dict(model_out_ptr=P16, sample_ptr=P32, guidance_ptr=P32, uncond_index_ptr=I64, coefs_ptr=P32,
+          prev_x0_ptr=P32, noise_ptr=P32, seeds_ptr=I64, streams_ptr=I64, out_ptr=P32, x0_out_ptr=P32,
+          numel="i32", HAS_PREV="constexpr", NOISE="constexpr", BLOCK="constexpr"),
+     dict(HAS_PREV=False, NOISE=0, BLOCK=1024), {}),
     (kernel("postprocess", "_postprocess_kernel"),
      dict(decoded_ptr=P32, out_ptr="*u8", rows_ptr=I64, mean_ptr=P32, std_ptr=P32, C="i32", HW="i32",
           HAS_ROWS="constexpr", NORMALIZE="constexpr", TO_UINT8="constexpr", BLOCK="constexpr"),
@@ -538,4 +550,4 @@ def test_kernels_compile_ahead_of_time_for_sm80_and_sm90():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("Triton's bundled ptxas is missing")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 8, proc.stdout
+    assert proc.stdout.count(" ok") == 12, proc.stdout

@@ -235,3 +235,135 @@ def test_memory_estimate(synth):
     assert bigger["decode_activations"] > 3 * est["decode_activations"]
     assert est["total"] == (sum(est["weights"].values()) + max(est["unet_activations"], est["decode_activations"])
                             + est["sampler_buffers"] + est["prompt_cache"])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ speed options
+
+
+def test_speed_options_off_are_the_plain_engine(synth, monkeypatch):
+    # Explicitly off (the defaults) is bit-identical, and the UNet sees exactly the plain call: no timestep_cond,
+    # no extra keyword, one call per step over all rows.
+    calls = []
+    unet = synth.components.unet
+    real = unet.forward
+
+    def spy(*args, **kwargs):
+        calls.append((args[0].shape[0], sorted(kwargs)))
+        return real(*args, **kwargs)
+
+    default = synth.sampler(capacity=3, return_latents=True)
+    got_default = {f.key: f.latents for f in _drain_all(default, _requests(synth, 5))}
+    monkeypatch.setattr(unet, "forward", spy)
+    off = synth.sampler(capacity=3, return_latents=True, decode_chunk=DEFAULT_CHUNK)
+    reqs = _requests(synth, 5)
+    for r in reqs:
+        r.deepcache_interval, r.decoder = None, "vae"
+    got_off = {f.key: f.latents for f in _drain_all(off, reqs)}
+    assert not off.compile and off._graphs is None and off.shallow_rows == 0
+    for k in got_default:
+        assert torch.equal(got_default[k], got_off[k])
+    assert len(calls) == off.steps_run and all(kw == ["encoder_hidden_states", "return_dict"] for _, kw in calls)
+
+
+DEFAULT_CHUNK = 4
+
+
+def _drain_all(sampler, reqs):
+    for r in reqs:
+        sampler.submit(r)
+    return list(sampler.drain())
+
+
+@pytest.fixture(scope="module")
+def lcm_path(tmp_path_factory):
+    """A tiny SD-1-shaped checkpoint whose UNet takes LCM's guidance embedding (time_cond_proj_dim)."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    from fusionloader.testing import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("epsilon")
+    torch.manual_seed(1)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}  # (_use_default_values would win)
+    pipe.unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 8})
+    assert pipe.unet.config.time_cond_proj_dim == 8
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    path = str(tmp_path_factory.mktemp("tiny-lcm"))
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _pipeline_latents(path, scheduler, images, strength, guidance, steps, seed):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = scheduler
+    with torch.no_grad():
+        return pipe(["a cat", "a dog"], image=images, strength=strength, guidance_scale=guidance,
+                    num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                    output_type="latent").images  # fmt: skip
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_lcm_with_guidance_embedding_equals_the_pipeline(lcm_path, strength):
+    # diffusers' convention: a UNet with time_cond_proj_dim gets w = guidance - 1 embedded, and no CFG rows.
+    synth = Synthesizer.from_pretrained(lcm_path, scheduler="lcm")
+    images = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(2))
+    ref = _pipeline_latents(lcm_path, synth.scheduler, images, strength, 3.0, 4, 11)
+    sampler = synth.sampler(capacity=2)
+    assert sampler.kind == "lcm" and sampler._w_dim == 8
+    got = synth.augment(images, ["a cat", "a dog"], strengths=strength, guidance_scale=3.0, num_inference_steps=4,
+                        generator=torch.Generator().manual_seed(11), output_type="latent")  # fmt: skip
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # The embedding is per sample: another guidance changes the result.
+    other = synth.augment(images, ["a cat", "a dog"], strengths=strength, guidance_scale=[3.0, 8.0],
+                          num_inference_steps=4, generator=torch.Generator().manual_seed(11), output_type="latent")
+    torch.testing.assert_close(other[0], got[0], rtol=1e-4, atol=1e-4)
+    assert (other[1] - got[1]).abs().max() > 1e-3
+
+
+def test_turbo_runs_without_cfg_and_equals_the_pipeline(tiny_sd1_path):
+    synth = Synthesizer.from_pretrained(tiny_sd1_path, scheduler="turbo")
+    images = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(2))
+    ref = _pipeline_latents(tiny_sd1_path, synth.scheduler, images, 0.5, 0.0, 4, 5)  # SD-Turbo: guidance 0
+    got = synth.augment(images, ["a cat", "a dog"], strengths=0.5, guidance_scale=7.5, num_inference_steps=4,
+                        generator=torch.Generator().manual_seed(5), output_type="latent")  # fmt: skip
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    sampler = synth.sampler(capacity=2)
+    assert sampler.kind == "euler_a" and sampler.guidance_free
+    for r in _requests(synth, 2):
+        sampler.submit(r)
+    sampler.step()
+    assert sampler.unet_rows == 2  # guidance 7.5 asked, no unconditional row run
+
+
+@pytest.mark.parametrize("scheduler", ["lcm", "turbo"])
+def test_few_step_schedulers_batch_invariant_per_sample_strengths(scheduler, tiny_sd1_path, lcm_path):
+    synth = Synthesizer.from_pretrained(lcm_path if scheduler == "lcm" else tiny_sd1_path, scheduler=scheduler)
+    reqs = lambda: [r for r in _requests(synth, 5)]  # noqa: E731 - strengths 0.5, 1.0, None, 0.75, 0.5
+    for r in (rs := reqs()):
+        r.num_inference_steps = 4
+    sampler = synth.sampler(capacity=2, return_latents=True)
+    batched = {f.key: f.latents for f in _drain_all(sampler, rs)}
+    for r in reqs():
+        r.num_inference_steps = 4
+        (f,) = _drain_all(synth.sampler(capacity=1, return_latents=True), [r])
+        assert (f.latents - batched[r.key]).abs().max().item() <= 1e-4 * max(1.0, f.latents.abs().max().item())
+    # (Each sample equals its own run alone at its own strength: per-sample strengths are kept in the batch.)
+
+
+@pytest.mark.parametrize("scheduler", ["lcm", "turbo"])
+def test_few_step_steady_state_has_no_sync(scheduler, tiny_sd1_path, lcm_path):
+    from fusionloader.engine.syncs import SyncDetector
+
+    synth = Synthesizer.from_pretrained(lcm_path if scheduler == "lcm" else tiny_sd1_path, scheduler=scheduler)
+    sampler = synth.sampler(capacity=3)
+    for r in _requests(synth, 3):
+        r.num_inference_steps = 8
+        sampler.submit(r)
+    sampler.step()
+    with torch.inference_mode(), SyncDetector() as det:
+        for _ in range(2):  # the shortest has 4 steps
+            assert sampler.step() == []
+    assert det.count == 0, det.report()

@@ -11,7 +11,7 @@ import diffusers
 import pytest
 import torch
 
-from fusionloader.engine.schedules import Schedule, fused_kind, get_scheduler, make_schedule
+from fusionloader.engine.schedules import Schedule, fused_kind, get_scheduler, guidance_free, make_schedule
 from fusionloader.kernels import add_noise, cfg_step
 
 # Stable Diffusion 1.x scheduler settings (scaled-linear betas, steps_offset 1, no clipping).
@@ -37,6 +37,14 @@ def _rel(a, b):
 def _diffusers_run(proto, steps, strength, eta, x0, z, cond, uncond, g, noise):
     """One sample through a fresh diffusers scheduler, as the pipelines drive it."""
     sched = type(proto).from_config(proto.config)
+    step_noise = {}
+    if isinstance(sched, (diffusers.LCMScheduler, diffusers.EulerAncestralDiscreteScheduler)):
+        # These draw their step noise inside step() with randn_tensor: hand them this step's noise.
+        module = __import__(type(sched).__module__, fromlist=["randn_tensor"])
+        mp = pytest.MonkeyPatch()
+        mp.setattr(module, "randn_tensor", lambda shape, **kw: step_noise["z"].reshape(shape).to(kw.get("dtype")))
+    else:
+        mp = None
     sched.set_timesteps(steps)
     if strength is None:  # StableDiffusionPipeline: all steps, latents = z * init_noise_sigma
         timesteps = sched.timesteps
@@ -54,7 +62,10 @@ def _diffusers_run(proto, steps, strength, eta, x0, z, cond, uncond, g, noise):
         scaled.append((model_in, x))
         m = uncond[j] + g * (cond[j] - uncond[j]) if g > 1 else cond[j]
         kwargs = {"eta": eta, "variance_noise": noise[j]} if isinstance(sched, diffusers.DDIMScheduler) else {}
+        step_noise["z"] = noise[j]
         x = sched.step(m, t, x, **kwargs).prev_sample
+    if mp is not None:
+        mp.undo()
     return timesteps, scaled, x
 
 
@@ -77,6 +88,7 @@ def _run_sequence(proto, steps, eta):
             assert _rel(schedules[b].c_in[j] * x_j, model_in) <= 1e-6
         expected.append(x[0])
 
+    stochastic = any(sc.stochastic for sc in schedules)
     # (b) the fused path: the whole batch in one loop, every sample at its own step (continuous batching:
     # a sample with fewer steps simply stops; state is updated in place through out= / x0_out=).
     x = add_noise(
@@ -95,7 +107,7 @@ def _run_sequence(proto, steps, eta):
         x_sub, prev_sub = x[active].contiguous(), prev[active].contiguous()
         cfg_step(
             model_out, x_sub, torch.tensor([GUIDANCE[b] for b in active]), torch.tensor(uncond_index), coefs,
-            prev_x0=prev_sub, noise=noise[active, it, 0] if eta > 0 else None, out=x_sub, x0_out=prev_sub,
+            prev_x0=prev_sub, noise=noise[active, it, 0] if stochastic else None, out=x_sub, x0_out=prev_sub,
         )  # fmt: skip
         x[active], prev[active] = x_sub, prev_sub
     for b, s in enumerate(STRENGTHS):
@@ -118,6 +130,32 @@ def test_matches_diffusers(name, eta, steps, prediction, spacing):
     proto = get_scheduler(name, {**SD_CONFIG, "prediction_type": prediction, "timestep_spacing": spacing})
     assert fused_kind(proto) == name
     _run_sequence(proto, steps, eta)
+
+
+@pytest.mark.parametrize("steps", [4, 8])  # 4: strengths 0.25..1 run 1..4 steps
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", ["lcm", "turbo"])
+def test_few_step_schedulers_match_diffusers(name, prediction, steps):
+    # LCMScheduler.step (boundary condition, re-noise to the next timestep but not after the last) and SD-Turbo's
+    # Euler ancestral (trailing) step, through the unchanged fused kernel, at every strength and text-only.
+    proto = get_scheduler(name, {**SD_CONFIG, "prediction_type": prediction})
+    assert fused_kind(proto) == ("lcm" if name == "lcm" else "euler_a")
+    _run_sequence(proto, steps, 0.0)
+
+
+def test_few_step_schedule_fields():
+    lcm = get_scheduler("lcm", SD_CONFIG)
+    four = make_schedule(lcm, 4, None)
+    assert four.stochastic and four.coefs[-1, 6] == 0 and (four.coefs[:-1, 6] > 0).all()  # no noise after the last
+    assert four.coefs[-1, 4] == 1 and not make_schedule(lcm, 1, None).stochastic  # one step: x_next = denoised
+    turbo = get_scheduler("turbo", SD_CONFIG)
+    assert turbo.config.timestep_spacing == "trailing" and guidance_free(turbo) and not guidance_free(lcm)
+    one = make_schedule(turbo, 1, None)
+    assert one.stochastic and one.timesteps.tolist() == [999] and one.coefs[0, 2] == 0  # straight to x0
+    # The marker survives a save/load round trip (the handoff of a Synthesizer built from a pipeline).
+    again = diffusers.EulerAncestralDiscreteScheduler.from_config(turbo.config)
+    assert guidance_free(again) and fused_kind(again) == "euler_a"
+    assert not guidance_free(get_scheduler("ddim", turbo.config))  # other names drop it
 
 
 @pytest.mark.parametrize(

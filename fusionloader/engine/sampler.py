@@ -29,8 +29,16 @@ launches, pinned staging and everything else that uses "the current device" use 
 Memory: finished samples are decoded ``decode_chunk`` at a time (peak decoder activations bounded by the chunk,
 not by how many samples finish together); each chunk is post-processed straight into its rows.
 
+NOTE [speed options]: off by default and then the plain engine bit for bit (docs/CONTRACTS.md "Engine speed
+options"). Few-step schedulers (LCM, SD-Turbo's Euler ancestral) are rows of the same fused step
+(schedules.py); a UNet with ``time_cond_proj_dim`` takes each slot's guidance as an embedding instead of CFG rows,
+and Turbo runs without CFG. ``Request.deepcache_interval`` splits a step's UNet rows into full and shallow ones by
+each slot's own phase (deepcache.py); ``Request.decoder`` picks the decoder per finished sample (decoders.py);
+``compile`` and ``cuda_graphs`` change how the step runs, not what it computes (compile.py).
+
 NOTE [RNG, diffusers parity]: a request draws its randomness in the pipeline's order -- VAE latent sample,
-start noise, then each step's noise (DDIM with eta > 0 is the only fused scheduler that draws per step).
+start noise, then each step's noise (fused schedulers that draw per step: DDIM with eta > 0, Euler ancestral
+(Turbo), and LCM on every step but its last).
 
 - ``seed=int``: Philox streams 0, 1, 2 + i (docs/CONTRACTS.md); batch-invariant by construction.
 - ``generator=torch.Generator``: diffusers' ``randn_tensor`` on that generator, one sample's shape per draw,
@@ -69,7 +77,8 @@ class Request:
     mean, deterministically) or from ``latents`` (already scaled, diffusers' 4-channel ``image``);
     ``strength=None`` is text-only generation from pure noise. ``seed`` (Philox) or ``generator`` (torch) fix
     the randomness; with neither a seed is drawn from torch's global RNG. ``out_row`` writes the image into
-    the sampler's ``out`` buffer at that row.
+    the sampler's ``out`` buffer at that row. Speed options (off by default, bit-identical to the plain engine
+    when off): ``deepcache_interval`` (engine/deepcache.py), ``decoder="tiny"`` (engine/decoders.py).
     """
 
     key: Any
@@ -87,6 +96,8 @@ class Request:
     out_row: int | None = None
     cohort: _Cohort | None = field(default=None, repr=False)
     adapter: Any = None  # class key of its UNet delta (engine/adapters.py); None: the base UNet
+    deepcache_interval: int | None = None  # engine/deepcache.py: a full UNet call every N of its steps; None: off
+    decoder: str = "vae"  # engine/decoders.py: "vae" (the checkpoint's decoder) or "tiny" (AutoencoderTiny)
 
 
 @dataclass
@@ -156,7 +167,8 @@ class _Slot:
     base: int = 0  # first row of its schedule in the device tables (fused path)
     i: int = 0  # steps done
     seed: int = 0
-    draws: bool = False  # its scheduler draws noise every step (DDIM eta > 0)
+    draws: bool = False  # its scheduler draws noise every step (DDIM eta > 0, Euler ancestral, LCM)
+    quiet_last: bool = False  # ... but not on its last step (LCM: no noise after the final timestep)
     member: int = 0  # index inside its cohort
     group: Any = None  # _Group (unfused path)
     start: tuple = (1.0, 0.0)  # (coef_x, coef_noise) of the SDEdit start
@@ -173,14 +185,17 @@ class _Group:
 
 
 def fused_step(unet, x, cond, uncond, rows, cfg_rows, uncond_index, guidance, t_table, c_in_table, coef_table,
-               prev_x0=None, noise=None, seeds=None, streams=None, out=None, x0_out=None, dtype=None):  # fmt: skip
+               prev_x0=None, noise=None, seeds=None, streams=None, out=None, x0_out=None, dtype=None,
+               timestep_cond=None, call=None):  # fmt: skip
     """One fused denoising step for B slots: pure tensor code, no host reads (capturable as one graph).
 
     ``x`` (B, C, h, w) fp32 latents; ``cond`` (B, L, D) their prompt embeddings; ``uncond`` (>= B, L, D) the
     negative ones; ``rows`` (B,) each slot's row in the schedule tables (``t_table``, ``c_in_table``,
     ``coef_table``); ``cfg_rows`` (K,) the slots with guidance > 1 (or None), whose unconditional predictions
     are UNet rows B..B+K-1 (``uncond_index``); ``dtype`` the UNet's (default: read from it, which walks
-    every parameter -- callers in a loop pass it). Returns ``(x_next, x0)`` from ``cfg_step``.
+    every parameter -- callers in a loop pass it); ``timestep_cond`` (B, D) the UNet's guidance embedding (LCM's
+    w-embedding) or None; ``call(xin, t, emb, timestep_cond)`` replaces the plain ``unet(...)`` call (compile,
+    DeepCache). Returns ``(x_next, x0)`` from ``cfg_step``.
     """
     from fusionloader.kernels import cfg_step
 
@@ -191,7 +206,14 @@ def fused_step(unet, x, cond, uncond, rows, cfg_rows, uncond_index, guidance, t_
         xin = torch.cat([xin, xin[cfg_rows]])
         t = torch.cat([t, t[cfg_rows]])
         emb = torch.cat([cond, uncond[cfg_rows]])
-    model_out = unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+        if timestep_cond is not None:
+            timestep_cond = torch.cat([timestep_cond, timestep_cond[cfg_rows]])
+    if call is None and timestep_cond is None:
+        model_out = unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+    elif call is None:
+        model_out = unet(xin, t, encoder_hidden_states=emb, timestep_cond=timestep_cond, return_dict=False)[0]
+    else:
+        model_out = call(xin, t, emb, timestep_cond)
     return cfg_step(
         model_out, x, guidance, uncond_index, coef_table[rows], prev_x0=prev_x0, noise=noise, seeds=seeds,
         streams=streams, out=out, x0_out=x0_out,
@@ -207,8 +229,10 @@ class Sampler:
 
     def __init__(self, components, prompt_cache, capacity: int = 8, resolution=None, out=None, mean=None, std=None,
                  return_latents: bool = False, decode_chunk: int = DEFAULT_DECODE_CHUNK,
-                 adapters=None):  # fmt: skip
-        from .schedules import fused_kind
+                 adapters=None, compile: bool = False, cuda_graphs: bool = False, decoders=None):  # fmt: skip
+        from .compile import GraphedStep, unet_call
+        from .decoders import Decoders
+        from .schedules import fused_kind, guidance_free
 
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -222,6 +246,26 @@ class Sampler:
         self.latent_shape = (components.latent_channels, self.resolution[0] // f, self.resolution[1] // f)
         self.numel = math.prod(self.latent_shape)
         self.kind = fused_kind(components.scheduler)
+        # Speed options (docs/CONTRACTS.md "Engine speed options"); all off = the plain engine, bit for bit.
+        self.guidance_free = guidance_free(components.scheduler)  # SD-Turbo: no CFG rows whatever the guidance
+        self.compile = bool(compile)
+        self._call = unet_call(components.unet, compile=self.compile) if self.compile else None
+        self.decoders = decoders if decoders is not None else Decoders(components.decoder)
+        self._deep = None  # engine/deepcache.DeepCache, made when the first request asks for it
+        self._graphs = None
+        if cuda_graphs:
+            if self.kind is None:
+                name = type(components.scheduler).__name__
+                raise ValueError(f"cuda_graphs=True needs a fused scheduler; {name} has none")
+            self._graphs = GraphedStep(components.device)  # raises off CUDA, naming the device
+        # LCM-distilled UNets take the guidance scale as an embedding (time_cond_proj_dim) instead of CFG rows,
+        # as StableDiffusionPipeline / LatentConsistencyModelPipeline do: w = guidance - 1, sinusoidal.
+        self._w_dim = getattr(components.unet.config, "time_cond_proj_dim", None)
+        self._w_freq = None
+        if self._w_dim is not None:  # StableDiffusionPipeline.get_guidance_scale_embedding's table, on the host once
+            half = self._w_dim // 2
+            step = torch.log(torch.tensor(10000.0)) / (half - 1)
+            self._w_freq = _stage(torch.exp(torch.arange(half, dtype=torch.float32) * -step), self.device)
         self.out = out
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
@@ -250,6 +294,7 @@ class Sampler:
         self.steps_run = 0  # UNet calls so far
         self.trace: list | None = None  # set to a list to record ("unet", rows) / ("decode", n) (benchmarks)
         self.unet_rows = 0  # UNet rows evaluated so far (CFG rows included)
+        self.shallow_rows = 0  # ... of which through DeepCache's shallow branch
 
     # -- queue ------------------------------------------------------------------------------------------
 
@@ -294,6 +339,7 @@ class Sampler:
                 raise ValueError(f"request {r.key!r}: latent_std shape {tuple(r.latent_std.shape)} != {tuple(lat.shape)}")
         if r.guidance_scale < 0:
             raise ValueError(f"request {r.key!r}: guidance_scale must be >= 0, got {r.guidance_scale}")
+        self._check_speed_options(r)
         if r.cohort is not None and r.cohort.size > self.capacity:
             raise ValueError(f"a generator shared by {r.cohort.size} samples needs capacity >= {r.cohort.size}")
         if r.out_row is not None and self.out is None:
@@ -302,6 +348,18 @@ class Sampler:
             r.seed = int(torch.randint(0, 2**62, (1,)).item())  # host RNG, not a device sync
         self.prompts.add([r.prompt, r.negative_prompt])
         self._queue.append(r)
+
+    def _check_speed_options(self, r: Request) -> None:
+        from .deepcache import DeepCache, check_interval
+
+        self.decoders.check(r.decoder, r.key)
+        if check_interval(r.deepcache_interval, r.key) is not None:
+            if self._graphs is not None:
+                raise ValueError(f"request {r.key!r}: deepcache_interval is not supported with cuda_graphs=True")
+            if self._deep is None:
+                self._deep = DeepCache(self.c.unet, self.capacity)  # raises for UNets it cannot split
+        if self._graphs is not None and (r.generator is not None or r.cohort is not None):
+            raise ValueError(f"request {r.key!r}: cuda_graphs=True needs seeds (in-kernel Philox), not generators")
 
     def drain(self):
         """Step until every submitted request finished; yields :class:`Finished` in completion order."""
@@ -328,6 +386,8 @@ class Sampler:
             self._c_in = torch.cat([self._c_in, table[n : 2 * n]])
             self._coefs = torch.cat([self._coefs, table[2 * n :].view(n, 7)])
             self._sched_rows[key] = (base, s)
+            if self._graphs is not None:
+                self._graphs.reset()  # the captured graphs read the old tables' addresses
         return self._sched_rows[key]
 
     # -- admission --------------------------------------------------------------------------------------
@@ -437,7 +497,8 @@ class Sampler:
         seed = int(r.seed) if r.seed is not None else 0
         if self.kind is not None:
             base, s = self._schedule(r)
-            slot = _Slot(r, n=len(s.timesteps), base=base, seed=seed, draws=bool(s.stochastic))
+            slot = _Slot(r, n=len(s.timesteps), base=base, seed=seed, draws=bool(s.stochastic),
+                         quiet_last=self.kind == "lcm")  # fmt: skip
             slot.start = (float(s.start[0]), float(s.start[1]))
             return slot
         # Unfused: the start coefficients come from the diffusers scheduler itself (see _form_groups).
@@ -545,7 +606,7 @@ class Sampler:
             )
             noise.index_copy_(0, where, philox_randn(seeds, streams, self.numel).view(-1, *self.latent_shape))
         for b, s in enumerate(slots):
-            if not s.draws:
+            if not s.draws or (s.quiet_last and s.i == s.n - 1):  # (its coefficient is 0 there: nothing to add)
                 continue
             if s.req.cohort is not None:
                 noise[b] = s.req.cohort.step_noise(s.i, self.latent_shape, dev, self.c.dtype)[s.member]
@@ -559,6 +620,45 @@ class Sampler:
         with device_scope(self.device):
             return self._step()
 
+    def _guided(self, s: _Slot) -> bool:
+        """CFG rows for this slot: guidance > 1, unless the UNet embeds guidance (LCM) or the scheduler is Turbo."""
+        return s.req.guidance_scale > 1 and self._w_dim is None and not self.guidance_free
+
+    def _timestep_cond(self, guidance: torch.Tensor) -> torch.Tensor | None:
+        """LCM's w-embedding of each slot's guidance (None for UNets without ``time_cond_proj_dim``)."""
+        if self._w_dim is None:
+            return None
+        emb = ((guidance - 1.0) * 1000.0)[:, None] * self._w_freq[None, :]
+        emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+        if self._w_dim % 2 == 1:
+            emb = torch.nn.functional.pad(emb, (0, 1))
+        return emb.to(self.c.dtype)
+
+    def _model_call(self, B: int, cfg: list[int]):
+        """The UNet call of this step: None (the plain call), the compiled one, or DeepCache's split."""
+        slots = self._slots
+        if self._deep is None or not any(s.req.deepcache_interval for s in slots):
+            return self._call
+        full, full_c, shallow, shallow_c = [], [], [], []
+        for r in range(B + len(cfg)):
+            b = r if r < B else cfg[r - B]
+            n = slots[b].req.deepcache_interval
+            is_full = n is None or slots[b].i % n == 0  # its own phase (NOTE in engine/deepcache.py)
+            (full if is_full else shallow).append(r)
+            (full_c if is_full else shallow_c).append(b if r < B else self.capacity + b)
+        self.shallow_rows += len(shallow)
+        ints = _h2d(full + full_c + shallow + shallow_c, torch.int64, self.device)
+        nf, ns = len(full), len(shallow)
+        f, fc = (ints[:nf], ints[nf : 2 * nf]) if nf else (None, None)
+        sh, shc = (ints[2 * nf : 2 * nf + ns], ints[2 * nf + ns :]) if ns else (None, None)
+        base = self._call or self._plain_call
+        return lambda xin, t, emb, tc: self._deep.run(base, xin, t, emb, tc, f, fc, sh, shc)
+
+    def _plain_call(self, xin, t, emb, tc):
+        if tc is None:
+            return self.c.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+        return self.c.unet(xin, t, encoder_hidden_states=emb, timestep_cond=tc, return_dict=False)[0]
+
     def _step(self) -> list[Finished]:
         self._admit()
         B = len(self._slots)
@@ -566,11 +666,13 @@ class Sampler:
             return []
         dev, cur = self.device, self._cur
         x = self._x[cur][:B]
-        cfg = [b for b, s in enumerate(self._slots) if s.req.guidance_scale > 1]
+        cfg = [b for b, s in enumerate(self._slots) if self._guided(s)]
         uncond_index = [-1] * B
         for k, b in enumerate(cfg):
             uncond_index[b] = B + k
-        if self.kind is not None:
+        if self._graphs is not None:
+            self._graphed_step(B, cfg)
+        elif self.kind is not None:
             # One staging copy for every per-slot integer of this step: [rows | uncond_index | cfg rows].
             ints = _h2d([s.base + s.i for s in self._slots] + uncond_index + cfg, torch.int64, dev)
             rows, uncond_idx, ci = ints[:B], ints[B : 2 * B], (ints[2 * B :] if cfg else None)
@@ -583,17 +685,21 @@ class Sampler:
                 prev_x0=self._prev[cur][:B] if self._prev is not None else None,
                 noise=noise, seeds=seeds, streams=streams,
                 out=self._x[nxt][:B], x0_out=self._prev[nxt][:B] if self._prev is not None else None,
-                dtype=self.c.dtype,
+                dtype=self.c.dtype, timestep_cond=self._timestep_cond(guidance), call=self._model_call(B, cfg),
             )  # fmt: skip
             self._cur = nxt
             self.unet_rows += B + len(cfg)
         else:
             xin, t = self._unfused_inputs(x)
             emb = self._cond[:B]
+            tc = None
+            if self._w_dim is not None:
+                tc = self._timestep_cond(_h2d([float(s.req.guidance_scale) for s in self._slots], torch.float32, dev))
             if cfg:
                 ci = _h2d(cfg, torch.int64, dev)
                 xin, t, emb = torch.cat([xin, xin[ci]]), torch.cat([t, t[ci]]), torch.cat([emb, self._uncond[ci]])
-            model_out = self.c.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+                tc = torch.cat([tc, tc[ci]]) if tc is not None else None
+            model_out = (self._model_call(B, cfg) or self._plain_call)(xin, t, emb, tc)
             self.unet_rows += xin.shape[0]
             self._unfused_update(x, model_out, uncond_index)
         self.steps_run += 1
@@ -603,6 +709,40 @@ class Sampler:
             s.i += 1
         done = [b for b, s in enumerate(self._slots) if s.i >= s.n]
         return self._finish(done) if done else []
+
+    def _graphed_step(self, B: int, cfg: list[int]) -> None:
+        """The fused step over all ``capacity`` slots with a bucketed CFG batch (engine/compile.py), replayed as a
+        CUDA graph per (CFG bucket, ping-pong parity, noise)."""
+        from .compile import fixed_plan
+
+        cap, slots, dev, cur = self.capacity, self._slots, self.device, self._cur
+        rows, uncond_index, cfg_rows = fixed_plan([s.base + s.i for s in slots], cfg, cap)
+        draws = any(s.draws for s in slots)
+        seeds = [s.seed for s in slots] + [0] * (cap - B) if draws else []
+        streams = [2 + s.i for s in slots] + [2] * (cap - B) if draws else []
+        k = len(cfg_rows)
+        ints = _h2d(rows + uncond_index + cfg_rows + seeds + streams, torch.int64, dev)
+        inputs = dict(rows=ints[:cap], uncond_idx=ints[cap : 2 * cap],
+                      guidance=_h2d([float(s.req.guidance_scale) for s in slots] + [1.0] * (cap - B),
+                                    torch.float32, dev))  # fmt: skip
+        if k:
+            inputs["ci"] = ints[2 * cap : 2 * cap + k]
+        if draws:
+            inputs["seeds"], inputs["streams"] = ints[2 * cap + k : 3 * cap + k], ints[3 * cap + k :]
+        nxt = 1 - cur
+        prev = self._prev
+
+        def step(rows, uncond_idx, guidance, ci=None, seeds=None, streams=None):
+            return fused_step(
+                self.c.unet, self._x[cur], self._cond, self._uncond, rows, ci, uncond_idx, guidance,
+                self._t, self._c_in, self._coefs, prev_x0=prev[cur] if prev is not None else None,
+                seeds=seeds, streams=streams, out=self._x[nxt], x0_out=prev[nxt] if prev is not None else None,
+                dtype=self.c.dtype, timestep_cond=self._timestep_cond(guidance), call=self._call,
+            )  # fmt: skip
+
+        self._graphs.step(step, (k, cur, draws), inputs)
+        self._cur = nxt
+        self.unet_rows += cap + k
 
     def _finish(self, done: list[int]) -> list[Finished]:
         from fusionloader.kernels import postprocess
@@ -618,18 +758,22 @@ class Sampler:
         rows = (ints[len(done) :] if same else _h2d(out_rows, torch.int64, self.out.device)) if direct else None
         buf = None if direct else torch.empty((len(done), 3, *self.resolution), dtype=torch.float32, device=dev)
         flags = []
-        for a in range(0, len(done), self.decode_chunk):  # bounded decoder activations (see the module doc)
-            b = min(a + self.decode_chunk, len(done))
-            images = self.decode(lat[a:b])
-            if self.trace is not None:
-                self.trace.append(("decode", b - a))
-            flags.append(torch.isfinite(images).flatten(1).all(1))
-            if direct:
-                postprocess(images.to(self.out.device).contiguous(), self.out, rows=rows[a:b], mean=self.out_mean,
-                            std=self.out_std)  # fmt: skip
-            else:
-                postprocess(images.contiguous(), buf[a:b])
-        finite = torch.cat(flags).tolist()  # the one read-back per finished batch, after decoding
+        names = [r.decoder for r in reqs]
+        if all(n == "vae" for n in names):
+            for a in range(0, len(done), self.decode_chunk):  # bounded decoder activations (see the module doc)
+                b = min(a + self.decode_chunk, len(done))
+                images = self.decode(lat[a:b])
+                if self.trace is not None:
+                    self.trace.append(("decode", b - a))
+                flags.append(torch.isfinite(images).flatten(1).all(1))
+                if direct:
+                    postprocess(images.to(self.out.device).contiguous(), self.out, rows=rows[a:b], mean=self.out_mean,
+                                std=self.out_std)  # fmt: skip
+                else:
+                    postprocess(images.contiguous(), buf[a:b])
+            finite = torch.cat(flags).tolist()  # the one read-back per finished batch, after decoding
+        else:
+            finite = self._decode_by_decoder(names, lat, out_rows if direct else None, buf)
         imgs = [self.out[o] for o in out_rows] if direct else list(buf)
         result = [
             Finished(r.key, img, bool(ok), lat[k] if self.return_latents else None)
@@ -637,6 +781,36 @@ class Sampler:
         ]
         self._remove(done)
         return result
+
+    def _decode_by_decoder(self, names, lat, out_rows, buf) -> list[bool]:
+        """Finished samples asking for different decoders: each decoder's samples in chunks; finiteness flags in
+        the finished order (still one read-back)."""
+        from fusionloader.kernels import postprocess
+
+        dev, order, flags = self.device, [], []
+        for name in sorted(set(names)):
+            pos = [k for k, n in enumerate(names) if n == name]
+            for a in range(0, len(pos), self.decode_chunk):
+                chunk = pos[a : a + self.decode_chunk]
+                sel = _h2d(chunk, torch.int64, dev)
+                latents = lat.index_select(0, sel)
+                images = self.decode(latents) if name == "vae" else self.decoders.decode(name, latents)
+                if self.trace is not None:
+                    self.trace.append(("decode", len(chunk)) if name == "vae" else ("decode_" + name, len(chunk)))
+                flags.append(torch.isfinite(images).flatten(1).all(1))
+                order += chunk
+                if out_rows is not None:
+                    rows = _h2d([out_rows[k] for k in chunk], torch.int64, self.out.device)
+                    postprocess(images.to(self.out.device).contiguous(), self.out, rows=rows, mean=self.out_mean,
+                                std=self.out_std)  # fmt: skip
+                else:
+                    tmp = torch.empty((len(chunk), 3, *self.resolution), dtype=torch.float32, device=dev)
+                    postprocess(images.contiguous(), tmp)
+                    buf.index_copy_(0, sel, tmp)
+        finite = [False] * len(names)
+        for k, ok in zip(order, torch.cat(flags).tolist()):  # the one read-back per finished batch
+            finite[k] = ok
+        return finite
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, C, h, w) -> decoder output in [-1, 1] (N, 3, H, W), one decoder call."""
@@ -656,4 +830,6 @@ class Sampler:
                 bufs.append(self._prev[self._cur])
             for buf in bufs:
                 buf[: len(keep)] = buf[idx]
+            if self._deep is not None:
+                self._deep.compact(idx, len(keep))
         self._slots = [self._slots[b] for b in keep]

@@ -10,7 +10,8 @@ the engine runs is what ``StableDiffusionImg2ImgPipeline`` runs. For step i of a
 
 with m the guided model output. Coefficients are computed in float64 from the scheduler's (float32) tables
 and cast to float32. ``fused_kind`` says whether a scheduler's configuration is one these rows reproduce
-exactly; anything else goes through the engine's unfused path (``scheduler.step``).
+exactly (DDIM, Euler, DPM++ 2M, LCM, and Euler ancestral when built as ``"turbo"``); anything else goes
+through the engine's unfused path (``scheduler.step``).
 
 Img2img (SDEdit) start: ``StableDiffusionImg2ImgPipeline.get_timesteps`` keeps the last
 ``min(int(n * strength), n)`` of the n timesteps and calls ``set_begin_index``; the start latent is
@@ -27,10 +28,23 @@ import math
 
 import torch
 
-__all__ = ["FUSED_KINDS", "SCHEDULER_NAMES", "Schedule", "fused_kind", "get_scheduler", "make_schedule"]
+__all__ = [
+    "FUSED_KINDS",
+    "SCHEDULER_NAMES",
+    "Schedule",
+    "TURBO_KEY",
+    "fused_kind",
+    "get_scheduler",
+    "guidance_free",
+    "make_schedule",
+]
 
-FUSED_KINDS = ("ddim", "dpmpp_2m", "euler")
-SCHEDULER_NAMES = ("ddim", "dpmpp_2m", "euler")
+FUSED_KINDS = ("ddim", "dpmpp_2m", "euler", "euler_a", "lcm")
+SCHEDULER_NAMES = ("ddim", "dpmpp_2m", "euler", "euler_a", "lcm", "turbo")
+# "turbo" is SD-Turbo's scheduler: Euler ancestral with trailing timesteps, marked with this config key (kept
+# through save_pretrained / from_config round trips). The marked scheduler runs fused and without CFG; an
+# unmarked Euler ancestral scheduler keeps the unfused path it always had (bit-identical).
+TURBO_KEY = "fusionloader_turbo"
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
@@ -38,13 +52,13 @@ _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 class Schedule:
     """One (scheduler, steps, strength, eta) setting, ready for ``add_noise`` + ``cfg_step``."""
 
-    kind: str | None  # "ddim" | "euler" | "dpmpp_2m"; None: no fused step (fields marked * are None)
+    kind: str | None  # one of FUSED_KINDS; None: no fused step (fields marked * are None)
     timesteps: torch.Tensor  # (n,) the timesteps the pipeline feeds the UNet, in the scheduler's dtype
     c_in: torch.Tensor | None  # * (n,) float32: UNet input = c_in[i] * x (scale_model_input)
     coefs: torch.Tensor | None  # * (n, 7) float32: cfg_step rows, step by step
     start: tuple[float, float] | None  # * (coef_x, coef_noise) for add_noise: the start latent
     init_noise_sigma: float  # scheduler.init_noise_sigma (text-only start: z * init_noise_sigma)
-    stochastic: bool | None  # * some step adds fresh noise (DDIM with eta > 0; column 6 of coefs)
+    stochastic: bool | None  # * some step adds fresh noise (DDIM eta > 0, Euler ancestral, LCM; column 6)
     begin_index: int  # index of timesteps[0] in the scheduler's full list (pipeline's set_begin_index)
 
     @property
@@ -59,12 +73,15 @@ def _diffusers():
 
 
 def get_scheduler(name_or_obj, config=None):
-    """A diffusers scheduler from a name (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``), a class, or an instance.
+    """A diffusers scheduler from a name (one of ``SCHEDULER_NAMES``), a class, or an instance.
 
     Names and classes are built ``from_config(config)`` (``config``: a scheduler config dict, or a scheduler
     whose config is used, typically the checkpoint's own). ``"dpmpp_2m"`` is DPMSolverMultistepScheduler
-    with ``algorithm_type="dpmsolver++"``, ``solver_order=2`` (midpoint), i.e. "DPM++ 2M". Instances are
-    returned unchanged.
+    with ``algorithm_type="dpmsolver++"``, ``solver_order=2`` (midpoint), i.e. "DPM++ 2M". ``"euler_a"`` is
+    EulerAncestralDiscreteScheduler; ``"lcm"`` LCMScheduler (for LCM-distilled UNets and LCM-LoRA);
+    ``"turbo"`` EulerAncestralDiscreteScheduler with ``timestep_spacing="trailing"`` (SD-Turbo's own
+    scheduler config; a Synthesizer loaded with it runs every request without CFG). Instances are returned
+    unchanged.
     """
     d = _diffusers()
     if isinstance(name_or_obj, d.SchedulerMixin):
@@ -81,18 +98,38 @@ def get_scheduler(name_or_obj, config=None):
             "or pass a diffusers scheduler class or instance"
         )
     name = name_or_obj.lower()
-    config = {} if config is None else config
+    config = _without_marker(config)
     if name == "ddim":
         return d.DDIMScheduler.from_config(config)
     if name == "euler":
         return d.EulerDiscreteScheduler.from_config(config)
+    if name == "euler_a":
+        return d.EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "turbo":
+        turbo = d.EulerAncestralDiscreteScheduler.from_config(_without_marker(config), timestep_spacing="trailing")
+        turbo.register_to_config(**{TURBO_KEY: True})
+        return turbo
+    if name == "lcm":
+        return d.LCMScheduler.from_config(config)
     return d.DPMSolverMultistepScheduler.from_config(
         config, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint"
     )
 
 
+def guidance_free(scheduler) -> bool:
+    """True for a scheduler built as ``"turbo"``: the sampler runs its requests without CFG (SD-Turbo is
+    distilled for guidance 0; diffusers' docs have ``guidance_scale=0.0``), whatever their guidance_scale."""
+    return bool(scheduler.config.get(TURBO_KEY, False))
+
+
+def _without_marker(config):
+    if config is None:
+        return {}
+    return {k: v for k, v in dict(config).items() if k != TURBO_KEY}
+
+
 def fused_kind(scheduler) -> str | None:
-    """``"ddim"``, ``"euler"`` or ``"dpmpp_2m"`` when the fused rows reproduce ``scheduler.step`` exactly, else None."""
+    """The ``FUSED_KINDS`` entry whose rows reproduce ``scheduler.step`` exactly, else None."""
     d = _diffusers()
     cfg = scheduler.config
     if cfg.get("prediction_type", "epsilon") not in _PREDICTIONS:
@@ -110,6 +147,12 @@ def fused_kind(scheduler) -> str | None:
             and not cfg.get("use_beta_sigmas", False)
         )
         return "euler" if ok else None
+    if type(scheduler) is d.EulerAncestralDiscreteScheduler:
+        # Fused only as "turbo" (see TURBO_KEY). "sample" prediction raises NotImplementedError in diffusers.
+        return "euler_a" if guidance_free(scheduler) and cfg.get("prediction_type", "epsilon") != "sample" else None
+    if type(scheduler) is d.LCMScheduler:
+        ok = not cfg.get("clip_sample", False) and not cfg.get("thresholding", False)
+        return "lcm" if ok else None
     if type(scheduler) is d.DPMSolverMultistepScheduler:
         ok = (
             cfg.get("algorithm_type") == "dpmsolver++"
@@ -196,6 +239,51 @@ def _euler_rows(sched, begin: int, n: int, pred: str) -> tuple[list[list[float]]
     return rows, c_in
 
 
+def _euler_a_rows(sched, begin: int, n: int, pred: str) -> tuple[list[list[float]], list[float]]:
+    # EulerAncestralDiscreteScheduler.step: x0 as Euler's; sigma_up = sqrt(s_to^2 (s^2 - s_to^2) / s^2),
+    # sigma_down = sqrt(s_to^2 - sigma_up^2); x_next = x + (x - x0)/s * (sigma_down - s) + sigma_up z
+    #                                               = (sigma_down/s) x + (1 - sigma_down/s) x0 + sigma_up z.
+    # It draws z on every step, the last one included (where sigma_up = 0).
+    rows, c_in = _euler_rows(sched, begin, n, pred)
+    sigmas = sched.sigmas.double()
+    for row, k in zip(rows, range(begin, begin + n)):
+        s, s_to = float(sigmas[k]), float(sigmas[k + 1])
+        up = math.sqrt(max(s_to * s_to * (s * s - s_to * s_to) / (s * s), 0.0))
+        down = math.sqrt(max(s_to * s_to - up * up, 0.0))
+        row[2], row[4], row[6] = down / s, 1.0 - down / s, up
+    return rows, c_in
+
+
+def _lcm_rows(sched, begin: int, n: int, pred: str) -> list[list[float]]:
+    # LCMScheduler.step (Luo et al. 2023, arXiv:2310.04378): x0 as DDIM's, then the consistency boundary
+    # condition denoised = c_out * x0 + c_skip * x with c_skip = sd^2 / (ts^2 + sd^2), c_out = ts / sqrt(ts^2 +
+    # sd^2), ts = t * timestep_scaling, sd = 0.5. Every step but the schedule's last re-noises denoised to the
+    # next timestep: x_next = sqrt(a_prev) denoised + sqrt(1 - a_prev) z; the last returns denoised. The kernel's
+    # "x0" column carries denoised (c0, c1 folded), so the step is one row.
+    ac = sched.alphas_cumprod.double()
+    final = float(sched.final_alpha_cumprod)
+    timesteps = [int(t) for t in sched.timesteps.tolist()]
+    total, scaling, sd = sched.num_inference_steps, float(sched.config.timestep_scaling), 0.5
+    rows = []
+    for k in range(begin, begin + n):
+        t = timesteps[k]
+        prev = timesteps[k + 1] if k + 1 < len(timesteps) else t
+        a = float(ac[t])
+        a_prev = float(ac[prev]) if prev >= 0 else final
+        if a == 0.0 and pred == "epsilon":
+            raise ValueError(f"epsilon prediction is undefined at timestep {t} (alphas_cumprod = 0); use v_prediction")
+        c0, c1 = _x0_rows(pred, math.sqrt(a), math.sqrt(1.0 - a))
+        ts = t * scaling
+        c_skip = sd * sd / (ts * ts + sd * sd)
+        c_out = ts / math.sqrt(ts * ts + sd * sd)
+        d0, d1 = c_out * c0 + c_skip, c_out * c1
+        if k != total - 1:
+            rows.append([d0, d1, 0.0, 0.0, math.sqrt(a_prev), 0.0, math.sqrt(1.0 - a_prev)])
+        else:
+            rows.append([d0, d1, 0.0, 0.0, 1.0, 0.0, 0.0])
+    return rows
+
+
 def _alpha_sigma(sigma: float) -> tuple[float, float]:
     # DPMSolverMultistepScheduler._sigma_to_alpha_sigma_t (VP): alpha = 1/sqrt(sigma^2+1), sigma_t = sigma*alpha.
     alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
@@ -278,7 +366,7 @@ def _plain(value):
 
 def _make_schedule(scheduler, num_inference_steps: int, strength: float | None, eta: float) -> Schedule:
     kind = fused_kind(scheduler)
-    sched = type(scheduler).from_config(scheduler.config)
+    sched = type(scheduler).from_config(_without_marker(scheduler.config))  # (diffusers warns on unknown keys)
     sched.set_timesteps(num_inference_steps)
     begin = _begin_index(num_inference_steps, strength, sched.order)
     timesteps = sched.timesteps[begin:].clone()
@@ -297,9 +385,14 @@ def _make_schedule(scheduler, num_inference_steps: int, strength: float | None, 
         c_in = [1.0] * n
         abar = float(sched.alphas_cumprod.double()[int(timesteps[0])])
         start = (math.sqrt(abar), math.sqrt(1.0 - abar))
-    elif kind == "euler":
-        rows, c_in = _euler_rows(sched, begin, n, pred)
+    elif kind in ("euler", "euler_a"):
+        rows, c_in = (_euler_rows if kind == "euler" else _euler_a_rows)(sched, begin, n, pred)
         start = (1.0, float(sched.sigmas.double()[begin]))
+    elif kind == "lcm":
+        rows = _lcm_rows(sched, begin, n, pred)
+        c_in = [1.0] * n
+        abar = float(sched.alphas_cumprod.double()[int(timesteps[0])])
+        start = (math.sqrt(abar), math.sqrt(1.0 - abar))
     else:
         rows = _dpmpp_2m_rows(sched, begin, n, pred)
         c_in = [1.0] * n
@@ -313,8 +406,9 @@ def _make_schedule(scheduler, num_inference_steps: int, strength: float | None, 
         coefs=torch.tensor(rows, dtype=torch.float64).float(),
         start=(float(start[0]), float(start[1])),
         init_noise_sigma=init_noise_sigma,
-        # DDIM with eta > 0 draws fresh noise every step (even where its std is 0, as diffusers does, which
-        # matters for matching a generator's draw order).
-        stochastic=kind == "ddim" and eta > 0,
+        # DDIM with eta > 0 and Euler ancestral draw fresh noise every step (even where the std is 0, as
+        # diffusers does, which matters for matching a generator's draw order); LCM on every step but the
+        # schedule's last (its draw order: see the sampler's _step_noise).
+        stochastic=(kind == "ddim" and eta > 0) or kind == "euler_a" or (kind == "lcm" and n > 1),
         begin_index=begin,
     )

@@ -78,6 +78,7 @@ class Synthesizer:
                  attention="sdpa", resolution=None, prompt_policy: PromptPolicy | None = None,
                  prompt_cache_size: int | None = DEFAULT_PROMPT_CACHE_SIZE, decode_chunk: int = DEFAULT_DECODE_CHUNK,
                  leakage_guard: bool = False, class_names=None,
+                 tiny_decoder=None, compile: bool = False, cuda_graphs: bool = False,
                  _components: Components | None = None, _spec: dict | None = None):  # fmt: skip
         if _components is None:
             if pipe is None:
@@ -105,6 +106,26 @@ class Synthesizer:
         else:
             self.prompt_cache = PromptCache(self.components.tokenizer, self.components.text_encoder,
                                             self.components.device, max_size=prompt_cache_size)  # fmt: skip
+        # Speed options (docs/CONTRACTS.md "Engine speed options"): per sampler (compile, cuda_graphs) and the
+        # decoders a request may pick (decoder="tiny": tiny_decoder, else the checkpoint's vae_tiny/ folder).
+        self.compile, self.cuda_graphs = bool(compile), bool(cuda_graphs)
+        if self.cuda_graphs:
+            from .compile import check_cuda_graphs
+
+            check_cuda_graphs(self.components.device)
+        self.decoders = self._decoders(tiny_decoder)
+
+    def _decoders(self, tiny_decoder):
+        from .decoders import TINY_SUBFOLDER, Decoders
+
+        c = self.components
+        source = tiny_decoder
+        folder = self._spec.get("path_or_id") if self._spec else None
+        if source is None and folder and os.path.isdir(os.path.join(folder, TINY_SUBFOLDER)):
+            source = os.path.join(folder, TINY_SUBFOLDER)
+        if source is None and c.decoder is not c.vae:  # tiny_vae= already made TAESD the decoder
+            source = c.decoder
+        return Decoders(c.decoder, source, c.device, c.vae_dtype)
 
     def _check_resolution(self, resolution) -> tuple[int, int]:
         if resolution is None:
@@ -121,7 +142,8 @@ class Synthesizer:
                         resolution=None, prompt_policy: PromptPolicy | None = None,
                         textual_inversion=None, prompt_cache_size: int | None = DEFAULT_PROMPT_CACHE_SIZE,
                         decode_chunk: int = DEFAULT_DECODE_CHUNK, leakage_guard: bool = False,
-                        class_names=None) -> Synthesizer:  # fmt: skip
+                        class_names=None, tiny_decoder=None, compile: bool = False,
+                        cuda_graphs: bool = False) -> Synthesizer:  # fmt: skip
         """Load a Stable-Diffusion checkpoint (folder or hub id); see :func:`~fusionloader.engine.models.load_components`.
 
         Defaults by device: on CUDA an fp16 UNet and text encoder with an fp32 VAE, and a fused scheduler (DDIM
@@ -129,12 +151,17 @@ class Synthesizer:
         checkpoint's scheduler. ``dtype``/``vae_dtype``/``scheduler`` override (``scheduler="checkpoint"`` keeps it).
 
         ``textual_inversion``: a list of ``(source, token)`` pairs applied with :meth:`load_textual_inversion`.
+
+        Speed options: ``scheduler="lcm"`` / ``"turbo"`` (few-step; Turbo runs without CFG), ``tiny_decoder`` (an
+        ``AutoencoderTiny`` or folder for requests with ``decoder="tiny"``; default the checkpoint's ``vae_tiny/``),
+        ``compile`` (torch.compile of the UNet call), ``cuda_graphs`` (CUDA only).
         """
         spec = dict(
             path_or_id=os.fspath(path_or_id), device=str(device), dtype=dtype, vae_dtype=vae_dtype,
             scheduler=scheduler, tiny_vae=tiny_vae, attention=attention, variant=variant, revision=revision,
             local_files_only=local_files_only, resolution=resolution, prompt_policy=prompt_policy,
             textual_inversion=[], prompt_cache_size=prompt_cache_size, decode_chunk=decode_chunk,
+            tiny_decoder=tiny_decoder, compile=compile, cuda_graphs=cuda_graphs,
         )  # fmt: skip
         guard, names = _check_guard(leakage_guard, class_names)  # before loading anything
         if guard:
@@ -144,7 +171,8 @@ class Synthesizer:
         )
         synth = cls(_components=comps, _spec=spec, resolution=resolution, prompt_policy=prompt_policy,
                     prompt_cache_size=prompt_cache_size, decode_chunk=decode_chunk, leakage_guard=guard,
-                    class_names=names)  # fmt: skip
+                    class_names=names, tiny_decoder=tiny_decoder, compile=compile,
+                    cuda_graphs=cuda_graphs)  # fmt: skip
         for source, token in textual_inversion or ():
             synth.load_textual_inversion(source, token)
         return synth
@@ -193,6 +221,7 @@ class Synthesizer:
         spec["prompt_cache_size"], spec["decode_chunk"] = self.prompt_cache.max_size, self.decode_chunk  # engine: memory bounds
         if self.leakage_guard:  # producers refuse class names too
             spec["leakage_guard"], spec["class_names"] = True, list(self.class_names)
+        spec["compile"], spec["cuda_graphs"] = self.compile, self.cuda_graphs  # engine: speed options
         return spec
 
     def _handoff(self) -> dict:
@@ -246,7 +275,8 @@ class Synthesizer:
         if out is not None:
             self._check_out(out, None)
         return Sampler(self.components, self.prompt_cache, capacity, self.resolution, out, mean, std, return_latents,
-                       self.decode_chunk if decode_chunk is None else decode_chunk)  # fmt: skip
+                       self.decode_chunk if decode_chunk is None else decode_chunk, compile=self.compile,
+                       cuda_graphs=self.cuda_graphs, decoders=self.decoders)  # fmt: skip
 
     def memory_estimate(self, capacity: int = 8, decode_chunk: int | None = None, guided: bool = True) -> dict:
         """Predicted device memory (bytes) of a sampler with ``capacity`` slots; see :mod:`.memory`.
@@ -266,7 +296,8 @@ class Synthesizer:
     def augment(self, images, prompts, strengths=0.5, guidance_scale=7.5, num_inference_steps: int = 50,
                 generator=None, seeds=None, eta: float = 0.0, capacity: int | None = None, negative_prompt="",
                 prompt_policy: PromptPolicy | None = None, latent_mode: str = "sample",
-                output_type: str = "pt", return_latents: bool = False):  # fmt: skip
+                output_type: str = "pt", return_latents: bool = False, deepcache_interval: int | None = None,
+                decoder: str = "vae"):  # fmt: skip
         """Augment ``images`` (float [0, 1], (N, 3, H, W) at the generation resolution) -> float [0, 1] images.
 
         ``images`` may also be cached latents: ``(mean, std)`` from :meth:`LatentCache.get` (``std=None`` or
@@ -276,7 +307,8 @@ class Synthesizer:
         ``generator`` / ``seeds``: see the module NOTE. ``capacity``: UNet batch slots (default: all images, at
         most 64; a shared generator's strength group always fits whole).
         ``output_type="latent"`` returns the final scaled latents instead; ``return_latents=True`` returns
-        ``(images, latents)``. Raises
+        ``(images, latents)``. ``deepcache_interval`` (one value or one per image) and ``decoder`` (``"vae"`` or
+        ``"tiny"``, one or one per image): the per-request speed options of ``Request``. Raises
         :class:`~fusionloader.engine.errors.NonFiniteOutputError` naming the images that came out NaN/inf.
         """
         if output_type not in ("pt", "latent"):
@@ -285,6 +317,7 @@ class Synthesizer:
             images, prompts, strengths, guidance_scale, num_inference_steps, generator, seeds, eta,
             negative_prompt, prompt_policy, latent_mode,
         )  # fmt: skip
+        self._speed_options(reqs, deepcache_interval, decoder)
         want_latents = output_type == "latent" or return_latents
         results = self._run(reqs, phases, capacity, None, None, None, want_latents)
         self._raise_nonfinite(results)
@@ -297,7 +330,8 @@ class Synthesizer:
     def augment_into(self, out: torch.Tensor, images, prompts, strengths=0.5, guidance_scale=7.5,
                      num_inference_steps: int = 50, generator=None, seeds=None, eta: float = 0.0,
                      capacity: int | None = None, negative_prompt="", prompt_policy: PromptPolicy | None = None,
-                     latent_mode: str = "sample", rows=None, mean=None, std=None) -> torch.Tensor:  # fmt: skip
+                     latent_mode: str = "sample", rows=None, mean=None, std=None,
+                     deepcache_interval: int | None = None, decoder: str = "vae") -> torch.Tensor:  # fmt: skip
         """:meth:`augment` writing straight into ``out`` (uint8 0..255, or float, optionally ``(x - mean) / std``).
 
         ``rows`` (default ``range(N)``) are the rows of ``out`` image i goes to. Returns ``out``.
@@ -306,6 +340,7 @@ class Synthesizer:
             images, prompts, strengths, guidance_scale, num_inference_steps, generator, seeds, eta,
             negative_prompt, prompt_policy, latent_mode,
         )  # fmt: skip
+        self._speed_options(reqs, deepcache_interval, decoder)
         rows = list(range(len(reqs))) if rows is None else [int(r) for r in rows]
         if len(rows) != len(reqs):
             raise ValueError(f"rows: got {len(rows)} rows for {len(reqs)} images")
@@ -318,11 +353,13 @@ class Synthesizer:
 
     def generate(self, prompts, guidance_scale=7.5, num_inference_steps: int = 50, generator=None, seeds=None,
                  eta: float = 0.0, capacity: int | None = None, negative_prompt="",
-                 prompt_policy: PromptPolicy | None = None, output_type: str = "pt") -> torch.Tensor:  # fmt: skip
+                 prompt_policy: PromptPolicy | None = None, output_type: str = "pt",
+                 deepcache_interval: int | None = None, decoder: str = "vae") -> torch.Tensor:  # fmt: skip
         """Text-to-image from pure noise (``StableDiffusionPipeline``'s function), e.g. class-label generation."""
         return self.augment(
             None, prompts, None, guidance_scale, num_inference_steps, generator, seeds, eta, capacity,
-            negative_prompt, prompt_policy, "sample", output_type,
+            negative_prompt, prompt_policy, "sample", output_type, deepcache_interval=deepcache_interval,
+            decoder=decoder,
         )  # fmt: skip
 
     # -- internals --------------------------------------------------------------------------------------
@@ -450,6 +487,13 @@ class Synthesizer:
         ]
         return reqs, phases
 
+    @staticmethod
+    def _speed_options(reqs, deepcache_interval, decoder) -> None:
+        n = len(reqs)
+        for r, every, dec in zip(reqs, _as_list(deepcache_interval, n, "deepcache_interval"),
+                                 _as_list(decoder, n, "decoder")):  # fmt: skip
+            r.deepcache_interval, r.decoder = every, dec
+
     def _run(self, reqs, phases, capacity, out, mean, std, return_latents) -> dict[int, Finished]:
         """Sample every phase. Inference mode (no version counters, no view tracking) makes the many small
         ops of a step measurably cheaper on CPU than no_grad; what it returns are inference tensors, which
@@ -461,7 +505,8 @@ class Synthesizer:
                 if reqs[members[0]].cohort is not None:
                     cap = max(cap, len(members))
                 sampler = Sampler(self.components, self.prompt_cache, cap, self.resolution, out, mean, std, return_latents,
-                                  self.decode_chunk)  # fmt: skip
+                                  self.decode_chunk, compile=self.compile, cuda_graphs=self.cuda_graphs,
+                                  decoders=self.decoders)  # fmt: skip
                 for i in members:
                     sampler.submit(reqs[i])
                 for f in sampler.drain():
