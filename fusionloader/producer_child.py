@@ -180,7 +180,12 @@ class Producer:
 
     def attach(self, handle) -> None:
         pin = torch.cuda.current_device() if torch.device(self.cfg.device).type == "cuda" else None
-        self.ring = SlotRing.attach(handle, pin=pin)
+        self.use_ring(SlotRing.attach(handle, pin=pin))
+
+    def use_ring(self, ring) -> None:
+        """Serve into ``ring``: a SlotRing, or any object with its producer-side calls (``shape``, ``dtype``,
+        ``device``, ``data``, ``fill``, ``publish``, ``close``) -- the Ray backend's object-store slots."""
+        self.ring = ring
         fits = tuple(self.ring.shape) == (3, *self.resolution)
         fits = fits and (self.ring.dtype.is_floating_point or self.ring.dtype == torch.uint8)
         self.direct = fits and torch.device(self.ring.device) == torch.device(self.cfg.device)
