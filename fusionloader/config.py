@@ -148,8 +148,11 @@ class FusionConfig:
     #: the train transform for datasets returning raw images (applied to real and synthetic); leave None for
     #: datasets with their own ``transform`` (ImageFolder, VisionDataset): theirs is applied to both.
     transform: Callable | None = None
-    #: one producer per device ("cpu", "cuda:1", ...), split among the local ranks of a node.
+    #: one producer per device ("cpu", "cuda:1", ...), split among the local ranks of a node; under
+    #: ``producer_backend="ray"``: N actors or a list of Ray resource dicts, one pool for all ranks.
     producer_devices: Any = ("cpu",)
+    #: "process" (spawned producers per rank, the default) or "ray" (the job's shared Ray actor pool; extra [ray]).
+    producer_backend: str = "process"
     #: "reuse", "real" or "wait" (a :class:`LatePolicy`).
     late_policy: Any = "reuse"
     #: in-memory variant store: variants kept per index, and bytes overall.
@@ -190,14 +193,21 @@ class FusionConfig:
         self.alpha = check_alpha(self.alpha)
         choices = normalize_strengths(self.strengths)
         self.late_policy = LatePolicy.of(self.late_policy)
-        devices = (self.producer_devices,) if isinstance(self.producer_devices, (str, torch.device)) else self.producer_devices
-        try:
-            devices = tuple(devices)
-        except TypeError:
-            raise TypeError(f"producer_devices must be a device or a sequence of devices, got {self.producer_devices!r}") from None
-        if not devices:
-            raise ValueError("producer_devices must name at least one device, got ()")
-        self.producer_devices = tuple(check_device("producer_devices", d) for d in devices)
+        if self.producer_backend not in ("process", "ray"):
+            raise ValueError(f"producer_backend must be 'process' or 'ray', got {self.producer_backend!r}")
+        if self.producer_backend == "ray":  # resource specs, placed by Ray (fusionloader/ray_backend/specs.py)
+            from .ray_backend.specs import check_producer_devices
+
+            self.producer_devices = check_producer_devices(self.producer_devices)
+        else:
+            devices = (self.producer_devices,) if isinstance(self.producer_devices, (str, torch.device)) else self.producer_devices
+            try:
+                devices = tuple(devices)
+            except TypeError:
+                raise TypeError(f"producer_devices must be a device or a sequence of devices, got {self.producer_devices!r}") from None
+            if not devices:
+                raise ValueError("producer_devices must name at least one device, got ()")
+            self.producer_devices = tuple(check_device("producer_devices", d) for d in devices)
         self.variants_per_index = _int("variants_per_index", self.variants_per_index, 0)
         self.store_bytes = _int("store_bytes", self.store_bytes, 0)
         self.lookahead = _int("lookahead", self.lookahead, 1, optional=True)

@@ -471,7 +471,8 @@ class FusionLoader(Generic[T_co]):
             return
         cfg = self.config
         local_rank, local_world = local_info()
-        devices = devices_for_rank(cfg.producer_devices, local_rank, local_world)
+        ray = cfg.producer_backend == "ray"  # one pool for every rank: no split of the devices
+        devices = cfg.producer_devices if ray else devices_for_rank(cfg.producer_devices, local_rank, local_world)
         kwargs = dict(on_error=cfg.on_producer_error, max_restarts=cfg.max_restarts, latent_cache_path=cfg.latent_cache_path,
                       capacity=cfg.producer_capacity, image_size=cfg.image_size, slots=cfg.producer_slots,
                       timeout=cfg.producer_timeout, wait_ready=cfg.late_policy.producers_wait_ready,
@@ -479,6 +480,10 @@ class FusionLoader(Generic[T_co]):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if cfg.pool_factory is not None:
             pool = cfg.pool_factory(cfg.synthesizer, self._source, devices=devices, **kwargs)
+        elif ray:
+            from .ray_backend import RayProducerPool
+
+            pool = RayProducerPool(cfg.synthesizer, self._source, devices=devices, slot_dtype=self._slot_dtype(), **kwargs)
         else:
             from .producer import ProducerPool
 

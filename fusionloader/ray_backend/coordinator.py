@@ -210,5 +210,9 @@ class Coordinator:
     def latency_s(self) -> float:
         return self.core.book.latency_s
 
+    def producer_handles(self) -> list:
+        """The live producer actors' handles (tests: ``ray.kill`` one)."""
+        return [p.handle for p in self.core.supervisor.procs if p.handle is not None]
+
     def producer_pids(self) -> list:
         return [p.pid for p in self.core.supervisor.procs if p.pid is not None]

@@ -97,6 +97,7 @@ class _Client:
         self.ended: dict[int, str] = {}  # key -> "lost" | "dropped"
         self.live: set[int] = set()  # submitted, neither taken nor cancelled nor ended
         self.acks: list[int] = []
+        self.lost_made = 0  # images this rank could not fetch: their producer died after making them
         self.error: ProducerError | None = None
         self.notices: list[str] = []
         self.stalled: list[int] = []
@@ -332,7 +333,8 @@ class RayProducerPool:
                 try:
                     array = ray.get(ref, timeout=c.unreachable_s)
                 except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
-                    return None  # its producer died after making it: lost
+                    c.lost_made += 1  # its producer died after making it (it owned the object): lost
+                    return None
                 return from_numpy(array, self._cfg.slot_dtype)
             if key in c.ended or key not in c.live:
                 c.ended.pop(key, None)
@@ -383,8 +385,14 @@ class RayProducerPool:
         return list(self._client.stalled)
 
     def stats(self) -> dict:
+        """The job's pool, all ranks together (ProducerPool.stats's keys), plus ``ranks`` attached, ``delivered``
+        (results handed to ranks, not yet taken), ``backend``, ``pool`` (its name) and this ``rank``."""
         c = self._live()
+        if c.acks:  # the counts include what this rank took
+            acks, c.acks = c.acks, []
+            self._sync(c, acks, None, 0.0)
         out = self._call(c, "stats", c.coord.stats.remote())
+        out["lost"] += c.lost_made  # (this rank's; other ranks count theirs)
         out["backend"], out["pool"], out["rank"] = "ray", self.name, self.rank
         return out
 
