@@ -75,16 +75,30 @@ def connect_ray(rank: int, world: int) -> bool:
         return False
     dist = torch.distributed
     if world > 1 and dist.is_available() and dist.is_initialized():
-        box = [None]
+        box = [None, None]
         if rank == 0:
             ray.init(namespace=NAMESPACE, _system_config=no_spill, log_to_driver=False)
-            box = [ray.get_runtime_context().gcs_address]
+            # the address, and whether the new runtime wants Ray's auth token (~/.ray/auth_token, never sent)
+            box = [ray.get_runtime_context().gcs_address, os.environ.get("RAY_AUTH_MODE")]
         dist.broadcast_object_list(box, src=0)
         if rank != 0:
+            if box[1] == "token" and "RAY_AUTH_MODE" not in os.environ:
+                _enable_token_auth()
             ray.init(address=box[0], namespace=NAMESPACE, log_to_driver=False)
         return rank == 0
     ray.init(namespace=NAMESPACE, _system_config=no_spill, log_to_driver=False)
     return True
+
+
+def _enable_token_auth() -> None:
+    """Connect with the token auth a runtime started by ``ray.init`` uses by default since Ray 2.5x (its token
+    is in ``~/.ray/auth_token``, shared by the ranks of one node). Ray reads the mode into its C++ config, so
+    setting ``RAY_AUTH_MODE`` alone after import is not enough."""
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth as enable
+    except ImportError:  # a Ray without token auth
+        return
+    enable()
 
 
 class _Client:
