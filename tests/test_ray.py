@@ -199,3 +199,13 @@ def test_shutdown_leaves_no_actor_and_no_object(tiny_sd1_path):
         time.sleep(0.2)
     assert not alive_actors() and plasma_objects() == 0
     assert name not in [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+
+
+def test_transport_benchmark_measures_all_three_paths():
+    from fusionloader.benchmarks.bench_transport import transport
+
+    out = transport(2)
+    for dtype in ("float32", "uint8"):
+        r = out[dtype]
+        assert r["memcpy_us"] > 0 and r["ring_us"] > 0 and r["ray"]["put_us"] > 0 and r["ray"]["get_and_copy_us"] > 0
+        assert r["ray"]["us_per_image"] == r["ray"]["put_us"] + r["ray"]["get_and_copy_us"]
