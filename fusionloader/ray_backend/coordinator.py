@@ -11,6 +11,7 @@ delivery. The actor is threaded: a rank's ``sync`` may wait for its image while 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -91,10 +92,8 @@ class Coordinator:
         while not self.closing:
             time.sleep(1.0)
             if self.clients and time.monotonic() - max(self.clients.values()) > LEASE_S:
-                self.close()
-                import ray
-
-                ray.actor.exit_actor()
+                self.close()  # the producers are stopped; then this detached actor's process goes too
+                os._exit(0)
 
     # -- the ranks' calls -----------------------------------------------------------------------------
 
