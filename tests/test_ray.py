@@ -8,6 +8,7 @@ module checks at the end that nothing of any pool is left. Images of 64 px float
 """
 
 import os
+import signal
 import time
 import warnings
 
@@ -151,7 +152,10 @@ def test_actor_killed_mid_epoch_is_survived_and_counted(tiny_sd1_path):
                 assert time.monotonic() - t0 < 10, "the actor's death was not seen within 10 s"
                 time.sleep(0.1)
             got = {k: pool.take(k, timeout=60) for k in range(1, 6)}
-            pool.check()
+            while not any("restarting it (1/2)" in str(w.message) for w in caught):  # at the next heartbeat
+                assert time.monotonic() - t0 < 60
+                pool.check()
+                time.sleep(0.1)
         stats = pool.stats()
         assert stats["restarts"] == 1
         lost = [k for k, v in got.items() if v is None]
@@ -164,6 +168,35 @@ def test_actor_killed_mid_epoch_is_survived_and_counted(tiny_sd1_path):
         assert all(pool.take(k, timeout=60) is not None for k in range(6, 9))
         assert pool.stats()["lost"] == stats["lost"]
     finally:
+        pool.close()
+
+
+def test_silent_actor_is_declared_dead_within_liveness_timeout(tiny_sd1_path):
+    # A stopped process answers nothing and fails no call -- what a lost node looks like from the coordinator
+    # until Ray's own health check gives up on it.
+    pool = RayProducerPool(tiny_sd1_path, Source(), devices=1, capacity=2, image_size=SIZE, on_error="restart",
+                           max_restarts=1, liveness_s=2.0)
+    pool.start()
+    try:
+        (pid,) = [p["pid"] for p in pool.stats()["producers"]]
+        pool.submit(jobs(range(4), steps=50))
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            while pool.stats()["restarts"] < 1:
+                assert time.monotonic() - t0 < 8, "a silent actor was not declared dead within liveness_s + 6 s"
+                time.sleep(0.1)
+            while not any("no answer" in str(w.message) for w in caught):  # heard at the next heartbeat (1 s)
+                assert time.monotonic() - t0 < 10, [str(w.message) for w in caught]
+                pool.check()
+                time.sleep(0.1)
+        assert all(pool.take(k, timeout=0.5) is None for k in range(4)) and pool.stats()["lost"] == 4
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)  # ray.kill already asked; make sure the stopped process goes
+        except ProcessLookupError:
+            pass
         pool.close()
 
 
