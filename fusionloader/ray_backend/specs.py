@@ -6,7 +6,7 @@ import numbers
 import os
 import socket
 
-__all__ = ["ACTOR_OPTIONS", "actor_specs", "check_producer_devices", "pool_name", "resolve_specs"]
+__all__ = ["ACTOR_OPTIONS", "check_producer_devices", "pool_name", "resolve_specs"]
 
 ACTOR_OPTIONS = ("accelerator_type", "memory", "num_cpus", "num_gpus", "resources")
 
