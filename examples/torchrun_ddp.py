@@ -1,7 +1,7 @@
 """Swap-in under torchrun: each rank gets its shard (DistributedSampler's rules) and its own producers.
 
-    # 8 GPUs: ranks on cuda:0-5, producers on cuda:6 and cuda:7 (one per 3 ranks)
-    torchrun --nproc-per-node 6 examples/torchrun_ddp.py --data /data/train --producers cuda:6 cuda:7
+    # 8 GPUs: ranks on cuda:0-3, producers on cuda:4-7 (one per rank; fewer: examples/ray_torchrun.py)
+    torchrun --nproc-per-node 4 examples/torchrun_ddp.py --data /data/train --producers cuda:4 cuda:5 cuda:6 cuda:7
 """
 
 import argparse
@@ -24,7 +24,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--model", default="runwayml/stable-diffusion-v1-5")
-    ap.add_argument("--producers", nargs="+", default=["cuda:6", "cuda:7"], help="split among the local ranks")
+    ap.add_argument("--producers", nargs="+", default=["cuda:4", "cuda:5", "cuda:6", "cuda:7"],
+                    help="split among the local ranks (at least one each)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=10)
     args = ap.parse_args()

@@ -149,8 +149,11 @@ class FusionConfig:
     #: the train transform for datasets returning raw images (applied to real and synthetic); leave None for
     #: datasets with their own ``transform`` (ImageFolder, VisionDataset): theirs is applied to both.
     transform: Callable | None = None
-    #: one producer per device ("cpu", "cuda:1", ...), split among the local ranks of a node.
+    #: one producer per device ("cpu", "cuda:1", ...), split among the local ranks of a node; under
+    #: ``producer_backend="ray"``: N actors or a list of Ray resource dicts, one pool for all ranks.
     producer_devices: Any = ("cpu",)
+    #: "process" (spawned producers per rank, the default) or "ray" (the job's shared Ray actor pool; extra [ray]).
+    producer_backend: str = "process"
     #: "reuse", "real" or "wait" (a :class:`LatePolicy`).
     late_policy: Any = "reuse"
     #: in-memory variant store: variants kept per index, and bytes overall.
@@ -177,6 +180,11 @@ class FusionConfig:
     retrieval: Any = field(default=None, repr=False)
     guidance_scale: float = 7.5
     num_inference_steps: int = 50
+    #: producer speed options per job (docs/CONTRACTS.md "Engine speed options"): DeepCache-style feature
+    #: caching (a full UNet call every N steps, the shallow branch between; None: off) and the decoder
+    #: (``"vae"``, or ``"tiny"``: the synthesizer's tiny decoder, its checkpoint's ``vae_tiny/`` folder).
+    deepcache_interval: int | None = None
+    decoder: str = "vae"
     #: seconds a batch may wait for its fresh images under ``late_policy="wait"`` (one deadline per batch).
     wait_timeout: float = 30.0
     #: producers' slot resolution (default: the model's), a multiple of 8.
@@ -222,14 +230,21 @@ class FusionConfig:
             raise TypeError(f"clip_filter must be a ClipFilter object (fusionloader.engine.clip_filter), got {self.clip_filter!r}")
         choices = normalize_strengths(self.strengths)
         self.late_policy = LatePolicy.of(self.late_policy)
-        devices = (self.producer_devices,) if isinstance(self.producer_devices, (str, torch.device)) else self.producer_devices
-        try:
-            devices = tuple(devices)
-        except TypeError:
-            raise TypeError(f"producer_devices must be a device or a sequence of devices, got {self.producer_devices!r}") from None
-        if not devices:
-            raise ValueError("producer_devices must name at least one device, got ()")
-        self.producer_devices = tuple(check_device("producer_devices", d) for d in devices)
+        if self.producer_backend not in ("process", "ray"):
+            raise ValueError(f"producer_backend must be 'process' or 'ray', got {self.producer_backend!r}")
+        if self.producer_backend == "ray":  # resource specs, placed by Ray (fusionloader/ray_backend/specs.py)
+            from .ray_backend.specs import check_producer_devices
+
+            self.producer_devices = check_producer_devices(self.producer_devices)
+        else:
+            devices = (self.producer_devices,) if isinstance(self.producer_devices, (str, torch.device)) else self.producer_devices
+            try:
+                devices = tuple(devices)
+            except TypeError:
+                raise TypeError(f"producer_devices must be a device or a sequence of devices, got {self.producer_devices!r}") from None
+            if not devices:
+                raise ValueError("producer_devices must name at least one device, got ()")
+            self.producer_devices = tuple(check_device("producer_devices", d) for d in devices)
         self.variants_per_index = _int("variants_per_index", self.variants_per_index, 0)
         self.store_bytes = _int("store_bytes", self.store_bytes, 0)
         self.lookahead = _int("lookahead", self.lookahead, 1, optional=True)
@@ -238,6 +253,9 @@ class FusionConfig:
         self.return_meta = bool(self.return_meta)
         self.guidance_scale = _float("guidance_scale", self.guidance_scale, 0.0)
         self.num_inference_steps = _int("num_inference_steps", self.num_inference_steps, 1)
+        self.deepcache_interval = _int("deepcache_interval", self.deepcache_interval, 1, optional=True)
+        if self.decoder not in ("vae", "tiny"):
+            raise ValueError(f"decoder must be 'vae' or 'tiny', got {self.decoder!r}")
         if self.alpha > 0:  # strengths are unused while alpha is 0 (a real-only curriculum stage)
             self.check_steps(choices)
         self.wait_timeout = _float("wait_timeout", self.wait_timeout, 0.0, strict=True, allow_inf=True)

@@ -1,7 +1,7 @@
 """Distributed awareness: which rank am I, which positions are mine, which producer devices are mine.
 
-Producers are child processes of each training rank, never torch.distributed ranks, so the user's DDP
-setup stays untouched (DESIGN.md "Where it grows"). Positions are sharded exactly like
+Producers are child processes of each training rank (or, with ``producer_backend="ray"``, actors of one pool
+shared by every rank), never torch.distributed ranks, so the user's DDP setup stays untouched (DESIGN.md "Where it grows"). Positions are sharded exactly like
 ``DistributedSampler`` (see :func:`fusionloader.plan.distributed_order`); each rank draws its coins
 and seeds from its own stream ``(seed, epoch, rank, world_size)``.
 """
@@ -34,11 +34,15 @@ def local_info() -> tuple[int, int]:
 
 
 def devices_for_rank(devices: Sequence[str], local_rank: int = 0, local_world_size: int = 1) -> tuple[str, ...]:
-    """Split the node's spare producer devices among its training ranks.
+    """Split the node's spare producer devices among its training ranks (process backend).
 
-    With at least as many devices as local ranks, rank ``r`` gets ``devices[r::local_world_size]``;
-    with fewer, devices are shared round-robin (``devices[r % len(devices)]``). ``"cpu"`` entries can
-    be shared by everyone.
+    With at least as many devices as local ranks, rank ``r`` gets ``devices[r::local_world_size]``. ``"cpu"``
+    entries are shared by everyone (each rank's producers run on the node's cores). With fewer CUDA devices
+    than local ranks this refuses (``ValueError``): each rank spawns its own producers, so sharing a GPU would
+    load one copy of the model per rank onto it (N times the weights, text encoder and VAE, and N processes
+    time-slicing one GPU without batching across ranks -- no more images per second than one producer, and
+    the memory often does not fit). One producer serving several ranks is the Ray backend
+    (``producer_backend="ray"``): one pool per job whose actors batch every rank's requests together.
     """
     devices = tuple(str(d) for d in devices)
     if not devices:
@@ -47,4 +51,12 @@ def devices_for_rank(devices: Sequence[str], local_rank: int = 0, local_world_si
         return devices
     if len(devices) >= local_world_size:
         return devices[local_rank::local_world_size]
-    return (devices[local_rank % len(devices)],)
+    if all(d == "cpu" for d in devices):
+        return devices
+    raise ValueError(
+        f"producer_devices={devices!r} gives {len(devices)} producer device(s) to {local_world_size} training ranks "
+        f"on this node: each rank would load its own copy of the model onto a shared GPU (one per rank, "
+        f"{local_world_size // len(devices) + (local_world_size % len(devices) > 0)} on one device), which "
+        f"multiplies its memory and does not make it faster. Give at least one device per local rank, or share "
+        f"the devices among all ranks with producer_backend='ray' (producer_devices=N or Ray resource dicts; "
+        f"README \"Past one machine\")")

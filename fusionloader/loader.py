@@ -564,7 +564,8 @@ class FusionLoader(Generic[T_co]):
             return
         cfg = self.config
         local_rank, local_world = local_info()
-        devices = devices_for_rank(cfg.producer_devices, local_rank, local_world)
+        ray = cfg.producer_backend == "ray"  # one pool for every rank: no split of the devices
+        devices = cfg.producer_devices if ray else devices_for_rank(cfg.producer_devices, local_rank, local_world)
         kwargs = dict(on_error=cfg.on_producer_error, max_restarts=cfg.max_restarts, latent_cache_path=cfg.latent_cache_path,
                       capacity=cfg.producer_capacity, image_size=cfg.image_size, slots=cfg.producer_slots,
                       timeout=cfg.producer_timeout, wait_ready=cfg.late_policy.producers_wait_ready,
@@ -573,6 +574,10 @@ class FusionLoader(Generic[T_co]):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}  # adapters/clip_filter only when given
         if cfg.pool_factory is not None:
             pool = cfg.pool_factory(cfg.synthesizer, self._source, devices=devices, **kwargs)
+        elif ray:
+            from .ray_backend import RayProducerPool
+
+            pool = RayProducerPool(cfg.synthesizer, self._source, devices=devices, slot_dtype=self._slot_dtype(), **kwargs)
         else:
             from .producer import ProducerPool
 
@@ -602,13 +607,17 @@ class FusionLoader(Generic[T_co]):
         if cfg.retrieval is not None:  # positions the retrieval source serves get no producer job
             keep = ~self._mixer.retrieves(draws.sample_seed)
             positions, indices, draws = positions[keep], indices[keep], type(draws)(*(a[keep] for a in draws))
+        # the class selects a producer's ESD delta and the CLIP filter's prompt; read here only when needed
+        needs_label = cfg.adapters is not None or cfg.clip_filter is not None
+        label = self._source.label if needs_label else (lambda index: None)
         perm = plan.priority(indices) if len(indices) else None
         if perm is not None:  # e.g. hard samples first (HardWeighted): producers make jobs in submission order
             positions, indices, draws = positions[perm], indices[perm], type(draws)(*(a[perm] for a in draws))
         return [
             Job(key=key_base + int(p), index=int(i), prompt=self._prompt(int(i), float(pd)),
                 strength=plan.job_strength(s), guidance_scale=cfg.guidance_scale,
-                num_inference_steps=cfg.num_inference_steps, seed=int(sd))
+                num_inference_steps=cfg.num_inference_steps, seed=int(sd), label=label(int(i)),
+                deepcache_interval=cfg.deepcache_interval, decoder=cfg.decoder)
             for p, i, s, sd, pd in zip(positions, indices, draws.strength, draws.sample_seed, draws.prompt_draw)
         ]
 

@@ -215,13 +215,15 @@ class _PoolCore:
     """Everything a pool owns; apart from ProducerPool so a finalizer can close it after the pool is gone.
     It is the supervisor's listener: what messages and deaths mean for jobs and slots, and dispatch."""
 
-    def __init__(self, cfg: PoolConfig):
+    def __init__(self, cfg: PoolConfig, supervisor_factory=Supervisor, ring_factory=SlotRing):
+        # The factories let the Ray backend (ray_backend/) keep this scheduling with actors and object-store slots.
         self.cfg = cfg
         self.lock = threading.RLock()
         self.cv = threading.Condition(self.lock)
         self.book = JobBook()
         self.nonfinite = NonFiniteWindow()
-        self.supervisor = Supervisor(cfg, self.lock, self.cv, self)
+        self.supervisor = supervisor_factory(cfg, self.lock, self.cv, self)
+        self.ring_factory = ring_factory
         self.ring: SlotRing | None = None
         self.free: collections.deque[int] = collections.deque()
         self.closed = self.started = False
@@ -261,7 +263,7 @@ class _PoolCore:
             self.dispatch()
 
     def make_ring(self) -> None:
-        self.ring = SlotRing(self.cfg.slots, (3, *self.resolution), self.cfg.slot_dtype, device=self.cfg.ring_device,
+        self.ring = self.ring_factory(self.cfg.slots, (3, *self.resolution), self.cfg.slot_dtype, device=self.cfg.ring_device,
                              pin=self.pin_device)
         self.free = collections.deque(range(self.ring.capacity))
         self.supervisor.share_ring(self.ring.handle)
@@ -327,6 +329,50 @@ class _PoolCore:
     def tick(self) -> None:
         if self.ring is not None and self.started and not self.closed:
             self.dispatch()
+
+    def stats(self) -> dict:
+        """Throughput per producer and in total, ring occupancy, restarts, lost and NaN/inf-dropped jobs."""
+        now = time.monotonic()
+        with self.lock:
+            book, producers = self.book, []
+            for p in self.supervisor.procs:
+                wall = now - p.t_ready if p.t_ready is not None else 0.0
+                producers.append({
+                    "producer": p.producer, "device": p.device, "pid": p.pid, "state": p.state,
+                    "phase": p.phase if p.state != READY else None, "images": p.images,
+                    "images_per_s": p.images / wall if wall > 0 else 0.0,
+                    "busy_images_per_s": p.images / p.busy_s if p.busy_s > 0 else 0.0,
+                    "jobs_assigned": len(book.owned.get(p.producer, ())), "memory": p.memory,
+                })
+            ring = self.ring.counts() if self.ring is not None else {}
+            slots = self.ring.capacity if self.ring is not None else self.cfg.slots
+            c = book.counters
+            return {
+                "producers": producers,
+                "images": sum(p["images"] for p in producers),
+                "images_per_s": sum(p["images_per_s"] for p in producers),
+                "latency_s": book.latency_s,
+                "consume_rate": book.consume_rate,
+                "ring": {"slots": slots, **ring, "occupancy": len(book.ready) / slots},
+                "jobs_pending": len(book.pending) + len(book.owner),
+                "jobs_ready": len(book.ready),
+                "restarts": self.supervisor.restarts,
+                "start_retries": self.supervisor.start_retries,
+                "lost": c["lost"],
+                "nonfinite_dropped": c["nonfinite_dropped"],
+                # NOTE [Producer methods] in producer_child.py: CLIP-filter rejects (each regenerated or, after
+                # max_tries, dropped to real: clip_dropped, or kept: clip_kept_below); per-class delta swaps
+                "clip_rejected": c["clip_rejected"],
+                "clip_dropped": c["clip_dropped"],
+                "clip_kept_below": c["clip_kept_below"],
+                "adapter_swaps": c["adapter_swaps"],
+                "cancelled": c["cancelled"],
+                # jobs the consumer went past unfinished, and of those the ones no producer had started
+                "passed": c["passed"],
+                "passed_unstarted": c["passed_unstarted"],
+                "submitted": c["submitted"],
+                "taken": c["taken"],
+            }
 
     # -- scheduling -------------------------------------------------------------------------------------
 
@@ -569,47 +615,7 @@ class ProducerPool:
     def stats(self) -> dict:
         """Throughput per producer and in total, ring occupancy, restarts, lost and NaN/inf-dropped jobs."""
         core = self._live()
-        now = time.monotonic()
-        with core.lock:
-            book, producers = core.book, []
-            for p in core.supervisor.procs:
-                wall = now - p.t_ready if p.t_ready is not None else 0.0
-                producers.append({
-                    "producer": p.producer, "device": p.device, "pid": p.pid, "state": p.state,
-                    "phase": p.phase if p.state != READY else None, "images": p.images,
-                    "images_per_s": p.images / wall if wall > 0 else 0.0,
-                    "busy_images_per_s": p.images / p.busy_s if p.busy_s > 0 else 0.0,
-                    "jobs_assigned": len(book.owned.get(p.producer, ())), "memory": p.memory,
-                })
-            ring = core.ring.counts() if core.ring is not None else {}
-            slots = core.ring.capacity if core.ring is not None else core.cfg.slots
-            c = book.counters
-            return {
-                "producers": producers,
-                "images": sum(p["images"] for p in producers),
-                "images_per_s": sum(p["images_per_s"] for p in producers),
-                "latency_s": book.latency_s,
-                "consume_rate": book.consume_rate,
-                "ring": {"slots": slots, **ring, "occupancy": len(book.ready) / slots},
-                "jobs_pending": len(book.pending) + len(book.owner),
-                "jobs_ready": len(book.ready),
-                "restarts": core.supervisor.restarts,
-                "start_retries": core.supervisor.start_retries,
-                "lost": c["lost"],
-                "nonfinite_dropped": c["nonfinite_dropped"],
-                # NOTE [Producer methods] in producer_child.py: CLIP-filter rejects (each regenerated or, after
-                # max_tries, dropped to real: clip_dropped, or kept: clip_kept_below); per-class delta swaps
-                "clip_rejected": c["clip_rejected"],
-                "clip_dropped": c["clip_dropped"],
-                "clip_kept_below": c["clip_kept_below"],
-                "adapter_swaps": c["adapter_swaps"],
-                "cancelled": c["cancelled"],
-                # jobs the consumer went past unfinished, and of those the ones no producer had started
-                "passed": c["passed"],
-                "passed_unstarted": c["passed_unstarted"],
-                "submitted": c["submitted"],
-                "taken": c["taken"],
-            }
+        return core.stats()
 
     # -- for tests and tools --------------------------------------------------------------------------
 

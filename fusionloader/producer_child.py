@@ -204,7 +204,12 @@ class Producer:
 
     def attach(self, handle) -> None:
         pin = torch.cuda.current_device() if torch.device(self.cfg.device).type == "cuda" else None
-        self.ring = SlotRing.attach(handle, pin=pin)
+        self.use_ring(SlotRing.attach(handle, pin=pin))
+
+    def use_ring(self, ring) -> None:
+        """Serve into ``ring``: a SlotRing, or any object with its producer-side calls (``shape``, ``dtype``,
+        ``device``, ``data``, ``fill``, ``publish``, ``close``) -- the Ray backend's object-store slots."""
+        self.ring = ring
         fits = tuple(self.ring.shape) == (3, *self.resolution)
         fits = fits and (self.ring.dtype.is_floating_point or self.ring.dtype == torch.uint8)
         self.direct = fits and torch.device(self.ring.device) == torch.device(self.cfg.device)
@@ -250,7 +255,7 @@ class Producer:
         extra = {} if self.adapters is None else {"adapter": self.label_of(job)}  # its class's UNet delta
         return self.Request(job.key, job.prompt, job.strength, job.guidance_scale, job.num_inference_steps,
                             seed=job.seed, latent_mean=mean, latent_std=std, out_row=slot if self.direct else None,
-                            **extra)  # fmt: skip
+                            deepcache_interval=job.deepcache_interval, decoder=job.decoder, **extra)  # fmt: skip
 
     # -- messages -------------------------------------------------------------------------------------
 

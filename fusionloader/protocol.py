@@ -55,6 +55,9 @@ class Job:
     # the CLIP filter's "a photo of a {class}" (ProducerPool(clip_filter=)). None: the producer reads it from
     # its source (``source.label(index)``) when it needs it.
     label: object = None
+    # Engine speed options (docs/CONTRACTS.md "Engine speed options"); the defaults are the plain engine.
+    deepcache_interval: int | None = None
+    decoder: str = "vae"
 
 
 class ProducerError(RuntimeError):
