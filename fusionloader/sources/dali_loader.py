@@ -46,7 +46,7 @@ from ..order import ArrayOrder, distributed_order, random_order, sequential_orde
 from ..plan import EpochPlan, normalize_strengths
 from ..store import VariantStore
 from ..window import RequestWindow
-from .dali_pipeline import KINDS, READER, FeedFn, build_pipeline, output_map, placeholder
+from .dali_pipeline import KINDS, READER, build_pipeline, output_map, placeholder
 from .dali_transform import DaliTrainTransform
 from .dataset import ImageSource
 
@@ -204,7 +204,7 @@ class DaliFusionLoader:
         # every shard's order, concatenated: DALI's contiguous shard ``shard_id`` of it is this shard's order
         global_order = np.concatenate([self.order(epoch, s) for s in range(self.num_shards)])
         pipe = build_pipeline([self.files[i] for i in global_order], [self.labels[i] for i in global_order],
-                              FeedFn(feed), self.transform, batch_size=self.batch_size, shard_id=self.shard_id,
+                              feed, self.transform, batch_size=self.batch_size, shard_id=self.shard_id,
                               num_shards=self.num_shards, device_id=self.device_id, num_threads=self.num_threads,
                               prefetch_queue_depth=self.prefetch_queue_depth, meta=self.config.return_meta,
                               seed=self.seed & 0x7FFFFFFF)  # fmt: skip
@@ -354,7 +354,7 @@ class _EpochFeed:
             synthetic.append(np.array(False)), images.append(placeholder()), index.append(np.array(-1, dtype=np.int64))
             crops.append(np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)), mirrors.append(np.array(0, dtype=np.int32))
             kind_codes.append(np.array(0, dtype=np.int32)), strength.append(np.array(np.nan, dtype=np.float32))
-        return synthetic, images, index, crops, mirrors, kind_codes, strength
+        return synthetic, images, crops, mirrors, index, kind_codes, strength
 
 
 class _Epoch:

@@ -37,19 +37,23 @@ READER = "Reader"
 
 
 class FeedFn:
-    """The ``external_source`` batch callback: ``batch_fn(iteration) -> per-sample arrays`` (see NOTE)."""
+    """The ``external_source`` batch callback: ``batch_fn(iteration)`` returns the per-sample lists
+    ``(synthetic, image, crop, mirror, index, kind, strength)``; without ``meta`` the last three are dropped
+    (DALI warns about computed outputs nobody uses)."""
 
-    def __init__(self, batch_fn: Callable[[int], tuple]):
-        self.batch_fn = batch_fn
+    def __init__(self, batch_fn: Callable[[int], tuple], meta: bool = True):
+        self.batch_fn, self.meta = batch_fn, meta
 
     def __call__(self, info):
-        return self.batch_fn(int(info.iteration))
+        out = self.batch_fn(int(info.iteration))
+        return out if self.meta else out[:4]
 
 
-def build_pipeline(files: Sequence[str], labels: Sequence[int], feed: FeedFn, transform, *, batch_size: int,
+def build_pipeline(files: Sequence[str], labels: Sequence[int], feed: Callable[[int], tuple], transform, *, batch_size: int,
                    shard_id: int, num_shards: int, device_id: int | None = None, num_threads: int = 2,
                    prefetch_queue_depth: int = 2, meta: bool = True, seed: int = 0):  # fmt: skip
-    """A built DALI pipeline (NOTE [DALI pipeline]); outputs ``data, label`` (+ ``index, kind, strength``)."""
+    """A built DALI pipeline (NOTE [DALI pipeline]); outputs ``data, label`` (+ ``index, kind, strength``).
+    ``feed(iteration)``: the external source's per-sample lists for that batch (see :class:`FeedFn`)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -60,11 +64,13 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], feed: FeedFn, tr
     def fusion():
         encoded, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                                          random_shuffle=False, pad_last_batch=True, name=READER)  # fmt: skip
-        synthetic, image, index, crop, mirror, kind, strength = fn.external_source(
-            source=feed, num_outputs=7, batch=True, batch_info=True, parallel=False,
-            dtype=[types.BOOL, types.UINT8, types.INT64, types.FLOAT, types.INT32, types.INT32, types.FLOAT],
-            layout=["", "HWC", "", "", "", "", ""],
+        n = 7 if meta else 4
+        fed = fn.external_source(
+            source=FeedFn(feed, meta), num_outputs=n, batch=True, batch_info=True, parallel=False,
+            dtype=[types.BOOL, types.UINT8, types.FLOAT, types.INT32, types.INT64, types.INT32, types.FLOAT][:n],
+            layout=["", "HWC", "", "", "", "", ""][:n],
         )
+        synthetic, image, crop, mirror = fed[:4]
         shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
         height, width = shape[0], shape[1]
         if synthetic:
@@ -74,7 +80,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], feed: FeedFn, tr
             img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         data = transform.apply(img, height, width, crop, mirror)
         if meta:
-            return data, label, index, kind, strength
+            return (data, label) + tuple(fed[4:])
         return data, label
 
     pipe = fusion()
