@@ -251,3 +251,29 @@ def test_a_producer_failure_reaches_the_trainer_with_its_type(folder, recwarn):
     loader.close()
     assert Dying.instances[-1].closed
     assert not [w for w in recwarn if "not used" in str(w.message)]  # without meta, the feed makes 4 outputs
+
+
+def test_shard_defaults_to_the_torch_distributed_rank(folder, monkeypatch):
+    import fusionloader.sources.dali_loader as dl
+
+    monkeypatch.setattr(dl, "dist_info", lambda: (1, 3))
+    loader = DaliFusionLoader(str(folder), batch_size=2, transform=T, shuffle=True, seed=5, alpha=0.0, return_meta=True)
+    assert (loader.shard_id, loader.num_shards) == (1, 3)
+    assert cat(run(loader), "index").tolist() == distributed_order(9, 1, 3, True, 5, 0, False).tolist()
+    assert DaliFusionLoader(str(folder), transform=T, alpha=0.0, distributed=False).num_shards == 1
+
+
+def test_real_producers_feed_the_dali_pipeline(folder, tiny_sd1_path):
+    # The real ProducerPool (spawned CPU producer, tiny SD-1.x model): every position fresh under "wait".
+    kw = dict(batch_size=3, shuffle=True, seed=1, return_meta=True)
+    with DaliFusionLoader(str(folder), transform=T, alpha=1.0, late_policy="wait", synthesizer=tiny_sd1_path,
+                          num_inference_steps=2, producer_devices=["cpu"], **kw) as loader:  # fmt: skip
+        batches = run(loader)
+        assert loader.stats()["fresh"] == 9
+    real = run(DaliFusionLoader(str(folder), transform=T, alpha=0.0, **kw))
+    assert (cat(batches, "kind") == KINDS.index("fresh")).all()
+    assert torch.equal(cat(batches, "index"), cat(real, "index"))
+    assert torch.equal(cat(batches, "label"), cat(real, "label"))  # a variant keeps its image's label
+    data = cat(batches, "data")
+    assert data.shape == (9, 3, 12, 10) and torch.isfinite(data).all()
+    assert not torch.allclose(data, cat(real, "data"))
