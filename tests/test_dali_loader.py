@@ -277,3 +277,23 @@ def test_real_producers_feed_the_dali_pipeline(folder, tiny_sd1_path):
     data = cat(batches, "data")
     assert data.shape == (9, 3, 12, 10) and torch.isfinite(data).all()
     assert not torch.allclose(data, cat(real, "data"))
+
+
+def test_reuse_serves_stored_variants_of_the_same_index(folder):
+    # "late": a job is not ready when its position comes up, ready afterwards (harvested into the store), so
+    # epoch 0 falls back to real samples and epoch 1 serves the variants harvested in epoch 0.
+    kw = dict(batch_size=3, seed=6, return_meta=True)
+    with DaliFusionLoader(str(folder), transform=T, alpha=1.0, late_policy="reuse", synthesizer="stand-in",
+                          pool_factory=inline("late"), **kw) as loader:  # fmt: skip
+        epochs = [run(loader) for _ in range(2)]
+        stats = loader.stats()
+    plain = DaliFusionLoader(str(folder), transform=T, alpha=0.0, **kw)
+    real, real1 = run(plain), run(plain)
+    assert (cat(epochs[0], "kind") == KINDS.index("fallback")).all()
+    assert torch.equal(cat(epochs[0], "data"), cat(real, "data"))
+    kinds = cat(epochs[1], "kind")
+    reused = kinds == KINDS.index("reused")
+    assert reused.sum() >= 6 and stats["reused"] == int(reused.sum()) and stats["store"]["variants"] > 0
+    assert torch.all(cat(epochs[1], "strength")[reused] == 0.5)
+    assert torch.equal(cat(epochs[1], "data")[~reused], cat(real1, "data")[~reused])
+    assert not torch.allclose(cat(epochs[1], "data")[reused], cat(real1, "data")[reused])  # same crops, other image
