@@ -297,3 +297,40 @@ def test_reuse_serves_stored_variants_of_the_same_index(folder):
     assert torch.all(cat(epochs[1], "strength")[reused] == 0.5)
     assert torch.equal(cat(epochs[1], "data")[~reused], cat(real1, "data")[~reused])
     assert not torch.allclose(cat(epochs[1], "data")[reused], cat(real1, "data")[reused])  # same crops, other image
+
+
+def _ddp_rank(rank: int, world: int, port: int, root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        kw = dict(batch_size=2, shuffle=True, alpha=0.5, seed=9, return_meta=True, late_policy="wait",
+                  synthesizer="stand-in", pool_factory=inline())  # fmt: skip
+        with DaliFusionLoader(root, transform=T, **kw) as loader:
+            batches = run(loader)
+            shard = (loader.shard_id, loader.num_shards)
+        ref = list(FusionLoader(ImageFolder(root, transform=lambda im: torch.zeros(1)), **kw))
+        torch.save({"shard": shard, "index": cat(batches, "index"), "label": cat(batches, "label").flatten(),
+                    "kind": cat(batches, "kind"), "ref_index": torch.cat([m["index"] for _, m in ref]),
+                    "ref_planned": torch.cat([m["planned"] for _, m in ref])}, f"{out}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_read_their_own_shard_with_fusionloaders_plan(folder, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_rank, args=(2, port, str(folder), str(tmp_path)), nprocs=2, start_method="spawn")
+    ds = ImageFolder(str(folder))
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r, g in enumerate(got):
+        assert g["shard"] == (r, 2)
+        assert torch.equal(g["index"], g["ref_index"])  # FusionLoader's DistributedSampler shard, same order
+        assert torch.equal(g["kind"] == KINDS.index("fresh"), g["ref_planned"])  # and the same coins
+        assert g["label"].tolist() == [ds.targets[i] for i in g["index"].tolist()]
+    assert set(got[0]["index"].tolist()) | set(got[1]["index"].tolist()) == set(range(9))
