@@ -334,3 +334,19 @@ def test_two_gloo_ranks_read_their_own_shard_with_fusionloaders_plan(folder, tmp
         assert torch.equal(g["kind"] == KINDS.index("fresh"), g["ref_planned"])  # and the same coins
         assert g["label"].tolist() == [ds.targets[i] for i in g["index"].tolist()]
     assert set(got[0]["index"].tolist()) | set(got[1]["index"].tolist()) == set(range(9))
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_the_gpu_graph_traces_on_a_cpu_machine(folder, meta):
+    # Building a GPU pipeline needs CUDA; tracing it runs DALI's placement checks (a CPU operator fed a GPU
+    # input, a "mixed" decoder fed GPU data, branches merging on different devices all raise here).
+    from nvidia.dali.pipeline import Pipeline
+
+    from fusionloader.sources.dali_pipeline import build_pipeline
+
+    ds = ImageFolder(str(folder))
+    files, labels = [p for p, _ in ds.samples], ds.targets
+    for device_id in (None, 0):
+        pipe = build_pipeline(files, labels, lambda it: None, T, batch_size=4, shard_id=0, num_shards=1,
+                              device_id=device_id, meta=meta, build=False)  # fmt: skip
+        assert isinstance(pipe, Pipeline)

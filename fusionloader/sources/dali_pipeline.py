@@ -51,9 +51,10 @@ class FeedFn:
 
 def build_pipeline(files: Sequence[str], labels: Sequence[int], feed: Callable[[int], tuple], transform, *, batch_size: int,
                    shard_id: int, num_shards: int, device_id: int | None = None, num_threads: int = 2,
-                   prefetch_queue_depth: int = 2, meta: bool = True, seed: int = 0):  # fmt: skip
+                   prefetch_queue_depth: int = 2, meta: bool = True, seed: int = 0, build: bool = True):  # fmt: skip
     """A built DALI pipeline (NOTE [DALI pipeline]); outputs ``data, label`` (+ ``index, kind, strength``).
-    ``feed(iteration)``: the external source's per-sample lists for that batch (see :class:`FeedFn`)."""
+    ``feed(iteration)``: the external source's per-sample lists for that batch (see :class:`FeedFn`).
+    ``build=False`` returns the traced graph unbuilt (building a GPU graph needs the GPU; tracing does not)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -84,7 +85,8 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], feed: Callable[[
         return data, label
 
     pipe = fusion()
-    pipe.build()
+    if build:
+        pipe.build()
     return pipe
 
 
