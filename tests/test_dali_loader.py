@@ -13,7 +13,7 @@ from test_loader import expected_variant, inline  # noqa: E402
 
 from fusionloader import FusionLoader  # noqa: E402
 from fusionloader.order import distributed_order  # noqa: E402
-from fusionloader.sources import ImageFolder  # noqa: E402
+from fusionloader.sources import ImageFolder, ImageSource  # noqa: E402
 from fusionloader.sources.dali_loader import DaliFusionLoader  # noqa: E402
 from fusionloader.sources.dali_pipeline import KINDS  # noqa: E402
 from fusionloader.sources.dali_transform import DaliTrainTransform, crop_box  # noqa: E402
@@ -125,7 +125,7 @@ def test_per_index_replacement_follows_fusionloader_plan(folder):
     strength = cat(batches, "strength")
     assert torch.all(strength[planned] == 0.5) and torch.isnan(strength[~planned]).all()
     # synthetic positions: the producer's image for (index, seed), resized to the real file's size, same transform
-    seeds, src = plan.sample_seed, loader._source
+    seeds, src = plan.sample_seed, ImageSource(ds)
     images = []
     for p, i in enumerate(index.tolist()):
         real = decoded(ds, i)

@@ -200,7 +200,8 @@ class DaliFusionLoader:
         plan = self.plan(epoch)
         if self.config.alpha > 0:
             self._start_pool()
-        feed = _EpochFeed(self, plan, self._window.new_key_base())
+        feed = _EpochFeed(plan, self._window.new_key_base(), pool=self._pool, window=self._window, mixer=self._mixer,
+                          transform=self.transform, batch_size=self.batch_size, horizon=self._horizon())  # fmt: skip
         # every shard's order, concatenated: DALI's contiguous shard ``shard_id`` of it is this shard's order
         global_order = np.concatenate([self.order(epoch, s) for s in range(self.num_shards)])
         pipe = build_pipeline([self.files[i] for i in global_order], [self.labels[i] for i in global_order],
@@ -209,8 +210,14 @@ class DaliFusionLoader:
                               prefetch_queue_depth=self.prefetch_queue_depth, meta=self.config.return_meta,
                               seed=self.seed & 0x7FFFFFFF)  # fmt: skip
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        return _Epoch(DALIGenericIterator([pipe], output_map(self.config.return_meta), reader_name=READER,
-                                          last_batch_policy=policy, auto_reset=False), feed, len(self))  # fmt: skip
+        iterator = DALIGenericIterator([pipe], output_map(self.config.return_meta), reader_name=READER,
+                                       last_batch_policy=policy, auto_reset=False)  # fmt: skip
+        return _Epoch(iterator, feed, len(self), self._counts, self._window)
+
+    def _horizon(self) -> int:
+        """Samples requested ahead: ``lookahead``, else FusionLoader's floor ``max(64, 8 * batch_size)``."""
+        cfg = self.config
+        return cfg.lookahead if cfg.lookahead is not None else max(64, 8 * self.batch_size)
 
     # -- synthesis --------------------------------------------------------------------------------
 
@@ -301,20 +308,17 @@ class _EpochFeed:
     """One epoch's external-source batches: the plan's keys for DALI iteration ``b``, synthetic images
     resolved as FusionLoader's dispatch resolves them (NOTE [Mixing])."""
 
-    def __init__(self, loader: DaliFusionLoader, plan: EpochPlan, key_base: int):
-        self.loader, self.plan, self.key_base = loader, plan, key_base
+    def __init__(self, plan: EpochPlan, key_base: int, *, pool, window: RequestWindow, mixer: Mixer,
+                 transform: DaliTrainTransform, batch_size: int, horizon: int):  # fmt: skip
+        self.plan, self.key_base, self.pool, self.window, self.mixer = plan, key_base, pool, window, mixer
+        self.transform, self.batch_size, self.horizon = transform, batch_size, horizon
         self.submitted = 0
         self.kinds: dict[int, list[str]] = {}  # batch -> kinds, until the iterator delivers it
         choices = normalize_strengths(plan.strengths)
         self.allowed = {None} if choices is None else {float(np.float32(c)) for c in choices}
 
-    def _horizon(self) -> int:
-        cfg = self.loader.config
-        return cfg.lookahead if cfg.lookahead is not None else max(64, 8 * self.loader.batch_size)
-
     def __call__(self, b: int):
-        loader, plan = self.loader, self.plan
-        bs, pool, window, mixer = loader.batch_size, loader._pool, loader._window, loader._mixer
+        plan, bs, pool, window, mixer = self.plan, self.batch_size, self.pool, self.window, self.mixer
         span = plan.span(b)
         start, end = span if span is not None else (0, 0)  # None: the reader's padding past a dropped last batch
         indices = plan.order.batch(b) if span is not None else []
@@ -322,7 +326,7 @@ class _EpochFeed:
         if pool is not None:
             pool.check()
             self.submitted = max(self.submitted, window.submit(plan, self.key_base, self.submitted,
-                                                               end + self._horizon(), window.outstanding))  # fmt: skip
+                                                               end + self.horizon, window.outstanding))  # fmt: skip
         deadline = mixer.deadline()  # one deadline for the whole batch
         images, kinds, strengths = [], [], []
         for j in range(end - start):
@@ -342,7 +346,7 @@ class _EpochFeed:
         if pool is not None and mixer.late:
             mixer.harvest(pool)
         self.kinds[b] = kinds
-        crop, mirror = loader.transform.draw(d.sample_seed)
+        crop, mirror = self.transform.draw(d.sample_seed)
         n = end - start
         synthetic = [np.array(k in ("fresh", "reused")) for k in kinds]
         index = [np.array(int(i), dtype=np.int64) for i in indices]
@@ -358,10 +362,12 @@ class _EpochFeed:
 
 
 class _Epoch:
-    """DALIGenericIterator's batches for one epoch; counts kinds as batches are delivered."""
+    """DALIGenericIterator's batches for one epoch; counts kinds as batches are delivered and cancels what
+    is still requested when the epoch ends."""
 
-    def __init__(self, iterator, feed: _EpochFeed, length: int):
-        self.iterator, self.feed, self.length, self.batch = iterator, feed, length, 0
+    def __init__(self, iterator, feed: _EpochFeed, length: int, counts: Counter, window: RequestWindow):
+        self.iterator, self.feed, self.length, self.counts, self.window = iterator, feed, length, counts, window
+        self.batch = 0
 
     def __iter__(self):
         return self
@@ -371,9 +377,9 @@ class _Epoch:
 
     def __next__(self):
         if self.batch >= self.length:
-            self.feed.loader._window.cancel_outstanding()
+            self.window.cancel_outstanding()
             raise StopIteration
         out = next(self.iterator)
-        self.feed.loader._counts.update(self.feed.kinds.pop(self.batch, []))
+        self.counts.update(self.feed.kinds.pop(self.batch, []))
         self.batch += 1
         return out
