@@ -28,6 +28,8 @@ def folder(tmp_path):
         (tmp_path / c).mkdir()
         for k in range(3):  # sizes differ per image: the crop box depends on the real file's size
             Image.fromarray(rng.integers(0, 256, (18 + 2 * k, 22 + k, 3), dtype=np.uint8)).save(tmp_path / c / f"{k}.png")
+    # a greyscale file: decoded to RGB by DALI as PIL's convert("RGB") does
+    Image.fromarray(rng.integers(0, 256, (19, 21), dtype=np.uint8), "L").save(tmp_path / "fox" / "1.png")
     return tmp_path
 
 
