@@ -8,10 +8,13 @@ One graph per epoch and rank (the reader's file list is fixed when a pipeline is
 * Real path. ``fn.readers.file(files=, labels=, shard_id=, num_shards=, random_shuffle=False,
   pad_last_batch=True, name="Reader")`` reads the encoded files. The list it is given is the concatenation
   of every rank's epoch order (DistributedSampler's, equal lengths), so DALI's contiguous shard ``shard_id``
-  of it is exactly this rank's order: DALI shards, and the shard is the loader's DDP split. Decoding is
+  of it is exactly this rank's order: DALI shards, and the shard is the loader's DDP split (DALI's reader
+  shuffle is off: its order must be the plan's, so that the coins and seeds of FusionLoader's positions land
+  on the same indices). Decoding is
   ``fn.decoders.image`` on ``"cpu"`` (``device_id=None``) or nvJPEG ``"mixed"`` (GPU ``device_id``).
 * Synthetic path. One batch ``fn.external_source`` callback (:class:`FeedFn`, called in the iterating
-  thread, ``prefetch_queue_depth`` iterations ahead) gives per sample: the coin resolved for the position
+  thread, ``prefetch_queue_depth`` iterations ahead; not ``parallel=True``, whose callbacks run in worker
+  processes that cannot reach the producer pool) gives per sample: the coin resolved for the position
   (``synthetic``), the synthetic image (HWC uint8; a 1x1 placeholder for real positions), the dataset
   index, the transform draws, the kind and strength. A DALI conditional (``enable_conditionals``) splits
   the batch on ``synthetic``: real samples are decoded, synthetic ones are resized to the real file's size
