@@ -10,8 +10,8 @@ One graph per epoch and rank (the reader's file list is fixed when a pipeline is
   of every rank's epoch order (DistributedSampler's, equal lengths), so DALI's contiguous shard ``shard_id``
   of it is exactly this rank's order: DALI shards, and the shard is the loader's DDP split (DALI's reader
   shuffle is off: its order must be the plan's, so that the coins and seeds of FusionLoader's positions land
-  on the same indices). Decoding is
-  ``fn.decoders.image`` on ``"cpu"`` (``device_id=None``) or nvJPEG ``"mixed"`` (GPU ``device_id``).
+  on the same indices). Decoding is ``fn.decoders.image`` on ``"cpu"`` (``device_id=None``) or nvJPEG
+  ``"mixed"`` (GPU ``device_id``).
 * Synthetic path. One batch ``fn.external_source`` callback (:class:`FeedFn`, called in the iterating
   thread, ``prefetch_queue_depth`` iterations ahead; not ``parallel=True``, whose callbacks run in worker
   processes that cannot reach the producer pool) gives per sample: the coin resolved for the position
