@@ -352,3 +352,13 @@ def test_the_gpu_graph_traces_on_a_cpu_machine(folder, meta):
         pipe = build_pipeline(files, labels, lambda it: None, T, batch_size=4, shard_id=0, num_shards=1,
                               device_id=device_id, meta=meta, build=False)  # fmt: skip
         assert isinstance(pipe, Pipeline)
+
+
+def test_a_file_list_reads_as_the_folder_does(folder):
+    from fusionloader.sources.dali import DaliImageFolder
+
+    ds = ImageFolder(str(folder))
+    listed = DaliImageFolder(files=[p for p, _ in ds.samples], labels=ds.targets)
+    kw = dict(batch_size=4, transform=T, shuffle=True, alpha=0.0, seed=1, return_meta=True)
+    a, b = run(DaliFusionLoader(listed, **kw)), run(DaliFusionLoader(str(folder), **kw))
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("data", "label", "index"))
