@@ -11,6 +11,10 @@ or with nvJPEG on GPU ``device_id`` (``decoder="mixed"``). Pipelines are not pic
 (DataLoader worker, producer) builds its own on first use.
 
 Requires ``nvidia-dali-cuda120`` (optional dependency ``fusionloader[dali]``); imported lazily.
+
+The whole real path in DALI -- file reader, decode, the train transform for real and synthetic images alike,
+DALI's PyTorch iterator -- is :class:`~fusionloader.sources.dali_loader.DaliFusionLoader` (NOTE [DALI loader]),
+re-exported here with its :class:`~fusionloader.sources.dali_transform.DaliTrainTransform`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from typing import Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from .dali_loader import DaliFusionLoader
+from .dali_transform import DaliTrainTransform
 from .dataset import DatasetError
 from .folder import IMG_EXTENSIONS
 
-__all__ = ["DaliImageFolder", "dali_available"]
+__all__ = ["DaliFusionLoader", "DaliImageFolder", "DaliTrainTransform", "dali_available"]
 
 _DALI_PID: int | None = None  # the process whose DALI runtime is live (see DaliImageFolder._pipeline)
 
