@@ -143,3 +143,26 @@ def test_adapters_and_clip_filter_reach_the_pool_unchanged_and_only_when_given(t
     next(iter(loader))
     assert "adapters" not in InlinePool.instances[-1].kwargs  # today's ProducerPool keeps working
     loader.close()
+
+
+def test_speed_options_and_labels_travel_with_every_job():
+    ds = TensorImages(n=8)
+    loader = FusionLoader(ds, batch_size=4, alpha=1.0, synthesizer="stand-in", pool_factory=inline(),
+                          deepcache_interval=3, decoder="tiny", adapters=object())  # fmt: skip
+    next(iter(loader))
+    pool = InlinePool.instances[-1]
+    jobs = list(pool.jobs.values())
+    assert jobs  # requested ahead of the first batch
+    for job in jobs:
+        assert (job.deepcache_interval, job.decoder) == (3, "tiny")
+        assert job.label == ds.targets[job.index]  # the class selects the producer's delta
+    loader.close()
+    loader = fusion(ds, batch_size=4)
+    next(iter(loader))
+    assert all(j.label is None and j.deepcache_interval is None and j.decoder == "vae"
+               for j in InlinePool.instances[-1].jobs.values())  # plain engine, no label read  # fmt: skip
+    loader.close()
+    with pytest.raises(ValueError, match="decoder"):
+        fusion(ds, decoder="taesd")
+    with pytest.raises(ValueError, match="deepcache_interval"):
+        fusion(ds, deepcache_interval=0)
