@@ -59,7 +59,6 @@ import inspect
 import logging
 import math
 import weakref
-from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -67,14 +66,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from .config import LATE_POLICIES, FusionConfig, LatePolicy
-from .distributed import devices_for_rank, dist_info, local_info
+from .distributed import dist_info
 from .epoch import EpochIterator, EpochProgress
 from .mixing import Mixer
 from .feedback import HardSampleTracker, tail_classes
 from .order import (ArrayOrder, OrderSnapshot, StreamOrder, distributed_order, from_json, mix_seed, random_order,
                     recomputable, sequential_order, to_json)  # fmt: skip
 from .plan import EpochPlan
-from .sources.dataset import DatasetError, ImageSource
+from .requests import JobMaker, start_pool
+from .sources.dataset import ImageSource
 from .stats import LoaderStats
 from .store import VariantStore
 from .window import RequestWindow
@@ -170,13 +170,12 @@ class FusionLoader(Generic[T_co]):
         self._user_sampler = sampler is not None or batch_sampler is not None
         self._check_mixing(cfg)
         self._init_runtime()
-        self._guard = None
         self._feedback = None if self._passthrough else HardSampleTracker(len(dataset))
         if not self._passthrough:
             cfg.check_dataset(dataset, self._source.label_set())
             self._check_retrieval(cfg)
             if cfg.leakage_guard:
-                self._guard = self._leakage_guard()
+                self._jobs.check_leakage()
         self._next_epoch = 0
         self._epoch_pinned = False
         self._resume: dict | None = None  # a loaded state, until the next iter() continues from it
@@ -214,7 +213,8 @@ class FusionLoader(Generic[T_co]):
         self._mixer = Mixer(self._store, cfg.late_policy, cfg.wait_timeout, retrieval=cfg.retrieval,
                             label_of=lambda index: int(source.label(index)), split=split)  # fmt: skip
         self._tail = None  # the tail-class mask (HardWeighted), computed once from the labels
-        self._window = RequestWindow(self._make_jobs)
+        self._jobs = None if self._passthrough else JobMaker(cfg, self._source, self._dl.dataset, self._mixer.retrieves)
+        self._window = RequestWindow(self._jobs)
         self._pool = None
         self._runner: DataLoader | None = None
         self._plan_sampler: PlanSampler | None = None
@@ -562,32 +562,7 @@ class FusionLoader(Generic[T_co]):
     def _start_pool(self) -> None:
         if self._pool is not None:
             return
-        cfg = self.config
-        local_rank, local_world = local_info()
-        ray = cfg.producer_backend == "ray"  # one pool for every rank: no split of the devices
-        devices = cfg.producer_devices if ray else devices_for_rank(cfg.producer_devices, local_rank, local_world)
-        kwargs = dict(on_error=cfg.on_producer_error, max_restarts=cfg.max_restarts, latent_cache_path=cfg.latent_cache_path,
-                      capacity=cfg.producer_capacity, image_size=cfg.image_size, slots=cfg.producer_slots,
-                      timeout=cfg.producer_timeout, wait_ready=cfg.late_policy.producers_wait_ready,
-                      deadlines=cfg.late_policy.deadline_order, adapters=cfg.adapters,
-                      clip_filter=cfg.clip_filter)  # fmt: skip
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # adapters/clip_filter only when given
-        if cfg.pool_factory is not None:
-            pool = cfg.pool_factory(cfg.synthesizer, self._source, devices=devices, **kwargs)
-        elif ray:
-            from .ray_backend import RayProducerPool
-
-            pool = RayProducerPool(cfg.synthesizer, self._source, devices=devices, slot_dtype=self._slot_dtype(), **kwargs)
-        else:
-            from .producer import ProducerPool
-
-            pool = ProducerPool(cfg.synthesizer, self._source, devices=devices, slot_dtype=self._slot_dtype(), **kwargs)
-        try:
-            pool.start()
-        except BaseException:
-            pool.close()
-            raise
-        self._pool = self._window.pool = pool
+        self._pool = self._window.pool = start_pool(self.config, self._source, self._slot_dtype())
         _LIVE.add(self)
 
     def _slot_dtype(self) -> torch.dtype:
@@ -600,84 +575,10 @@ class FusionLoader(Generic[T_co]):
         eight_bit = info.kind == "pil" and info.dtype in ("RGB", "L") or info.dtype == "uint8"
         return torch.uint8 if eight_bit else torch.float32
 
-    def _make_jobs(self, key_base: int, plan: EpochPlan, positions, indices, draws) -> list:
-        from .producer import Job
-
-        cfg = self.config
-        if cfg.retrieval is not None:  # positions the retrieval source serves get no producer job
-            keep = ~self._mixer.retrieves(draws.sample_seed)
-            positions, indices, draws = positions[keep], indices[keep], type(draws)(*(a[keep] for a in draws))
-        # the class selects a producer's ESD delta and the CLIP filter's prompt; read here only when needed
-        needs_label = cfg.adapters is not None or cfg.clip_filter is not None
-        label = self._source.label if needs_label else (lambda index: None)
-        perm = plan.priority(indices) if len(indices) else None
-        if perm is not None:  # e.g. hard samples first (HardWeighted): producers make jobs in submission order
-            positions, indices, draws = positions[perm], indices[perm], type(draws)(*(a[perm] for a in draws))
-        return [
-            Job(key=key_base + int(p), index=int(i), prompt=self._prompt(int(i), float(pd)),
-                strength=plan.job_strength(s), guidance_scale=cfg.guidance_scale,
-                num_inference_steps=cfg.num_inference_steps, seed=int(sd), label=label(int(i)),
-                deepcache_interval=cfg.deepcache_interval, decoder=cfg.decoder)
-            for p, i, s, sd, pd in zip(positions, indices, draws.strength, draws.sample_seed, draws.prompt_draw)
-        ]
-
-    def _prompt(self, index: int, draw: float) -> str:
-        try:
-            return self._prompt_of(index, draw)
-        except DatasetError as e:  # reading the label: the dataset's own exception, as the runner raises it
-            cause = e.__cause__ if e.__cause__ is not None else e
-            cause.add_note(f"fusionloader: raised reading dataset index {e.index}" + (f" (path {e.path!r})" if e.path else ""))
-            raise cause from None
-
-    def _leakage_guard(self):
-        """Check every prompt the run can encode now; a callable's prompts are checked as they are made."""
-        from .engine.leakage import LeakageGuard, tokenizer_of
-
-        classes = getattr(self._dl.dataset, "classes", None)
-        if not classes:
-            raise ValueError("leakage_guard=True needs dataset.classes (the class names to keep from the text encoder)")
-        guard = LeakageGuard(tokenizer_of(self.config.synthesizer), [str(c) for c in classes])
-        prompts = self.config.prompts
-        if not (callable(prompts) and not isinstance(prompts, (str, Mapping, Sequence))):
-            labels = self._source.label_set()
-            labels = range(len(classes)) if labels is None else labels
-            guard.check([p for label in labels for p in self._prompt_choices(label)])
-        return guard
-
-    def _prompt_of(self, index: int, draw: float) -> str:
-        prompts = self.config.prompts
-        if callable(prompts) and not isinstance(prompts, (str, Mapping, Sequence)):
-            prompt = str(prompts(index, self._source.label(index)))
-            if self._guard is not None:
-                self._guard.check([prompt])
-            return prompt
-        try:
-            choices = self._prompt_choices(self._source.label(index))
-        except ValueError as e:
-            raise ValueError(f"{e} (dataset index {index})") from None
-        return choices[min(int(draw * len(choices)), len(choices) - 1)]
-
-    def _prompt_choices(self, label) -> list[str]:
-        """The prompts a sample of ``label`` may get (one is drawn per sample); not for callable prompts."""
-        prompts = self.config.prompts
-        classes = getattr(self._dl.dataset, "classes", None)
-
-        def name(lab):
-            if classes is not None and isinstance(lab, (int, np.integer)) and 0 <= lab < len(classes):
-                return str(classes[lab])
-            return str(lab)
-
-        if prompts is None:
-            prompts = "a photo of a {}" if classes is not None else "a photo"
-        if isinstance(prompts, str):
-            value = prompts
-        else:
-            try:
-                value = prompts[label] if isinstance(prompts, Mapping) else prompts[int(label)]
-            except (KeyError, IndexError, TypeError, ValueError):
-                raise ValueError(f"prompts has no prompt for label {label!r}") from None
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        return [v.format(name(label)) if "{}" in v else v for v in values]
+    def prompt(self, index: int, draw: float = 0.0) -> str:
+        """The prompt a synthetic variant of dataset item ``index`` gets when its position's prompt draw is
+        ``draw`` in [0, 1) (several prompts per class are chosen among by the draw)."""
+        return self._jobs.prompt(index, draw)
 
     # -- state ----------------------------------------------------------------------------------------
 

@@ -211,6 +211,9 @@ def test_bad_input_is_a_clear_error_at_construction(folder, tmp_path, monkeypatc
         DaliFusionLoader(str(folder), transform=T, alpha=0.0, device_id=0)
     with pytest.raises(ValueError, match="alpha=0.5 > 0 needs a synthesizer"):
         DaliFusionLoader(str(folder), transform=T, alpha=0.5)
+    with pytest.raises(ValueError, match="DaliFusionLoader supports mixing='replace'.*'concat'"):
+        DaliFusionLoader(str(folder), transform=T, alpha=0.5, synthesizer="stand-in", pool_factory=inline(),
+                         mixing="concat")
     ds = ImageFolder(str(folder))
     (folder / "dog" / "1.png").unlink()
     with pytest.raises(FileNotFoundError, match="no such image file '.*dog/1.png'"):

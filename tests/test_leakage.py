@@ -156,7 +156,7 @@ def test_loader_accepts_learned_tokens_and_checks_callable_prompts_as_made():
     loader = FusionLoader(_Digits(), batch_size=2, synthesizer=synth, leakage_guard=True,
                           prompts=lambda index, label: f"a photo of a {DIGITS[label]}")
     with pytest.raises(LeakageError):
-        loader._prompt_of(3, 0.0)
+        loader.prompt(3, 0.0)
     loader.close()
 
 

@@ -383,11 +383,11 @@ def test_text_only_and_prompts():
                     late_policy="wait")
     list(loader)
     pool = InlinePool.instances[-1]
-    assert loader._prompt(0, 0.1) == "p0" and loader._prompt(1, 0.9) == "p1b" and loader._prompt(2, 0.0) == "a bird"
+    assert loader.prompt(0, 0.1) == "p0" and loader.prompt(1, 0.9) == "p1b" and loader.prompt(2, 0.0) == "a bird"
     loader2 = fusion(ds, alpha=1.0)
-    assert loader2._prompt(4, 0.0) == "a photo of a dog"
+    assert loader2.prompt(4, 0.0) == "a photo of a dog"
     loader3 = fusion(ds, alpha=1.0, prompts=lambda index, label: f"{index}-{label}")
-    assert loader3._prompt(4, 0.0) == "4-1"
+    assert loader3.prompt(4, 0.0) == "4-1"
     assert pool.taken == 9
 
 

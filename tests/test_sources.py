@@ -153,7 +153,7 @@ def test_image_folder_end_to_end_synthetic_gets_the_folder_transform(folder):
     assert all(m["synthetic"].all() for _, m in batches)
     assert sorted(seen) == sorted(Image.open(p).size for p, _ in ds.samples for _ in range(2))  # real + synthetic
     assert torch.cat([y for (_, y), _ in batches]).tolist() == ds.targets
-    assert loader._prompt(4, 0.0) == "a photo of a dog"
+    assert loader.prompt(4, 0.0) == "a photo of a dog"
 
 
 def test_dali_image_folder(folder):

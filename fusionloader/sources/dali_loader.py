@@ -34,17 +34,17 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..config import FusionConfig
-from ..distributed import devices_for_rank, dist_info, local_info
+from ..distributed import dist_info
 from ..mixing import Mixer
 from ..order import ArrayOrder, distributed_order, random_order, sequential_order
 from ..plan import EpochPlan, normalize_strengths
 from ..store import VariantStore
+from ..requests import JobMaker, start_pool
 from ..window import RequestWindow
 from .dali_pipeline import KINDS, READER, build_pipeline, output_map, placeholder
 from .dali_transform import DaliTrainTransform
@@ -109,7 +109,13 @@ class DaliFusionLoader:
         cfg.check_dataset(self.dataset, self._source.label_set())
         self._store = VariantStore(cfg.variants_per_index, cfg.store_bytes)
         self._mixer = Mixer(self._store, cfg.late_policy, cfg.wait_timeout)
-        self._window = RequestWindow(self._make_jobs)
+        if cfg.retrieval is not None or cfg.mixing.name != "replace":  # FusionLoader has them; this loader not yet
+            raise ValueError(f"DaliFusionLoader supports mixing='replace' without retrieval, got mixing="
+                             f"{cfg.mixing.name!r}, retrieval={cfg.retrieval!r}: use FusionLoader for these")  # fmt: skip
+        self._jobs = JobMaker(cfg, self._source, self.dataset, self._mixer.retrieves)
+        if cfg.leakage_guard:
+            self._jobs.check_leakage()
+        self._window = RequestWindow(self._jobs)
         self._pool = None
         self._epoch = 0
         self._counts: Counter = Counter()
@@ -222,54 +228,8 @@ class DaliFusionLoader:
     # -- synthesis --------------------------------------------------------------------------------
 
     def _start_pool(self) -> None:
-        if self._pool is not None:
-            return
-        cfg = self.config
-        local_rank, local_world = local_info()
-        devices = devices_for_rank(cfg.producer_devices, local_rank, local_world)
-        kwargs = dict(on_error=cfg.on_producer_error, max_restarts=cfg.max_restarts, latent_cache_path=cfg.latent_cache_path,
-                      capacity=cfg.producer_capacity, image_size=cfg.image_size, slots=cfg.producer_slots,
-                      timeout=cfg.producer_timeout, wait_ready=cfg.late_policy.producers_wait_ready,
-                      deadlines=cfg.late_policy.deadline_order)  # fmt: skip
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        if cfg.pool_factory is not None:
-            pool = cfg.pool_factory(cfg.synthesizer, self._source, devices=devices, **kwargs)
-        else:
-            from ..producer import ProducerPool
-
-            pool = ProducerPool(cfg.synthesizer, self._source, devices=devices, slot_dtype=torch.uint8, **kwargs)
-        try:
-            pool.start()
-        except BaseException:
-            pool.close()
-            raise
-        self._pool = self._window.pool = pool
-
-    def _make_jobs(self, key_base: int, plan: EpochPlan, positions, indices, draws) -> list:
-        from ..producer import Job
-
-        cfg = self.config
-        return [
-            Job(key=key_base + int(p), index=int(i), prompt=self._prompt(int(i), float(pd)),
-                strength=plan.job_strength(s), guidance_scale=cfg.guidance_scale,
-                num_inference_steps=cfg.num_inference_steps, seed=int(sd))
-            for p, i, s, sd, pd in zip(positions, indices, draws.strength, draws.sample_seed, draws.prompt_draw)
-        ]
-
-    def _prompt(self, index: int, draw: float) -> str:
-        """FusionLoader's prompt rule (config.py ``prompts``): a template, per-label entries (a list is drawn
-        from with the position's prompt draw) or a callable ``(index, label)``."""
-        prompts, label = self.config.prompts, self._source.label(index)
-        if callable(prompts) and not isinstance(prompts, (str, Mapping, Sequence)):
-            return str(prompts(index, label))
-        classes = getattr(self.dataset, "classes", None)
-        name = str(classes[label]) if classes is not None and 0 <= label < len(classes) else str(label)
-        if prompts is None:
-            prompts = "a photo of a {}" if classes is not None else "a photo"
-        value = prompts if isinstance(prompts, str) else prompts[label]
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        value = values[min(int(draw * len(values)), len(values) - 1)]
-        return value.format(name) if "{}" in value else value
+        if self._pool is None:
+            self._pool = self._window.pool = start_pool(self.config, self._source, torch.uint8)  # 8-bit files
 
     # -- stats and lifetime -----------------------------------------------------------------------
 
