@@ -218,7 +218,8 @@ def run(cfg: EvalConfig | None = None, json_path: str | None = None, **overrides
     os.makedirs(os.path.join(cfg.out, "cells"), exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ctx = _Context(cfg)
-    grid = [(m, k, s) for s in cfg.seeds for k in cfg.ks for m in cfg.methods]
+    # Small k first, every seed: an interrupted run has whole rows of the table (and small k is where it matters).
+    grid = [(m, k, s) for k in cfg.ks for s in cfg.seeds for m in cfg.methods]
     cells, todo = {}, []
     for m, k, s in grid:
         path = _cell_path(cfg, m, k, s)
