@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-__all__ = ["summarize", "t_interval", "write_markdown", "write_plot"]
+__all__ = ["summarize", "t_interval", "write_json", "write_markdown", "write_plot"]
 
 
 def _t95(df: int) -> float:
