@@ -13,4 +13,4 @@ cell file per (method, k, seed) (``run.py``).
 from .methods import METHODS
 from .run import QUICK, EvalConfig, run, run_cell
 
-__all__ = ["METHODS", "QUICK", "EvalConfig", "run", "run_cell"]
+__all__ = ["EvalConfig", "METHODS", "QUICK", "run", "run_cell"]

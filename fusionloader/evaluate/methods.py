@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["METHODS", "SYNTHETIC", "CellStream", "Generation", "discl_levels"]
+__all__ = ["CellStream", "Generation", "METHODS", "SYNTHETIC", "discl_levels"]
 
 METHODS = ("real", "standard", "real_guidance", "da_fusion", "da_fusion_fixed_m10", "templates", "retrieval", "discl")
 SYNTHETIC = ("real_guidance", "da_fusion", "da_fusion_fixed_m10", "templates", "discl")  # need the diffusion model

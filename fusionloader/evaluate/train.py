@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PROTOCOLS", "Backbone", "Lockstep", "affine", "load_backbone", "mean_per_class_accuracy", "train_digits_backbone"]
+__all__ = ["Backbone", "Lockstep", "PROTOCOLS", "affine", "load_backbone", "mean_per_class_accuracy", "train_digits_backbone"]
 
 PROTOCOLS = ("linear", "full")
 
