@@ -94,7 +94,7 @@ def _evaluate(args) -> None:
 
     fields = dict(out=args.out, model=args.model, images=args.images, backbone=args.backbone,
                   retrieval_pool=args.retrieval_pool, clip=args.clip, device=args.device, quick=args.quick,
-                  progress=not args.no_progress, image_size=args.image_size)  # fmt: skip
+                  progress=not args.no_progress, image_size=args.image_size, report_only=args.report_only)  # fmt: skip
     given = {name: getattr(args, name) for name in ("methods", "ks", "seeds", "protocols", "epochs", "epoch_size",
              "batch_size", "steps", "guidance_scale", "inversion_steps") if getattr(args, name) is not None}  # fmt: skip
     summary = run(EvalConfig(**fields), json_path=args.json, **given)
@@ -189,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--image-size", type=int, default=32, help="classifier input size with --images")
     ev.add_argument("--device", default="cpu", help="generation and training device, e.g. cuda:0")
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--report-only", action="store_true", help="tables from the finished cells only; runs nothing")
     ev.set_defaults(fn=_evaluate)
 
     cache = sub.add_parser("cache", help="VAE-encode an image folder into a latent cache file")

@@ -68,6 +68,15 @@ def test_a_deleted_cell_is_rerun_with_the_same_accuracy(digits_run):
     assert after == before  # same seed, same accuracy curves, both protocols
 
 
+def test_report_only_tables_the_finished_cells_and_runs_nothing(digits_run, monkeypatch):
+    out, _ = digits_run
+    monkeypatch.setattr(run_module, "run_cell", lambda *a, **k: pytest.fail("report_only ran a cell"))
+    os.remove(os.path.join(out, "cells", "templates__k1__s0.json"))
+    partial = evaluate.run(out=out, report_only=True, **TINY)
+    assert partial["grid"].startswith("PARTIAL: 31 of 32 cells")
+    assert partial["results"]["templates"]["1"]["n_seeds"] == 1 and partial["results"]["templates"]["2"]["n_seeds"] == 2
+
+
 def test_cells_of_another_configuration_are_refused(digits_run):
     out, _ = digits_run
     with pytest.raises(ValueError, match="another configuration"):

@@ -43,13 +43,14 @@ class EvalConfig:
     image_size: int = 32
     device: str = "cpu"  # generation and training device
     quick: bool = False
+    report_only: bool = False  # tables from the finished cells only (an interrupted or running grid); runs nothing
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """What a cell's result depends on (not the grid's extent, the output folder or the progress bar)."""
         keep = {k: v for k, v in asdict(self).items()
-                if k not in ("out", "methods", "ks", "seeds", "progress", "quick", "extra", "device")}  # fmt: skip
+                if k not in ("out", "methods", "ks", "seeds", "progress", "quick", "extra", "device", "report_only")}  # fmt: skip
         keep["max_k"] = max(self.ks)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -232,6 +233,9 @@ def run(cfg: EvalConfig | None = None, json_path: str | None = None, **overrides
             cells[(m, k, s)] = rec
         else:
             todo.append((m, k, s))
+    missing = len(todo) if cfg.report_only else 0
+    if cfg.report_only:
+        todo = []
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="evaluate cells", disable=not cfg.progress,
@@ -247,11 +251,14 @@ def run(cfg: EvalConfig | None = None, json_path: str | None = None, **overrides
         cells[(m, k, s)] = rec
         bar.update(1)
     bar.close()
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else (3.0 if cfg.model is None else 7.5)
     grid_note = (f"grid: methods {list(cfg.methods)}, k {list(cfg.ks)}, seeds {list(cfg.seeds)}, {cfg.epochs} epochs of "
-                 f"{cfg.epoch_size} positions, {cfg.steps} scheduler steps, guidance {ctx.guidance}, "
+                 f"{cfg.epoch_size} positions, {cfg.steps} scheduler steps, guidance {guidance}, "
                  f"textual inversion {cfg.inversion_steps} steps/class")  # fmt: skip
     if cfg.quick:
         grid_note = "QUICK (reduced) " + grid_note
+    if missing:
+        grid_note = f"PARTIAL: {len(grid) - missing} of {len(grid)} cells finished; " + grid_note
     summary = summarize(cells, list(cfg.protocols), list(cfg.methods), list(cfg.ks))
     summary |= {"grid": grid_note, "quick": cfg.quick, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
                 "cells_run": len(todo), "cells_total": len(grid), "wall_s": time.perf_counter() - started,
