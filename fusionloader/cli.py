@@ -168,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(fn=_bench)
 
     ev = sub.add_parser("evaluate", help="does it help? the few-shot grid for every method, with intervals")
-    ev.add_argument("--quick", action="store_true", help="the reduced grid (k 1,4; 3 seeds; 6 short epochs; 4 steps)")
+    ev.add_argument("--quick", action="store_true", help="the reduced grid (k 1,2; 3 seeds; 4 epochs of 40; 4 steps)")
     ev.add_argument("--json", default=None, help="also write the summary JSON here")
     ev.add_argument("--out", default="fusionloader-eval", help="cell files (resumable), results.md/json, accuracy.png")
     ev.add_argument("--model", help="diffusers checkpoint (default: the embedded digits model)")

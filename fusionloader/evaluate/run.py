@@ -56,7 +56,7 @@ class EvalConfig:
 
 
 #: ``--quick``: the reduced grid (stated in every output it writes).
-QUICK = dict(ks=(1, 4), seeds=(0, 1, 2), epochs=6, epoch_size=40, steps=4, inversion_steps=20, backbone_epochs=6, val_per_class=10)
+QUICK = dict(ks=(1, 2), seeds=(0, 1, 2), epochs=4, epoch_size=40, steps=4, inversion_steps=20, backbone_epochs=6, val_per_class=10)
 
 
 def _cell_path(cfg: EvalConfig, method: str, k: int, seed: int) -> str:
