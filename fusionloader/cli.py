@@ -4,6 +4,7 @@
     fusionloader demo --model runwayml/stable-diffusion-v1-5 --images ~/data/train --devices cuda:1 cuda:2
     fusionloader preview --model M --images DIR --out grid.png
     fusionloader bench --quick --json out/bench.json
+    fusionloader evaluate --quick --json out/eval.json
     fusionloader cache --model M --images DIR --path latents.cache
     fusionloader invert --model M --images DIR --out tokens/      # DA-Fusion textual inversion
     fusionloader erase --model M --concept NAME --out esd/        # ESD concept erasure (per-class UNet delta)
@@ -88,6 +89,20 @@ def _bench(args) -> None:
     print(f"wrote {args.json}" + "".join(f"\n      {p}" for p in result.get("plots", [])))
 
 
+def _evaluate(args) -> None:
+    from fusionloader.evaluate import EvalConfig, run
+
+    fields = dict(out=args.out, model=args.model, images=args.images, backbone=args.backbone,
+                  retrieval_pool=args.retrieval_pool, clip=args.clip, device=args.device, quick=args.quick,
+                  progress=not args.no_progress, image_size=args.image_size, report_only=args.report_only)  # fmt: skip
+    given = {name: getattr(args, name) for name in ("methods", "ks", "seeds", "protocols", "epochs", "epoch_size",
+             "batch_size", "steps", "guidance_scale", "inversion_steps") if getattr(args, name) is not None}  # fmt: skip
+    summary = run(EvalConfig(**fields), json_path=args.json, **given)
+    print(summary["markdown"])
+    print(f"wrote {os.path.join(args.out, 'results.md')}, {os.path.join(args.out, 'results.json')}"
+          + (f", {args.json}" if args.json else "") + (f", {summary['plot']}" if summary.get("plot") else ""))
+
+
 def _cache(args) -> None:
     from fusionloader import Synthesizer
     from fusionloader.engine.latents import file_digest
@@ -151,6 +166,31 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default=None, help="diffusers folder (default: a tiny random SD-shaped model)")
     bench.add_argument("--device", default=None)
     bench.set_defaults(fn=_bench)
+
+    ev = sub.add_parser("evaluate", help="does it help? the few-shot grid for every method, with intervals")
+    ev.add_argument("--quick", action="store_true", help="the reduced grid (k 1,2; 3 seeds; 4 epochs of 40; 4 steps)")
+    ev.add_argument("--json", default=None, help="also write the summary JSON here")
+    ev.add_argument("--out", default="fusionloader-eval", help="cell files (resumable), results.md/json, accuracy.png")
+    ev.add_argument("--model", help="diffusers checkpoint (default: the embedded digits model)")
+    ev.add_argument("--images", help="ImageFolder root (default: the embedded digits)")
+    ev.add_argument("--backbone", help="linear protocol: TorchScript/pickled nn.Module taking [0,1] images")
+    ev.add_argument("--retrieval-pool", help="with --images: LAION-layout embedding folder for 'retrieval'")
+    ev.add_argument("--clip", help="with --retrieval-pool: a transformers CLIPModel folder for the queries")
+    ev.add_argument("--methods", nargs="+", default=None)
+    ev.add_argument("--ks", nargs="+", type=int, default=None)
+    ev.add_argument("--seeds", nargs="+", type=int, default=None)
+    ev.add_argument("--protocols", nargs="+", default=None, help="linear full")
+    ev.add_argument("--epochs", type=int, default=None)
+    ev.add_argument("--epoch-size", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--steps", type=int, default=None, help="scheduler steps")
+    ev.add_argument("--guidance-scale", type=float, default=None)
+    ev.add_argument("--inversion-steps", type=int, default=None, help="textual inversion steps per class")
+    ev.add_argument("--image-size", type=int, default=32, help="classifier input size with --images")
+    ev.add_argument("--device", default="cpu", help="generation and training device, e.g. cuda:0")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--report-only", action="store_true", help="tables from the finished cells only; runs nothing")
+    ev.set_defaults(fn=_evaluate)
 
     cache = sub.add_parser("cache", help="VAE-encode an image folder into a latent cache file")
     cache.add_argument("--model", required=True)
