@@ -60,21 +60,50 @@ class Mixer:
             image = pool.take(key, timeout)
             waited = time.perf_counter() - t0
             if image is None:
-                if self.policy.reuses:
-                    self.late.append((key, index, strength))
-                    passed = getattr(pool, "passed", None)  # optional in the pool protocol (test stand-ins)
-                    if passed is not None:
-                        passed([key])
-                else:
-                    pool.cancel([key])
+                self.went_past(pool, key, index, strength)
         if image is not None:
-            self.store.put(index, image, strength)
+            self.accept(index, image, strength)
             return image, strength, "fresh", waited
         if self.policy.reuses:
             chosen = self.store.choose(index, seed, allowed)
             if chosen is not None:
                 return chosen[0], chosen[1], "reused", waited
         return None, None, "fallback", waited
+
+    def accept(self, index: int, image: torch.Tensor, strength: float | None) -> None:
+        """A fresh image taken for ``index`` (kept in the store for later reuse)."""
+        self.store.put(index, image, strength)
+
+    def went_past(self, pool, key: int, index: int, strength: float | None) -> None:
+        """The trainer went past ``key``'s position without its image: under ``reuse`` the job keeps running
+        (harvested into the store later), otherwise it is cancelled."""
+        if self.policy.reuses:
+            self.late.append((key, index, strength))
+            passed = getattr(pool, "passed", None)  # optional in the pool protocol (test stand-ins)
+            if passed is not None:
+                passed([key])
+        else:
+            pool.cancel([key])
+
+    def meanwhile(self, index: int, seed: int, allowed) -> tuple[torch.Tensor | None, float | None, str]:
+        """What a deferred position (its job unfinished at dispatch, NOTE [Mixing] "When") is served if its
+        image is still not made when the trainer needs the batch: a stored variant under ``reuse``, else its
+        real sample (None)."""
+        if self.policy.reuses:
+            chosen = self.store.choose(index, seed, allowed)
+            if chosen is not None:
+                return chosen[0], chosen[1], "reused"
+        return None, None, "fallback"
+
+    def settle(self, pool, key: int, index: int, strength: float | None, fresh: bool) -> None:
+        """A deferred position was consumed: ``fresh`` when the worker served the job's image (taken from the
+        ring now, into the store, freeing its slot), else the trainer went past it."""
+        if fresh:
+            image = pool.take(key, 0.0)
+            if image is not None:
+                self.accept(index, image, strength)
+                return
+        self.went_past(pool, key, index, strength)
 
     def harvest(self, pool, scan: int = 64, keep: int = 256) -> None:
         """Move finished late jobs into the store (freeing their ring slots); forget lost ones; cancel the
