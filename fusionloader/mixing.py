@@ -3,11 +3,19 @@
 NOTE [Mixing]
 ~~~~~~~~~~~~~
 
-* When. A batch's synthetic positions are resolved when DataLoader hands the batch to a runner worker (the
-  runner's sampler calls the epoch's dispatch hook; NOTE [Worker side]): with ``num_workers=0`` that is the
-  trainer's ``next()``, as before; with workers it is up to ``prefetch_factor * num_workers`` batches
-  earlier, so producers have that much less time for those positions -- the price of doing the synthetic
-  post-processing in the workers. The request window is kept ahead of dispatch, not of consumption.
+* When. A batch's synthetic positions are first looked at when DataLoader hands the batch to a runner
+  worker (the runner's sampler calls the epoch's dispatch hook; NOTE [Worker side]): with ``num_workers=0``
+  that is the trainer's ``next()``; with workers it is up to ``prefetch_factor * num_workers`` batches
+  earlier. A job already made is taken then (fresh). A job not made yet is, with workers that hand batches
+  back in order (``in_order=True``) and a host ring (``pool.reader()``), *deferred* rather than gone past: the
+  key carries the job's key and what the position gets meanwhile (:meth:`Mixer.meanwhile`: a stored
+  variant under ``reuse``, else the real sample), and the worker looks for the job's image in the ring until
+  the trainer asks for that batch (NOTE [Worker side], the dispatch gate). So a position is served fresh if
+  its job is made any time before the trainer needs the batch -- not only before dispatch, which at the
+  start of a run (every position requested at ``iter()``) or of each epoch is too early. The deferred job
+  stays outstanding until the batch is consumed, then :meth:`Mixer.settle` takes it (served fresh: into the
+  store, its slot freed) or applies the late policy (gone past). Under ``wait`` nothing is deferred: the
+  dispatch waits, one deadline per batch, as below. The request window is kept ahead of dispatch.
 * Resolve (:meth:`Mixer.resolve`). For each synthetic position of a batch the producer's image is taken
   from the pool. Under ``wait`` the whole batch shares ONE deadline (``wait_timeout`` from the batch's
   arrival), and a pool that reports its producers stuck (``stalled()``, when the pool has it) ends the wait at

@@ -9,6 +9,16 @@ NOTE [Worker side]
   any DataLoader sampler does, when DataLoader hands a batch to a worker; that is when the epoch's mixing
   resolves the batch's synthetic images (NOTE [Mixing]); they travel to the worker with the keys (tensors
   through shared memory, as DataLoader's results travel back).
+* Deferred positions (``Key.job >= 0``: the job was not made at dispatch). The worker makes the batch as
+  usual with what the position gets meanwhile, then *holds* it: every few ms it looks for the deferred jobs'
+  images in the ring (``SlotRing.peek``: a copy, no state change -- the trainer still owns the slot and
+  takes it when the batch is consumed; a slot re-credited during the copy is detected and skipped), and
+  post-processes each one found in place of the stand-in, until every deferred job is found or the trainer
+  asks for this batch: the :class:`DispatchGate`, one int64 in shared memory, holds the dispatch number of
+  the batch the trainer is waiting for (set just before it waits; all in-flight batches are released on a
+  new ``iter()`` or ``close()``). The gate is read *before* each look, so an image published before the
+  trainer asked is always found. A held batch costs the trainer nothing it would not wait for anyway: it is
+  handed back within one poll of being asked for, already post-processed.
 * Items. :class:`PlannedDataset` runs ``dataset[index]`` unchanged (plus ``transform=`` when given, seeded
   per position). For a position with a synthetic image it then does the post-processing -- resize back to
   the real image's size and form, the train transform under the position's seed, the real sample's
