@@ -283,9 +283,13 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
                                       persistent_workers=True, generator=torch.Generator().manual_seed(0))  # fmt: skip
             rounds = []
             with fusion("reuse", seed=0) as loader:
-                while not producers_ready(loader):
-                    time.sleep(0.2)
                 fused_batches, plain_batches = _cycle(loader), _cycle(plain_loader)
+                next(fused_batches)  # the first iter() starts the producers (untimed)
+                t_ready = time.monotonic() + 600
+                while not producers_ready(loader):
+                    if time.monotonic() > t_ready:
+                        raise RuntimeError("the producers did not become ready within 600 s")
+                    time.sleep(0.2)
                 for _ in range(s.rounds):
                     _quiet(loader)
                     plain = _window(plain_batches, step_s, s.timed_steps, s.burn_in)
