@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -279,6 +280,7 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
             with fusion("wait", seed=1) as loader:  # another seed than the timed run: no variant carried over
                 cal = synthetic_capacity(loader, s.calibration_steps, s.burn_in)
             step_s = calibrated_step_s(cal["images_per_s"], demand, s.demand_over_capacity, cal["step_compute_s"])
+            print(f"calibrated: {cal['images_per_s']:.1f} synthetic images/s -> step {step_s:.2f} s", file=sys.stderr, flush=True)
             plain_loader = DataLoader(ds, batch_size=s.batch_size, shuffle=True, num_workers=s.num_workers,
                                       persistent_workers=True, generator=torch.Generator().manual_seed(0))  # fmt: skip
             rounds = []
@@ -298,6 +300,8 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
                     made_per_s = (_made(loader) - made0) / (time.perf_counter() - t0)
                     rounds.append({"plain": plain, "fusion": fused, "fusion_vs_plain": fused["steps_per_s"] / plain["steps_per_s"],
                                    "made_over_demand": made_per_s / (demand * fused["steps_per_s"])})  # fmt: skip
+                    print(f"round {len(rounds)}: {rounds[-1]['fusion_vs_plain']:.3f}x, fresh {fused['fresh_fraction']:.2f}",
+                          file=sys.stderr, flush=True)  # fmt: skip
                 stats = loader.stats()
             del plain_batches, plain_loader  # its persistent workers end here
     finally:
