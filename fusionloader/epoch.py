@@ -1,7 +1,8 @@
 """One epoch of a FusionLoader: its progress (what ``state_dict`` saves) and its iterator.
 
 The iterator keeps the request window ahead, resolves each batch's synthetic positions as the runner
-dispatches it (NOTE [Mixing] in mixing.py), takes the runner's collated batches, records progress and counts.
+dispatches it -- deferring to the worker those whose job is not made yet, and settling them when the batch is
+consumed (NOTE [Mixing] in mixing.py, "When") -- takes the runner's collated batches, records progress and counts.
 It is handed its collaborators (pool, window, mixer, stats, config, and the loader's horizon/plan-ahead/length
 callables) and reads nothing else of the loader.
 """
