@@ -13,15 +13,19 @@ or workers) this benchmark measures. The trainer step is a simulated accelerator
 free meanwhile), *calibrated in the same run*: the producers' capacity is measured first (a
 ``late_policy="wait"`` loader, synthetic images delivered per second), then the step is set so that demand
 (alpha x batch per step) is ``demand_over_capacity`` (0.6) of it -- the producers keep up, and what is left
-to compare is the loaders' own cost. Because a slow (CPU) producer needs a long calibrated step, beside which
-a fixed per-batch cost is small in steps/s, the JSON also gives ``trainer_overhead_s_per_step``: the median
-wait for the next batch with FusionLoader less DataLoader's. The JSON records the capacity and demand measured during the timed
-steps and the fresh share of synthetic samples, so "producers keep up" is checked, not assumed.
+to compare is the loaders' own cost.
+
+Then ``rounds`` rounds, each a DataLoader window and a FusionLoader window of ``timed_steps`` steps after
+``burn_in`` untimed ones, both loaders warm (persistent workers, producers loaded; before each DataLoader
+window the producers are let go quiet, so they take no CPU from it). ``fusion_vs_plain`` is the median over
+rounds of the paired ratio of steps/s (1 / median step time); the loaders' figures are medians over rounds.
+The JSON records, for the timed FusionLoader windows, ``fresh_fraction`` (fresh over *planned* synthetic
+positions), ``capacity_over_demand`` (the calibrated capacity over the demand at FusionLoader's steps/s),
+``made_over_demand`` (images the producers made during the windows over the demand), the producers' busy
+rate over demand, ``trainer_overhead_s_per_step`` (the median wait for the next batch with FusionLoader less
+DataLoader's) and the machine's load average -- so "producers keep up" is checked, not assumed.
 
     python -m fusionloader.benchmarks.bench_transforms [--quick] [--device cuda] [--json out/bench_transforms.json]
-
-Per loader: steps/s = 1 / median step time over the timed steps (after producers are ready and a burn-in),
-and the share of step time spent waiting for the next batch.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -174,55 +179,92 @@ class Settings:
     producer_capacity: int = 16
     demand_over_capacity: float = 0.6  # the simulated step puts demand at 0.6x the measured capacity
     calibration_steps: int = 3
-    burn_in: int = 2
-    timed_steps: int = 20
+    burn_in: int = 2  # untimed steps at the start of every timed window (warm workers, ring refilled)
+    timed_steps: int = 10  # per loader and round
+    rounds: int = 3  # rounds of (DataLoader window, FusionLoader window); figures are medians over rounds
 
 
-QUICK = Settings(images=256, batch_size=64, calibration_steps=4, timed_steps=12)
+QUICK = Settings(images=256, batch_size=64, calibration_steps=4, timed_steps=8, rounds=2)
 FULL = Settings()
 
 
-def _loop(loader, step_s: float, timed_steps: int, burn_in: int, ready=lambda: True) -> dict:
-    """Batches until ``timed_steps`` steps ran after ``ready()`` and ``burn_in`` more (epochs cycle); a step is
+def _window(batches, step_s: float, timed_steps: int, burn_in: int) -> dict:
+    """``burn_in`` untimed then ``timed_steps`` timed steps from the endless iterator ``batches``; a step is
     waiting for the batch, then ``step_s`` of simulated accelerator time (the CPU is free meanwhile)."""
-    step_times, waits, metas, timed_from = [], [], [], None
-    while timed_from is None or len(step_times) - timed_from < timed_steps:
-        t0 = time.perf_counter()
-        for batch in loader:
-            got = time.perf_counter()
-            time.sleep(step_s)
-            now = time.perf_counter()
-            step_times.append(now - t0)
-            waits.append(got - t0)
-            if timed_from is None and ready():
-                timed_from = len(step_times) + burn_in
-            if timed_from is not None and len(step_times) > timed_from:
-                metas.append(batch[1] if isinstance(batch[1], dict) else None)
-                if len(step_times) - timed_from >= timed_steps:
-                    break
-            t0 = now
-    timed, wait = step_times[timed_from:], waits[timed_from:]
-    out = {"steps_per_s": 1.0 / statistics.median(timed), "data_wait_fraction": sum(wait) / sum(timed),
-           "median_wait_s": statistics.median(wait), "timed_steps": len(timed), "untimed_steps": timed_from}  # fmt: skip
-    if metas and metas[0] is not None:
+    for _ in range(burn_in):
+        next(batches)
+        time.sleep(step_s)
+    step_times, waits, metas = [], [], []
+    t0 = time.perf_counter()
+    for _ in range(timed_steps):
+        batch = next(batches)
+        got = time.perf_counter()
+        time.sleep(step_s)
+        now = time.perf_counter()
+        step_times.append(now - t0)
+        waits.append(got - t0)
+        metas.append(batch[1] if isinstance(batch[1], dict) else None)
+        t0 = now
+    out = {"steps_per_s": 1.0 / statistics.median(step_times), "data_wait_fraction": sum(waits) / sum(step_times),
+           "median_wait_s": statistics.median(waits), "timed_steps": timed_steps, "seconds": sum(step_times)}  # fmt: skip
+    if metas[0] is not None:
         synthetic = sum(int(m["synthetic"].sum()) for m in metas)
         fresh = sum(int(m["fresh"].sum()) for m in metas)
+        planned = sum(int(m["planned"].sum()) for m in metas)
         samples = sum(len(m["index"]) for m in metas)
-        out.update(synthetic=synthetic, fresh=fresh, samples=samples, achieved_alpha=synthetic / samples,
-                   fresh_fraction=fresh / synthetic if synthetic else float("nan"))  # fmt: skip
+        out.update(synthetic=synthetic, fresh=fresh, planned=planned, samples=samples,
+                   achieved_alpha=synthetic / samples, fresh_fraction=fresh / planned if planned else float("nan"))  # fmt: skip
+    return out
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def _made(loader) -> int:
+    return int(loader.stats()["producer"].get("images", 0))
+
+
+def _quiet(loader, settle_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """Wait until the producers have stopped making images (their look-ahead made or the ring full), so they
+    take no CPU from the DataLoader window that follows."""
+    t_end, last = time.monotonic() + limit_s, _made(loader)
+    while time.monotonic() < t_end:
+        time.sleep(settle_s)
+        now = _made(loader)
+        if now == last:
+            return
+        last = now
+
+
+def _total(windows: list[dict]) -> dict:
+    out = {"steps_per_s": statistics.median(w["steps_per_s"] for w in windows),
+           "median_wait_s": statistics.median(w["median_wait_s"] for w in windows),
+           "data_wait_fraction": statistics.median(w["data_wait_fraction"] for w in windows),
+           "timed_steps": sum(w["timed_steps"] for w in windows)}  # fmt: skip
+    if "synthetic" in windows[0]:
+        for k in ("synthetic", "fresh", "planned", "samples"):
+            out[k] = sum(w[k] for w in windows)
+        out["achieved_alpha"] = out["synthetic"] / out["samples"]
+        out["fresh_fraction"] = out["fresh"] / out["planned"] if out["planned"] else float("nan")
     return out
 
 
 def run(quick: bool = False, model: str | None = None, device: str | None = None, settings: Settings | None = None) -> dict:
-    """One run: capacity calibration, FusionLoader (alpha 0.5) and DataLoader at the calibrated step."""
+    """One run: capacity calibration, then ``rounds`` rounds of a DataLoader window and a FusionLoader
+    (alpha 0.5) window at the calibrated step, both loaders warm (persistent workers, producers loaded)."""
     from fusionloader import FusionLoader
 
     s = settings or (QUICK if quick else FULL)
     if s.num_workers < 2:
         raise ValueError(f"num_workers must be >= 2 (the issue's setting), got {s.num_workers}")
+    if s.rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {s.rounds}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     saved = torch.get_num_threads()
     torch.set_num_threads(1)  # the trainer only waits and sleeps; workers and producers get the cores
+    demand = ALPHA * s.batch_size  # synthetic images per step
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = model or tiny_sd_model(os.path.join(tmp, "tiny"))
@@ -237,29 +279,50 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
 
             with fusion("wait", seed=1) as loader:  # another seed than the timed run: no variant carried over
                 cal = synthetic_capacity(loader, s.calibration_steps, s.burn_in)
-            step_s = calibrated_step_s(cal["images_per_s"], ALPHA * s.batch_size, s.demand_over_capacity, cal["step_compute_s"])
-            with fusion("reuse", seed=0) as loader:
-                fused = _loop(loader, step_s, s.timed_steps, s.burn_in, ready=lambda: producers_ready(loader))
-                stats = loader.stats()
+            step_s = calibrated_step_s(cal["images_per_s"], demand, s.demand_over_capacity, cal["step_compute_s"])
+            print(f"calibrated: {cal['images_per_s']:.1f} synthetic images/s -> step {step_s:.2f} s", file=sys.stderr, flush=True)
             plain_loader = DataLoader(ds, batch_size=s.batch_size, shuffle=True, num_workers=s.num_workers,
                                       persistent_workers=True, generator=torch.Generator().manual_seed(0))  # fmt: skip
-            plain = _loop(plain_loader, step_s, s.timed_steps, s.burn_in)
-            del plain_loader  # its persistent workers end here
+            rounds = []
+            with fusion("reuse", seed=0) as loader:
+                fused_batches, plain_batches = _cycle(loader), _cycle(plain_loader)
+                next(fused_batches)  # the first iter() starts the producers (untimed)
+                t_ready = time.monotonic() + 600
+                while not producers_ready(loader):
+                    if time.monotonic() > t_ready:
+                        raise RuntimeError("the producers did not become ready within 600 s")
+                    time.sleep(0.2)
+                for _ in range(s.rounds):
+                    _quiet(loader)
+                    plain = _window(plain_batches, step_s, s.timed_steps, s.burn_in)
+                    made0, t0 = _made(loader), time.perf_counter()
+                    fused = _window(fused_batches, step_s, s.timed_steps, s.burn_in)
+                    made_per_s = (_made(loader) - made0) / (time.perf_counter() - t0)
+                    rounds.append({"plain": plain, "fusion": fused, "fusion_vs_plain": fused["steps_per_s"] / plain["steps_per_s"],
+                                   "made_over_demand": made_per_s / (demand * fused["steps_per_s"])})  # fmt: skip
+                    print(f"round {len(rounds)}: {rounds[-1]['fusion_vs_plain']:.3f}x, fresh {fused['fresh_fraction']:.2f}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                stats = loader.stats()
+            del plain_batches, plain_loader  # its persistent workers end here
     finally:
         torch.set_num_threads(saved)
-    capacity = sum(p["busy_images_per_s"] for p in stats["producer"].get("producers", []))
-    demand = ALPHA * s.batch_size * fused["steps_per_s"]
+    plain, fused = _total([r["plain"] for r in rounds]), _total([r["fusion"] for r in rounds])
+    busy = sum(p["busy_images_per_s"] for p in stats["producer"].get("producers", []))
     return {
         "plain_steps_per_s": plain["steps_per_s"],
         "fusion_steps_per_s": fused["steps_per_s"],
-        "fusion_vs_plain": fused["steps_per_s"] / plain["steps_per_s"],
-        "fresh_fraction": fused["fresh_fraction"],
+        "fusion_vs_plain": statistics.median(r["fusion_vs_plain"] for r in rounds),  # paired per round
+        "fresh_fraction": fused["fresh_fraction"],  # of the planned synthetic positions in the timed windows
         "achieved_alpha": fused["achieved_alpha"],
-        "capacity_over_demand": capacity / demand,  # during the timed run (the producers' own busy rate)
+        # the calibrated capacity (images/s a waiting trainer gets) over the demand at FusionLoader's steps/s
+        "capacity_over_demand": cal["images_per_s"] / (demand * fused["steps_per_s"]),
+        "made_over_demand": statistics.median(r["made_over_demand"] for r in rounds),  # made during the windows
+        "busy_capacity_over_demand": busy / (demand * fused["steps_per_s"]),  # the producers' own busy rate
         # What FusionLoader adds to the trainer's wait per step, whatever the step: a slow CPU producer needs
         # a long calibrated step, beside which a fixed per-batch cost looks small in steps/s alone.
         "trainer_overhead_s_per_step": fused["median_wait_s"] - plain["median_wait_s"],
         "step_s": step_s,
+        "rounds": rounds,
         "calibration": cal,
         "plain": plain,
         "fusion": fused,
@@ -267,12 +330,14 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
         "settings": asdict(s),
         "quick": quick,
         "producer_device": device,
+        "load_average": os.getloadavg(),  # the machine's load when the run ended (a shared machine is noisy)
         "environment": environment(device),
     }
 
 
 def main(argv=None) -> None:
-    loader_bench_main(argv, __doc__, run, "out/bench_transforms.json", ("plain", "fusion", "environment", "settings", "calibration"))
+    loader_bench_main(argv, __doc__, run, "out/bench_transforms.json",
+                      ("plain", "fusion", "rounds", "environment", "settings", "calibration"))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """One epoch of a FusionLoader: its progress (what ``state_dict`` saves) and its iterator.
 
 The iterator keeps the request window ahead, resolves each batch's synthetic positions as the runner
-dispatches it (NOTE [Mixing] in mixing.py), takes the runner's collated batches, records progress and counts.
+dispatches it -- deferring to the worker those whose job is not made yet, and settling them when the batch is
+consumed (NOTE [Mixing] in mixing.py, "When") -- takes the runner's collated batches, records progress and counts.
 It is handed its collaborators (pool, window, mixer, stats, config, and the loader's horizon/plan-ahead/length
 callables) and reads nothing else of the loader.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 
 import numpy as np
@@ -17,9 +19,13 @@ from .config import FusionConfig
 from .mixing import Mixer
 from .plan import EpochPlan, normalize_strengths
 from .stats import LoaderStats
-from .worker import Batch, Key
+from .worker import Batch, DispatchGate, Key
 
 __all__ = ["EpochIterator", "EpochProgress"]
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None else float(x)
 
 
 class EpochProgress:
@@ -61,9 +67,15 @@ class EpochIterator:
     the runner's collated batches, records progress and counts."""
 
     def __init__(self, plan: EpochPlan, progress: EpochProgress, key_base: int, submitted: int | None, *, pool, window,
-                 mixer: Mixer, stats: LoaderStats, config: FusionConfig, horizon, plan_ahead, length):  # fmt: skip
+                 mixer: Mixer, stats: LoaderStats, config: FusionConfig, horizon, plan_ahead, length,
+                 gate: DispatchGate | None = None):  # fmt: skip
         self.plan, self.progress, self.key_base = plan, progress, key_base
         self.pool, self.window, self.mixer, self.stats, self.config = pool, window, mixer, stats, config
+        # ``gate``: given when the runner's workers hand back batches in dispatch order; then a position whose
+        # job is unfinished at dispatch is deferred to the worker (NOTE [Mixing], "When")
+        self.gate = gate
+        self.dispatched: collections.deque = collections.deque()  # (batch, dispatch number), in dispatch order
+        self.deferred: dict[int, tuple] = {}  # position -> (job key, index, strength) until consumed
         self.horizon, self.plan_ahead, self.length = horizon, plan_ahead, length
         self.runner_iter = None  # set by the loader once the runner can dispatch to this iterator
         span = plan.span(progress.prefix)
@@ -97,11 +109,23 @@ class EpochIterator:
     def dispatch(self, keys: list[Key]) -> list[Key]:
         """The runner hands this batch to a worker: resolve its synthetic positions (NOTE [Mixing])."""
         pool = self.pool
-        if self.done or not any(k.synthetic for k in keys):
+        if self.done:
+            return keys
+        seq = -1
+        if self.gate is not None:
+            seq = self.gate.next()
+            self.dispatched.append((keys[0].batch, seq))
+        if not any(k.synthetic for k in keys):
             return keys
         if pool is not None:
             pool.check()  # a dead producer raises here, before anything waits
             self._request_ahead(keys[-1].position + 1)
+        # Defer (NOTE [Mixing], "When"): never under ``wait`` (it waits here, one deadline per batch), and only
+        # with a ring the workers can read.
+        ring = None
+        if self.gate is not None and pool is not None and not self.mixer.policy.waits:
+            reader = getattr(pool, "reader", None)  # optional in the pool protocol (test stand-ins)
+            ring = reader() if reader is not None else None
         d = self.plan.draws(keys[0].position, keys[-1].position + 1)
         deadline = self.mixer.deadline()  # one deadline for the whole batch
         out = []
@@ -110,14 +134,26 @@ class EpochIterator:
                 out.append(key)
                 continue
             job = self.key_base + key.position
-            if job in self.window.outstanding:
-                self.window.outstanding.discard(job)
-            else:
+            if job not in self.window.outstanding:
                 job = None
-            image, s, kind, waited = self.mixer.resolve(pool, job, key.index, self.plan.job_strength(d.strength[j]),
-                                                        key.seed, deadline, self.allowed)  # fmt: skip
-            self.stats.add_time("stall_s", waited)
-            out.append(key._replace(image=image, kind=kind, strength=float("nan") if s is None else float(s)))
+            strength = self.plan.job_strength(d.strength[j])
+            if job is not None and ring is not None:
+                image = pool.take(job, 0.0)
+                if image is None:  # not made yet: the worker may still find it (stays outstanding until consumed)
+                    image, s, kind = self.mixer.meanwhile(key.index, key.seed, self.allowed)
+                    self.deferred[key.position] = (job, key.index, strength)
+                    out.append(key._replace(image=image, kind=kind, strength=_nan(s), job=job,
+                                            job_strength=_nan(strength), seq=seq, ring=ring))  # fmt: skip
+                    continue
+                self.window.outstanding.discard(job)
+                self.mixer.accept(key.index, image, strength)
+                s, kind = strength, "fresh"
+            else:
+                self.window.outstanding.discard(job)
+                image, s, kind, waited = self.mixer.resolve(pool, job, key.index, strength, key.seed, deadline,
+                                                            self.allowed)  # fmt: skip
+                self.stats.add_time("stall_s", waited)
+            out.append(key._replace(image=image, kind=kind, strength=_nan(s)))
         return out
 
     def __next__(self):
@@ -130,6 +166,8 @@ class EpochIterator:
                 self.mixer.harvest(pool)
             nxt = self.plan.span(self.progress.prefix + 1)
             self._request_ahead(nxt[0] if nxt else self.plan.order.known_positions)
+        if self.gate is not None and self.dispatched:
+            self.gate.want(self.dispatched[0][1])  # a worker holding this batch hands it back now
         t0 = time.perf_counter()
         try:
             batch = next(self.runner_iter)
@@ -137,6 +175,7 @@ class EpochIterator:
             self._finish()
             raise
         stats.add_time("real_wait_s", time.perf_counter() - t0)
+        self._settle(batch)
         out = self._deliver(batch)
         self.progress.consume(batch.batch, batch.worker, batch.rng)
         self.plan.order.release(self.progress.prefix)
@@ -152,6 +191,21 @@ class EpochIterator:
         if self.progress.finished():
             self._end_of_epoch()  # not done: the runner's next call pulls the sampler past its end, as DataLoader's
         return out
+
+    def _settle(self, batch: Batch) -> None:
+        """The batch is consumed: its deferred positions' jobs are taken (served fresh) or gone past."""
+        for j, (b, _) in enumerate(self.dispatched):
+            if b == batch.batch:
+                del self.dispatched[j]
+                break
+        if not self.deferred:
+            return
+        for position, kind in zip(batch.positions, batch.kinds):
+            entry = self.deferred.pop(position, None)
+            if entry is not None:
+                job, index, strength = entry
+                self.window.outstanding.discard(job)
+                self.mixer.settle(self.pool, job, index, strength, fresh=kind == "fresh")
 
     def _deliver(self, batch: Batch):
         plan = self.plan

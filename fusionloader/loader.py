@@ -78,7 +78,7 @@ from .sources.dataset import ImageSource
 from .stats import LoaderStats
 from .store import VariantStore
 from .window import RequestWindow
-from .worker import PlannedDataset, PlanSampler, WorkerCollate, WorkerInit
+from .worker import DispatchGate, PlannedDataset, PlanSampler, WorkerCollate, WorkerInit
 
 __all__ = ["LATE_POLICIES", "FusionConfig", "FusionLoader", "LatePolicy"]
 
@@ -217,6 +217,7 @@ class FusionLoader(Generic[T_co]):
         self._window = RequestWindow(self._jobs)
         self._pool = None
         self._runner: DataLoader | None = None
+        self._gate = DispatchGate()  # shared with the runner's workers (NOTE [Worker side])
         self._plan_sampler: PlanSampler | None = None
         self._worker_init: WorkerInit | None = None
         self._active = None  # weakref to the live epoch iterator
@@ -497,9 +498,11 @@ class FusionLoader(Generic[T_co]):
         adopted = self._window.adopt(plan) if resume is None else (self._window.drop_ahead() or None)
         key_base, submitted = (self._window.new_key_base(), None) if adopted is None else adopted
         self._stats.begin(epoch)
+        # deferred positions need workers that hand batches back in dispatch order (NOTE [Mixing], "When")
+        gate = self._gate if self._dl.num_workers > 0 and getattr(self._dl, "in_order", True) else None
         it = EpochIterator(plan, progress, key_base, submitted, pool=self._pool, window=self._window, mixer=self._mixer,
                             stats=self._stats, config=self.config, horizon=self._horizon, plan_ahead=self._plan_ahead,
-                            length=self.__len__)  # requests its first window now; fmt: skip
+                            length=self.__len__, gate=gate)  # requests its first window now; fmt: skip
         # the runner dispatches its first batches at iter(): their synthetic images are resolved then
         it.runner_iter = self._runner_iter(plan, progress, gen, resumed=resume is not None, dispatch=it.dispatch)
         self._active = weakref.ref(it)
@@ -511,7 +514,7 @@ class FusionLoader(Generic[T_co]):
         if self._runner is None:
             self._plan_sampler = PlanSampler(batched=auto)
             self._worker_init = WorkerInit(dl.worker_init_fn)
-            wrapped = PlannedDataset(dl.dataset, self._source, self.config.transform)  # the source: picklable
+            wrapped = PlannedDataset(dl.dataset, self._source, self.config.transform, self._gate.tensor)  # picklable
             kw = dict(
                 num_workers=dl.num_workers, collate_fn=WorkerCollate(dl.collate_fn, auto), pin_memory=dl.pin_memory,
                 timeout=dl.timeout, worker_init_fn=self._worker_init, multiprocessing_context=dl.multiprocessing_context,
@@ -689,6 +692,7 @@ class FusionLoader(Generic[T_co]):
         active = self._active() if self._active is not None else None
         if active is not None:
             active.done = True
+        self._gate.release_all()  # workers holding its batches hand them back (they are drained or dropped)
         self._window.cancel_outstanding()
 
     def _shutdown_runner(self) -> None:
@@ -728,7 +732,7 @@ class FusionLoader(Generic[T_co]):
         # Pickled to spawned trainer processes (Lightning's ddp_spawn): runtime state stays behind.
         state = self.__dict__.copy()
         for key in ("_source", "_store", "_mixer", "_window", "_pool", "_runner", "_plan_sampler",
-                    "_worker_init", "_active", "_dist_sampler", "_closed", "_progress"):
+                    "_worker_init", "_active", "_dist_sampler", "_closed", "_progress", "_gate"):
             state.pop(key, None)
         return state
 

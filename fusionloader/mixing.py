@@ -3,11 +3,19 @@
 NOTE [Mixing]
 ~~~~~~~~~~~~~
 
-* When. A batch's synthetic positions are resolved when DataLoader hands the batch to a runner worker (the
-  runner's sampler calls the epoch's dispatch hook; NOTE [Worker side]): with ``num_workers=0`` that is the
-  trainer's ``next()``, as before; with workers it is up to ``prefetch_factor * num_workers`` batches
-  earlier, so producers have that much less time for those positions -- the price of doing the synthetic
-  post-processing in the workers. The request window is kept ahead of dispatch, not of consumption.
+* When. A batch's synthetic positions are first looked at when DataLoader hands the batch to a runner
+  worker (the runner's sampler calls the epoch's dispatch hook; NOTE [Worker side]): with ``num_workers=0``
+  that is the trainer's ``next()``; with workers it is up to ``prefetch_factor * num_workers`` batches
+  earlier. A job already made is taken then (fresh). A job not made yet is, with workers that hand batches
+  back in order (``in_order=True``) and a host ring (``pool.reader()``), *deferred* rather than gone past: the
+  key carries the job's key and what the position gets meanwhile (:meth:`Mixer.meanwhile`: a stored
+  variant under ``reuse``, else the real sample), and the worker looks for the job's image in the ring until
+  the trainer asks for that batch (NOTE [Worker side], the dispatch gate). So a position is served fresh if
+  its job is made any time before the trainer needs the batch -- not only before dispatch, which at the
+  start of a run (every position requested at ``iter()``) or of each epoch is too early. The deferred job
+  stays outstanding until the batch is consumed, then :meth:`Mixer.settle` takes it (served fresh: into the
+  store, its slot freed) or applies the late policy (gone past). Under ``wait`` nothing is deferred: the
+  dispatch waits, one deadline per batch, as below. The request window is kept ahead of dispatch.
 * Resolve (:meth:`Mixer.resolve`). For each synthetic position of a batch the producer's image is taken
   from the pool. Under ``wait`` the whole batch shares ONE deadline (``wait_timeout`` from the batch's
   arrival), and a pool that reports its producers stuck (``stalled()``, when the pool has it) ends the wait at
@@ -92,21 +100,50 @@ class Mixer:
             image = pool.take(key, timeout)
             waited = time.perf_counter() - t0
             if image is None:
-                if self.policy.reuses:
-                    self.late.append((key, index, strength))
-                    passed = getattr(pool, "passed", None)  # optional in the pool protocol (test stand-ins)
-                    if passed is not None:
-                        passed([key])
-                else:
-                    pool.cancel([key])
+                self.went_past(pool, key, index, strength)
         if image is not None:
-            self.store.put(index, image, strength)
+            self.accept(index, image, strength)
             return image, strength, "fresh", waited
         if self.policy.reuses:
             chosen = self.store.choose(index, seed, allowed)
             if chosen is not None:
                 return chosen[0], chosen[1], "reused", waited
         return None, None, "fallback", waited
+
+    def accept(self, index: int, image: torch.Tensor, strength: float | None) -> None:
+        """A fresh image taken for ``index`` (kept in the store for later reuse)."""
+        self.store.put(index, image, strength)
+
+    def went_past(self, pool, key: int, index: int, strength: float | None) -> None:
+        """The trainer went past ``key``'s position without its image: under ``reuse`` the job keeps running
+        (harvested into the store later), otherwise it is cancelled."""
+        if self.policy.reuses:
+            self.late.append((key, index, strength))
+            passed = getattr(pool, "passed", None)  # optional in the pool protocol (test stand-ins)
+            if passed is not None:
+                passed([key])
+        else:
+            pool.cancel([key])
+
+    def meanwhile(self, index: int, seed: int, allowed) -> tuple[torch.Tensor | None, float | None, str]:
+        """What a deferred position (its job unfinished at dispatch, NOTE [Mixing] "When") is served if its
+        image is still not made when the trainer needs the batch: a stored variant under ``reuse``, else its
+        real sample (None)."""
+        if self.policy.reuses:
+            chosen = self.store.choose(index, seed, allowed)
+            if chosen is not None:
+                return chosen[0], chosen[1], "reused"
+        return None, None, "fallback"
+
+    def settle(self, pool, key: int, index: int, strength: float | None, fresh: bool) -> None:
+        """A deferred position was consumed: ``fresh`` when the worker served the job's image (taken from the
+        ring now, into the store, freeing its slot), else the trainer went past it."""
+        if fresh:
+            image = pool.take(key, 0.0)
+            if image is not None:
+                self.accept(index, image, strength)
+                return
+        self.went_past(pool, key, index, strength)
 
     def harvest(self, pool, scan: int = 64, keep: int = 256) -> None:
         """Move finished late jobs into the store (freeing their ring slots); forget lost ones; cancel the

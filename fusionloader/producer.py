@@ -586,6 +586,15 @@ class ProducerPool:
         with core.lock:
             return set(core.book.ready)
 
+    def reader(self):
+        """The ring's ``RingHandle`` when it lives in host shared memory (the loader's workers ``peek`` finished
+        images in it, NOTE [Worker side] in worker.py), else None (a device ring, or none made yet)."""
+        core = self._core
+        ring = core.ring
+        if not core.started or core.closed or ring is None or str(ring.device) != "cpu":
+            return None
+        return ring.handle
+
     def passed(self, keys) -> None:
         """The consumer went past these jobs without them (it fell back): keep them, but make them only
         when no job that can still arrive in time is waiting (their images can still fill the variant

@@ -280,6 +280,24 @@ class SlotRing:
         self.release(slot)
         return out
 
+    def peek(self, keys) -> dict[int, torch.Tensor]:
+        """Copies of the READY slots holding any of ``keys`` (host rings), without changing any state: for a
+        process that is not the consumer (a runner worker, NOTE [Worker side] in worker.py). The consumer still
+        ``read``s (frees) those slots itself. A slot freed and re-credited during the copy is detected
+        (state and key are checked again after it) and left out, so a torn image is never returned."""
+        if not keys or self._data is None or self._data.is_cuda:
+            return {}
+        want = torch.as_tensor(list(keys), dtype=torch.int64)
+        key_now = self._key.clone()
+        slots = ((self._state == READY) & torch.isin(key_now, want)).nonzero().flatten().tolist()
+        out = {}
+        for slot in slots:
+            key = int(key_now[slot])
+            image = self._data[slot].clone()
+            if int(self._state[slot]) == READY and int(self._key[slot]) == key:  # unchanged while copying
+                out[key] = image
+        return out
+
     # -- producer side ------------------------------------------------------------------------------
 
     def fill(self, slot: int, image: torch.Tensor, owner: int) -> None:

@@ -9,6 +9,16 @@ NOTE [Worker side]
   any DataLoader sampler does, when DataLoader hands a batch to a worker; that is when the epoch's mixing
   resolves the batch's synthetic images (NOTE [Mixing]); they travel to the worker with the keys (tensors
   through shared memory, as DataLoader's results travel back).
+* Deferred positions (``Key.job >= 0``: the job was not made at dispatch). The worker makes the batch as
+  usual with what the position gets meanwhile, then *holds* it: every few ms it looks for the deferred jobs'
+  images in the ring (``SlotRing.peek``: a copy, no state change -- the trainer still owns the slot and
+  takes it when the batch is consumed; a slot re-credited during the copy is detected and skipped), and
+  post-processes each one found in place of the stand-in, until every deferred job is found or the trainer
+  asks for this batch: the :class:`DispatchGate`, one int64 in shared memory, holds the dispatch number of
+  the batch the trainer is waiting for (set just before it waits; all in-flight batches are released on a
+  new ``iter()`` or ``close()``). The gate is read *before* each look, so an image published before the
+  trainer asked is always found. A held batch costs the trainer nothing it would not wait for anyway: it is
+  handed back within one poll of being asked for, already post-processed.
 * Items. :class:`PlannedDataset` runs ``dataset[index]`` unchanged (plus ``transform=`` when given, seeded
   per position). For a position with a synthetic image it then does the post-processing -- resize back to
   the real image's size and form, the train transform under the position's seed, the real sample's
@@ -31,6 +41,7 @@ NOTE [Worker side]
 from __future__ import annotations
 
 import random
+import time
 import weakref
 from typing import Any, NamedTuple
 
@@ -40,7 +51,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from .sources.dataset import ImageSource, RawInfo, describe, from_float, get_image, replace_image
 
-__all__ = ["Batch", "Item", "Key", "PlanSampler", "PlannedDataset", "WorkerCollate", "WorkerInit", "rng_state",
+__all__ = ["Batch", "DispatchGate", "Item", "Key", "PlanSampler", "PlannedDataset", "WorkerCollate", "WorkerInit", "rng_state",
            "seeded_call", "set_rng_state", "synthetic_sample"]  # fmt: skip
 
 
@@ -53,6 +64,13 @@ class Key(NamedTuple):
     image: Any = None  # the synthetic image resolved for this position at dispatch (None: serve the real one)
     kind: str = "real"  # "real" | "fresh" | "reused" | "fallback"
     strength: float = float("nan")  # of the delivered synthetic image (NaN when real)
+    # A deferred position (its job unfinished at dispatch): the job's key (-1: none) and strength, the batch's
+    # dispatch number (for the DispatchGate) and the ring to peek it in; ``image``/``kind`` are then what is
+    # served if the job is still not made when the trainer needs the batch.
+    job: int = -1
+    job_strength: float = float("nan")
+    seq: int = -1
+    ring: Any = None
 
 
 class Item(NamedTuple):
@@ -168,12 +186,51 @@ class Batch:
         return self
 
 
-class PlannedDataset(Dataset):
-    """``dataset[index]`` for planned keys; exceptions keep their type and gain a note naming index and path."""
+class DispatchGate:
+    """The dispatch number of the batch the trainer is waiting for, in shared memory: a worker holding a batch
+    with deferred positions (NOTE [Worker side]) returns it as soon as the trainer asks for it, not before.
 
-    def __init__(self, dataset, source: ImageSource, transform):
-        self.dataset, self.source, self.transform = dataset, source, transform
+    Trainer side: ``next()`` numbers each dispatched batch, ``want(seq)`` before waiting for a batch,
+    ``release_all()`` when the batches in flight are abandoned (a new ``iter()``, ``close()``). Worker side:
+    ``wanted(tensor)`` reads it (the tensor travels with the runner's dataset, once per worker)."""
+
+    def __init__(self):
+        self.tensor = torch.full((1,), -1, dtype=torch.int64).share_memory_()
+        self.seq = -1
+
+    def next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def want(self, seq: int) -> None:
+        if seq > int(self.tensor[0]):
+            self.tensor[0] = seq
+
+    def release_all(self) -> None:
+        self.want(self.seq)
+
+    @staticmethod
+    def wanted(tensor) -> int:
+        return int(tensor[0]) if tensor is not None else 1 << 62
+
+
+HOLD_POLL_S = 0.004  # how often a holding worker looks at the ring and the gate
+HOLD_CAP_S = 600.0  # never hold a batch longer (the gate always releases sooner; a safety net)
+
+
+class PlannedDataset(Dataset):
+    """``dataset[index]`` for planned keys; exceptions keep their type and gain a note naming index and path.
+    ``gate``: the :class:`DispatchGate`'s tensor (deferred positions, NOTE [Worker side])."""
+
+    def __init__(self, dataset, source: ImageSource, transform, gate=None):
+        self.dataset, self.source, self.transform, self.gate = dataset, source, transform, gate
         self._infos: dict[int, RawInfo] = {}
+        self._rings: dict = {}  # ring name -> SlotRing attached in this (worker) process
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_rings"] = {}  # mappings are per process
+        return state
 
     def __len__(self):
         return len(self.dataset)
@@ -200,7 +257,7 @@ class PlannedDataset(Dataset):
             raise _note(e, key.index, self._path(key.index))
         return Item(key.position, sample, key.kind, key.strength, key.batch)
 
-    def __getitem__(self, key: Key) -> Item:
+    def _read(self, key: Key):
         try:
             sample = self.source.untransformed(key.index) if key.image is not None else None
             raw = sample is not None
@@ -208,17 +265,60 @@ class PlannedDataset(Dataset):
                 sample = self.dataset[key.index]
         except Exception as e:
             raise _note(e, key.index, self._path(key.index))
-        return self._finish(key, sample, raw)
+        return sample, raw
+
+    def __getitem__(self, key: Key) -> Item:
+        sample, raw = self._read(key)
+        item = self._finish(key, sample, raw)
+        if key.job >= 0:
+            item = self._hold([key], [(sample, raw)], [item])[0]
+        return item
 
     def __getitems__(self, keys):
         getitems = getattr(self.dataset, "__getitems__", None)
         if not getitems:
-            return [self[k] for k in keys]
-        try:
-            samples = getitems([k.index for k in keys])
-        except Exception as e:
-            raise _note(e, [k.index for k in keys], None)
-        return [self._finish(k, s) for k, s in zip(keys, samples)]
+            reads, items = [], []
+            for k in keys:  # one key after the other, as DataLoader's fetcher reads them
+                reads.append(self._read(k))
+                items.append(self._finish(k, *reads[-1]))
+        else:
+            try:
+                samples = getitems([k.index for k in keys])
+            except Exception as e:
+                raise _note(e, [k.index for k in keys], None)
+            reads = [(s, False) for s in samples]
+            items = [self._finish(k, s) for k, s in zip(keys, samples)]
+        if any(k.job >= 0 for k in keys):
+            items = self._hold(keys, reads, items)
+        return items
+
+    def _ring(self, handle):
+        ring = self._rings.get(handle.name)
+        if ring is None:
+            from .ring import SlotRing
+
+            ring = self._rings[handle.name] = SlotRing.attach(handle)
+        return ring
+
+    def _hold(self, keys, reads, items):
+        """Deferred positions (NOTE [Worker side]): until the trainer asks for this batch (the gate) or every
+        deferred job is made, look for their images in the ring; each one found replaces what the position
+        was to be served (post-processed at once, so nothing is left to do when the trainer asks)."""
+        pending = {j: k for j, k in enumerate(keys) if k.job >= 0}
+        ring = self._ring(next(iter(pending.values())).ring)
+        seq = max(k.seq for k in pending.values())
+        t0 = time.monotonic()
+        while True:
+            # the gate first: an image published before the trainer asked is then seen by the peek below
+            released = DispatchGate.wanted(self.gate) >= seq or time.monotonic() - t0 > HOLD_CAP_S
+            found = ring.peek([k.job for k in pending.values()])
+            for j in [j for j, k in pending.items() if k.job in found]:
+                k = pending.pop(j)
+                fresh = k._replace(image=found[k.job], kind="fresh", strength=k.job_strength)
+                items[j] = self._finish(fresh, *reads[j])
+            if not pending or released:
+                return items
+            time.sleep(HOLD_POLL_S)
 
 
 class WorkerCollate:

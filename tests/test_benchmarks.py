@@ -119,13 +119,14 @@ def test_train_transforms_follow_torchvision_semantics():
 def test_transform_benchmark_smoke(tiny_sd1_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     tiny = bench_transforms.Settings(images=8, image_size=(40, 48), crop=32, batch_size=4, num_workers=2, sampler_steps=2,
-                                     producers=1, calibration_steps=2, burn_in=1, timed_steps=3)  # fmt: skip
+                                     producers=1, calibration_steps=2, burn_in=1, timed_steps=3, rounds=2)  # fmt: skip
     r = bench_transforms.run(model=tiny_sd1_path, device="cpu", settings=tiny)
     cal = r["calibration"]
     assert cal["fresh"] == cal["synthetic"] > 0 and cal["images_per_s"] > 0
     want = bench_transforms.ALPHA * 4 / (0.6 * cal["images_per_s"]) - cal["step_compute_s"]
     assert r["step_s"] == pytest.approx(max(0.0, want))
-    assert r["plain"]["timed_steps"] == r["fusion"]["timed_steps"] == 3 and r["fusion"]["samples"] == 12
+    assert r["plain"]["timed_steps"] == r["fusion"]["timed_steps"] == 6 and r["fusion"]["samples"] == 24
+    assert len(r["rounds"]) == 2 and r["fusion"]["planned"] >= r["fusion"]["fresh"] >= 0
     assert r["fusion_vs_plain"] > 0 and r["capacity_over_demand"] >= 0  # 0 when no job finished in 3 tiny steps
     assert r["trainer_overhead_s_per_step"] == r["fusion"]["median_wait_s"] - r["plain"]["median_wait_s"]
     with pytest.raises(ValueError, match="num_workers must be >= 2"):
