@@ -180,7 +180,9 @@ def discl(class_names: Sequence[str] | None = None, *, synthesizer=None, templat
     (``mixing="hard"``: tail classes < 20 images and low true-class probability from ``loader.report``), and
     the CLIP-score filter against "a photo of a {class}" at 0.30 (``clip_threshold=None``: off). Text guidance
     10 as the paper's SDXL-refiner setting. The first epoch's alpha/strengths are in the kwargs."""
+    from fusionloader.engine.clip_filter import ClipFilter
     from fusionloader.methods.curriculum import DISCL_LEVELS, DiverseToSpecific
+    from fusionloader.policies import HardWeighted
 
     synthesizer, names = _defaults(synthesizer, class_names)
     template = _check_template(template)
@@ -188,17 +190,7 @@ def discl(class_names: Sequence[str] | None = None, *, synthesizer=None, templat
     kwargs = dict(synthesizer=synthesizer, alpha=curriculum.alpha(0), strengths=curriculum.strengths(0),
                   prompts=[template.format(n) for n in names], guidance_scale=guidance_scale,
                   num_inference_steps=num_inference_steps)  # fmt: skip
-    try:
-        from fusionloader.policies import HardWeighted
-    except ImportError:  # the mixing policies land with the mixing branch; the agreed string works either way
-        kwargs["mixing"] = "hard"
-    else:
-        kwargs["mixing"] = HardWeighted(share=hard_share)
+    kwargs["mixing"] = HardWeighted(share=hard_share)
     if clip_threshold is not None:
-        try:
-            from fusionloader.engine.clip_filter import ClipFilter
-        except ImportError as e:
-            raise ImportError("discl: the CLIP-score filter (fusionloader.engine.clip_filter) is not in this build; "
-                              "pass clip_threshold=None to run without it") from e  # fmt: skip
         kwargs["clip_filter"] = ClipFilter(threshold=clip_threshold)
     return _finish(kwargs, overrides, curriculum, paper="discl")

@@ -1,8 +1,4 @@
-"""fusionloader.recipes: each paper's defaults, and each recipe through FusionLoader on the embedded digits.
-
-Recipes whose keyword arguments another branch adds to FusionLoader (``mixing=``, ``retrieval=``,
-``clip_filter=``) are marked xfail (non-strict) until those land.
-"""
+"""fusionloader.recipes: each paper's defaults, and each recipe through FusionLoader on the embedded digits."""
 
 import os
 import subprocess
@@ -16,8 +12,6 @@ pytest.importorskip("sklearn.datasets", reason="the embedded digits need scikit-
 from fusionloader import FusionLoader, Synthesizer, recipes  # noqa: E402
 from fusionloader.pretrained import PROMPT_TEMPLATE, class_names, default_model_path  # noqa: E402
 
-NEEDS_MIXING = pytest.mark.xfail(reason="needs the mixing branch (mixing=/retrieval= FusionLoader kwargs)", strict=False)
-NEEDS_CLIP_FILTER = pytest.mark.xfail(reason="needs the prodmethods branch (engine/clip_filter.py)", strict=False)
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
@@ -92,7 +86,6 @@ def test_discl_curriculum_and_kwargs():
     assert r["mixing"] == "hard" or type(r["mixing"]).__name__ == "HardWeighted"
 
 
-@NEEDS_CLIP_FILTER
 def test_discl_default_has_the_clip_filter():
     r = recipes.discl()
     assert r["clip_filter"].threshold == 0.30
@@ -115,7 +108,6 @@ def test_da_fusion_runs_through_fusionloader_with_learned_tokens():
     assert stats["cumulative"]["fresh"] == int(sum(m["synthetic"].sum() for _, m in batches)) > 0
 
 
-@NEEDS_MIXING
 def test_class_label_templates_runs_through_fusionloader():
     from fusionloader.pretrained import TRAIN_TEMPLATES
 
@@ -124,14 +116,12 @@ def test_class_label_templates_runs_through_fusionloader():
     assert sum(len(b[0][1]) for b in batches) == 2 * 20  # every real image plus one generated each
 
 
-@NEEDS_MIXING
 def test_retrieval_runs_through_fusionloader():
     pytest.importorskip("faiss", reason="retrieval needs faiss (extra [retrieval])")
     _, stats = _epoch(recipes.retrieval())
     assert stats["retrieved"] > 0
 
 
-@NEEDS_MIXING
 def test_discl_runs_through_fusionloader():
     r = recipes.discl(template=PROMPT_TEMPLATE, guidance_scale=3.0, num_inference_steps=10, clip_threshold=None)
     batches, stats = _epoch(r)
@@ -150,9 +140,9 @@ def _example(name: str, *args: str):
 @pytest.mark.parametrize("name", [
     "real_guidance",
     "da_fusion",
-    pytest.param("class_label_templates", marks=NEEDS_MIXING),
-    pytest.param("retrieval", marks=NEEDS_MIXING),
-    pytest.param("discl", marks=[NEEDS_MIXING, NEEDS_CLIP_FILTER]),
+    "class_label_templates",
+    "retrieval",
+    "discl",
 ])  # fmt: skip
 def test_examples_run(name):
     _example(name, *(("--inversion-steps", "1") if name == "da_fusion" else ()))
