@@ -39,17 +39,18 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build_tiny(latent_channels: int = 4, encoder_channels=(16, 16, 16), decoder_channels=(16, 16, 16),
-               encoder_blocks=(1, 1, 2), decoder_blocks=(2, 1, 1)):  # fmt: skip
-    """An ``AutoencoderTiny`` with one down/upsampling per block boundary (3 levels: factor 4, as digits-ldm's VAE)."""
+def build_tiny(latent_channels: int = 4, levels: int = 3, channels: int = 16):
+    """An ``AutoencoderTiny`` with ``levels`` resolutions (``levels - 1`` down/upsamplings: factor 4 for
+    digits-ldm's 3-level VAE), ``channels`` wide; the extra block sits at the latent resolution, where it is cheap.
+    (``DecoderTiny`` needs one width for all levels.)"""
     from diffusers import AutoencoderTiny
 
-    if len(encoder_channels) != len(encoder_blocks) or len(decoder_channels) != len(decoder_blocks):
-        raise ValueError("channels and block counts must have equal lengths")
+    if levels < 2:
+        raise ValueError(f"levels must be >= 2, got {levels}")
     return AutoencoderTiny(
-        in_channels=3, out_channels=3, encoder_block_out_channels=tuple(encoder_channels),
-        decoder_block_out_channels=tuple(decoder_channels), num_encoder_blocks=tuple(encoder_blocks),
-        num_decoder_blocks=tuple(decoder_blocks), latent_channels=latent_channels, scaling_factor=1.0,
+        in_channels=3, out_channels=3, encoder_block_out_channels=(channels,) * levels,
+        decoder_block_out_channels=(channels,) * levels, num_encoder_blocks=(1,) * (levels - 1) + (2,),
+        num_decoder_blocks=(2,) + (1,) * (levels - 1), latent_channels=latent_channels, scaling_factor=1.0,
     )  # fmt: skip
 
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     bank_z, bank_img, bank_mean = kl_targets(vae, bank_x, gen)
     _log(f"target bank: {len(bank_x)} shifted copies of {len(x)} generator images ({time.time() - t_start:.0f}s)")
     torch.manual_seed(args.seed)
-    tiny = build_tiny(latent_channels=vae.config.latent_channels).train()
+    tiny = build_tiny(vae.config.latent_channels, levels=len(vae.config.block_out_channels)).train()
     opt = torch.optim.AdamW(tiny.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps, eta_min=args.lr * 0.05)
     avg = (0.0, 0.0)
