@@ -21,7 +21,7 @@ Configurations (the result's keys):
   ``scheduler="lcm"`` on the LCM student ``digits-lcm`` at 1/2/4 steps, ``deepcache_interval``,
   ``decoder="tiny"``, ``compile``, ``cuda_graphs``), ``best`` (the combination), and -- measured with diffusers
   alone, so they exist whatever the engine supports -- ``diffusers_lcm_{k}`` (the student in diffusers'
-  img2img pipeline with its ``LCMScheduler``) and ``diffusers_lcm_4_taesd`` (plus the shipped tiny
+  ``LatentConsistencyModelImg2ImgPipeline``: k steps at every strength) and ``diffusers_lcm_4_taesd`` (plus the shipped tiny
   autoencoder ``digits-ldm/vae_tiny`` as the pipeline's VAE).
 
 An option this engine does not have is reported as ``{"status": "unavailable", "reason": ...}`` with the
@@ -180,7 +180,7 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
 
     # Diffusers alone with the student (and the shipped tiny autoencoder): the few-step figures before any engine option.
     if os.path.isdir(student):
-        from diffusers import StableDiffusionImg2ImgPipeline as I2I
+        from diffusers import LatentConsistencyModelImg2ImgPipeline as I2I  # k steps at any strength (see quality.py)
 
         lcm = I2I.from_pretrained(student, safety_checker=None, requires_safety_checker=False).to(device)
         lcm.set_progress_bar_config(disable=True)

@@ -16,7 +16,8 @@ REAL classifier-train-split digits, features = grey 8x8 area-pooled pixels, 0..1
 
 The command line measures a diffusers folder (the teacher ``digits-ldm`` or the LCM student ``digits-lcm``)
 with diffusers' own pipelines: text-only generations and img2img of held-out images at each strength of
-DA-Fusion's {0.25, 0.5, 0.75, 1.0}. An ``LCMScheduler`` checkpoint runs its ``--steps`` as LCM steps.
+DA-Fusion's {0.25, 0.5, 0.75, 1.0}. An ``LCMScheduler`` checkpoint runs in diffusers' LCM pipelines
+(``LatentConsistencyModel[Img2Img]Pipeline``), ``--steps`` LCM steps at every strength.
 """
 
 from __future__ import annotations
@@ -99,11 +100,21 @@ class QualityJudge:
 def measure_pipeline(model: str, judge: QualityJudge, steps: int, guidance: float = 3.0, per_class: int = 10,
                      img2img_per_class: int = 10, strengths=STRENGTHS, seed: int = 0) -> dict:  # fmt: skip
     """Text-only and per-strength img2img quality of a diffusers folder, run by diffusers' pipelines."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers import LCMScheduler, StableDiffusionPipeline
 
     from fusionloader.pretrained import prompts_for
 
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    if isinstance(pipe.scheduler, LCMScheduler):
+        # diffusers' LCM pipelines: img2img picks its k steps inside the strength's span of the distillation
+        # grid (LCMScheduler.set_timesteps(k, strength=s)); the SD img2img pipeline would run int(k * s) steps,
+        # none at all for k = 1, s < 1.
+        from diffusers import LatentConsistencyModelImg2ImgPipeline as I2I
+        from diffusers import LatentConsistencyModelPipeline as T2I
+
+        pipe = T2I(**pipe.components)
+    else:
+        from diffusers import StableDiffusionImg2ImgPipeline as I2I
     pipe.set_progress_bar_config(disable=True)
     res: dict = {"steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__}
     labels = np.repeat(np.arange(10), per_class)
@@ -112,7 +123,7 @@ def measure_pipeline(model: str, judge: QualityJudge, steps: int, guidance: floa
         out = pipe(prompts_for(range(10)), num_images_per_prompt=per_class, num_inference_steps=steps,
                    guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="np").images  # fmt: skip
     res["text_to_image"] = {**judge(out, labels), "seconds": time.perf_counter() - t0}
-    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i = I2I(**pipe.components)
     i2i.set_progress_bar_config(disable=True)
     te = judge.splits.test
     pick = np.concatenate([np.flatnonzero(te.labels.numpy() == c)[:img2img_per_class] for c in range(10)])
