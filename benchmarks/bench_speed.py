@@ -133,7 +133,12 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
     per_class = per_class or (1 if quick else 4)
     repeats = repeats or (1 if quick else 3)
     steps = steps or (4 if quick else PIPELINE_STEPS)
+    if int(steps * min(STRENGTHS)) < 1:  # diffusers' img2img runs int(steps * strength) steps: none would fail
+        raise ValueError(f"steps={steps}: the pipeline needs steps >= {int(1 / min(STRENGTHS))} to run strength {min(STRENGTHS)}")
     names = list(OPTION_SPECS) if options is None else list(options)
+    unknown = [n for n in names if n not in OPTION_SPECS]
+    if unknown:
+        raise ValueError(f"options: unknown {unknown} (choose from {', '.join(OPTION_SPECS)})")
     judge = QualityJudge()
     te = judge.splits.test
     pick = np.concatenate([np.flatnonzero(te.labels.numpy() == c)[:per_class] for c in range(10)])

@@ -60,3 +60,10 @@ def test_run_all_sections(tmp_path, monkeypatch):
     assert len(calls) == 1 and calls[0]["quick"] is True
     assert "engine" not in r and r["speed"] is fake and r["sections"] == ["speed"]
     assert r["targets"]["speed_best_within_2_points_vs_pipeline"]["met"] is False
+
+
+def test_speed_bad_arguments():
+    with pytest.raises(ValueError, match="steps=2"):
+        bench_speed.run(steps=2, per_class=1)
+    with pytest.raises(ValueError, match="options: unknown"):
+        bench_speed.run(steps=4, per_class=1, options=["warp_drive"])
