@@ -2,8 +2,8 @@
 
     fusionloader bench --quick --json out/bench.json      # or: python -m fusionloader.benchmarks.run_all
 
-The JSON has one section per benchmark (``engine``, ``loader``, ``transforms``, ``kernels``) with every figure from this
-run, plus ``environment`` and ``targets`` (each target of the issues, the measured ratio, and whether it
+The JSON has one section per benchmark (``engine``, ``loader``, ``transforms``, ``kernels``, ``speed``) with every figure
+from this run (``sections`` / ``--sections`` picks some), plus ``environment`` and ``targets`` (each target of the issues, the measured ratio, and whether it
 is met).
 """
 
@@ -15,12 +15,19 @@ import time
 
 from fusionloader.benchmarks.common import environment, write_json
 
-__all__ = ["run_all"]
+__all__ = ["SECTIONS", "run_all"]
+
+SECTIONS = ("engine", "loader", "transforms", "kernels", "speed")
 
 
-def _targets(engine: dict, loader: dict, transforms: dict | None = None) -> dict:
+def _targets(engine: dict, loader: dict, transforms: dict | None = None, speed: dict | None = None) -> dict:
     """The speed targets of the engine and loader issues, evaluated on this run's figures."""
     t = {}
+    if speed:  # issue 12: the best configuration >= 5x diffusers' pipeline within 2 recognisability points
+        best = speed.get("best_measured")
+        v = best["speedup_vs_pipeline"] if best else 0.0
+        t["speed_best_within_2_points_vs_pipeline"] = {"target": ">= 5", "value": v, "met": v >= 5,
+                                                       "config": best["name"] if best else None}
     if engine:
         ratio = engine["fusion_over_model_compute"]  # medians of per-round ratios (bench_engine)
         t["engine_fusion_vs_model_compute"] = {"target": "<= 1.05", "value": ratio, "met": ratio <= 1.05}
@@ -74,6 +81,11 @@ def _plots(result: dict, folder: str) -> list[str]:
             panels["train transforms, batch 256: steps/s"] = {"DataLoader": tr["plain_steps_per_s"],
                                                               "FusionLoader a=0.5": tr["fusion_steps_per_s"]}  # fmt: skip
         paths.append(bar_chart(panels, os.path.join(folder, "bench_loader.png")))
+    sp = result.get("speed", {})
+    if sp:
+        rows = {"diffusers pipeline": sp["pipeline"], "engine": sp["engine"], **sp["options"]}
+        bars = {name: v["images_per_s"] for name, v in rows.items() if "images_per_s" in v}
+        paths.append(bar_chart({"producer speed: images/s (higher is better)": bars}, os.path.join(folder, "bench_speed.png")))
     if k:
         per = {f"{name} {impl}": k[name][f"{impl}_ms_per_step"] for name in ("ddim", "euler", "dpmpp_2m")
                for impl in ("fused", "diffusers") if name in k}  # fmt: skip
@@ -82,19 +94,31 @@ def _plots(result: dict, folder: str) -> list[str]:
 
 
 def run_all(quick: bool = False, json_path: str = "out/bench.json", plots_dir: str | None = None, model: str | None = None,
-            device: str | None = None) -> dict:  # fmt: skip
-    """Run every benchmark; write ``json_path`` and the plots; return the result dict."""
-    from fusionloader.benchmarks import bench_engine, bench_kernels, bench_loader, bench_transforms
+            device: str | None = None, sections=None) -> dict:  # fmt: skip
+    """Run the benchmarks named in ``sections`` (default: all of :data:`SECTIONS`); write ``json_path`` and the plots;
+    return the result dict."""
+    from fusionloader.benchmarks import bench_engine, bench_kernels, bench_loader, bench_speed, bench_transforms
     from fusionloader.extras import require
 
+    sections = SECTIONS if sections is None else tuple(sections)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise ValueError(f"sections: unknown {unknown} (choose from {', '.join(SECTIONS)})")
     require("matplotlib", "fusionloader bench", "bench")  # the plots; checked before minutes of benchmarks
     started = time.perf_counter()
-    result = {"environment": environment(device or "cpu"), "quick": quick}
-    result["engine"] = bench_engine.run(quick=quick, model=model, device=device)
-    result["loader"] = bench_loader.run(quick=quick, model=model)
-    result["transforms"] = bench_transforms.run(quick=quick, model=model, device=device)
-    result["kernels"] = bench_kernels.run(quick=quick, device=device)
-    result["targets"] = _targets(result["engine"], result["loader"], result["transforms"])
+    result = {"environment": environment(device or "cpu"), "quick": quick, "sections": list(sections)}
+    runs = {
+        "engine": lambda: bench_engine.run(quick=quick, model=model, device=device),
+        "loader": lambda: bench_loader.run(quick=quick, model=model),
+        "transforms": lambda: bench_transforms.run(quick=quick, model=model, device=device),
+        "kernels": lambda: bench_kernels.run(quick=quick, device=device),
+        "speed": lambda: bench_speed.run(quick=quick, model=model, device=device),  # default: the embedded digits model
+    }
+    for name in SECTIONS:
+        if name in sections:
+            result[name] = runs[name]()
+    result["targets"] = _targets(result.get("engine", {}), result.get("loader", {}), result.get("transforms"),
+                                 result.get("speed"))  # fmt: skip
     result["wall_s"] = time.perf_counter() - started
     result["plots"] = _plots(result, plots_dir or os.path.dirname(os.path.abspath(json_path)))
     write_json(json_path, result)
@@ -108,8 +132,9 @@ def main(argv=None) -> None:
     parser.add_argument("--plots", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None, help="default: all")
     args = parser.parse_args(argv)
-    run_all(args.quick, args.json, args.plots, args.model, args.device)
+    run_all(args.quick, args.json, args.plots, args.model, args.device, args.sections)
 
 
 if __name__ == "__main__":

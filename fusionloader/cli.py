@@ -85,7 +85,8 @@ def _preview(args) -> None:
 def _bench(args) -> None:
     from fusionloader.benchmarks.run_all import run_all
 
-    result = run_all(quick=args.quick, json_path=args.json, plots_dir=args.plots, model=args.model, device=args.device)
+    result = run_all(quick=args.quick, json_path=args.json, plots_dir=args.plots, model=args.model, device=args.device,
+                     sections=args.sections)  # fmt: skip
     print(f"wrote {args.json}" + "".join(f"\n      {p}" for p in result.get("plots", [])))
 
 
@@ -165,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plots", default=None, help="folder for PNG plots (default: beside the JSON)")
     bench.add_argument("--model", default=None, help="diffusers folder (default: a tiny random SD-shaped model)")
     bench.add_argument("--device", default=None)
+    bench.add_argument("--sections", nargs="+", default=None, choices=("engine", "loader", "transforms", "kernels", "speed"),
+                       help="which benchmarks (default: all; 'speed': producer speed options with quality, issue 12)")
     bench.set_defaults(fn=_bench)
 
     ev = sub.add_parser("evaluate", help="does it help? the few-shot grid for every method, with intervals")
