@@ -731,7 +731,7 @@ class FusionLoader(Generic[T_co]):
     def __getstate__(self):
         # Pickled to spawned trainer processes (Lightning's ddp_spawn): runtime state stays behind.
         state = self.__dict__.copy()
-        for key in ("_source", "_store", "_mixer", "_window", "_pool", "_runner", "_plan_sampler",
+        for key in ("_source", "_store", "_mixer", "_jobs", "_window", "_pool", "_runner", "_plan_sampler",
                     "_worker_init", "_active", "_dist_sampler", "_closed", "_progress", "_gate"):
             state.pop(key, None)
         return state
@@ -740,6 +740,8 @@ class FusionLoader(Generic[T_co]):
         self.__dict__.update(state)
         self.__dict__["_progress"] = None
         self._init_runtime()
+        if self.config.leakage_guard and self._jobs is not None:  # the spawned trainer checks its prompts too
+            self._jobs.check_leakage()
 
     def __repr__(self) -> str:
         cfg = self.config

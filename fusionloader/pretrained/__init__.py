@@ -32,6 +32,7 @@ __all__ = [
     "load_digits_splits",
     "prompts_for",
     "recorded_path",
+    "write_train_info",
 ]
 
 #: Class names, indexed by label; each is one whole-word token of the model's tokenizer.
@@ -59,6 +60,20 @@ SPLIT_FRACTIONS = (0.5, 0.25)  # generator, train; test gets the rest
 def default_model_path() -> str:
     """Path of the shipped model folder (``fusionloader/assets/digits-ldm``), loadable by diffusers."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits-ldm")
+
+
+def write_train_info(out: str, info: dict, t_start: float) -> dict:
+    """Write ``out/train_info.json``: ``info`` plus the wall time since ``t_start`` and the machine it ran on
+    (what the shipped models' cards quote)."""
+    import json
+    import platform
+    import time
+
+    info = {**info, "wall_seconds": time.time() - t_start, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count()}  # fmt: skip
+    with open(os.path.join(out, "train_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return info
 
 
 def recorded_path(path: str) -> str:

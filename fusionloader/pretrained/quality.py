@@ -23,7 +23,6 @@ DA-Fusion's {0.25, 0.5, 0.75, 1.0}. An ``LCMScheduler`` checkpoint runs in diffu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 

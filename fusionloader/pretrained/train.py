@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +40,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fusionloader.pretrained import TRAIN_TEMPLATES, class_names, load_digits_splits, recorded_path
+from fusionloader.pretrained import TRAIN_TEMPLATES, class_names, load_digits_splits, recorded_path, write_train_info
 
 EXTRA_WORDS = ("handwritten", "number", "photograph", "black", "white")
 
@@ -284,15 +282,9 @@ def main(argv=None) -> int:
             "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("out",)},
             "train_templates": list(TRAIN_TEMPLATES),
             "generator_images": len(labels),
-            "wall_seconds": time.time() - t_start,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
         }
     )
-    with open(os.path.join(args.out, "train_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    info = write_train_info(args.out, info, t_start)
     _log(f"saved to {recorded_path(args.out)} ({size / 1e6:.2f} MB); wall {info['wall_seconds'] / 60:.1f} min")
     return 0
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fusionloader.pretrained import class_names, default_model_path, load_digits_splits
+from fusionloader.pretrained import class_names, default_model_path, load_digits_splits, write_train_info
 from fusionloader.pretrained.clip_model import ZERO_SHOT_TEMPLATES, build_clip_model
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -176,8 +176,7 @@ def main(argv=None) -> int:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
     }
-    with open(os.path.join(args.out, "train_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    info = write_train_info(args.out, info, t_start)
     _log(f"saved to {args.out} ({size / 1e6:.2f} MB); zero-shot {ev['zero_shot_accuracy']}")
     return 0
 

@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from fusionloader.pretrained import TRAIN_TEMPLATES, class_names, default_model_path, load_digits_splits, recorded_path
+from fusionloader.pretrained import (
+    TRAIN_TEMPLATES, class_names, default_model_path, load_digits_splits, recorded_path, write_train_info,
+)
 
 __all__ = ["DDIMSolver", "boundary_scalings", "guidance_embedding", "lcm_step_loss", "main", "make_student"]
 
@@ -226,14 +225,8 @@ def main(argv=None) -> int:
         "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("out", "teacher")},
         "final_loss": loss_avg,
         "train_seconds": train_seconds,
-        "wall_seconds": time.time() - t_start,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
     }
-    with open(os.path.join(args.out, "train_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    info = write_train_info(args.out, info, t_start)
     _log(f"saved to {recorded_path(args.out)}; wall {info['wall_seconds'] / 60:.1f} min")
     return 0
 

@@ -21,16 +21,14 @@ engine looks for ``vae_tiny/`` inside the checkpoint). ``train_info.json`` recor
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from fusionloader.pretrained import default_model_path, load_digits_splits, recorded_path
+from fusionloader.pretrained import default_model_path, load_digits_splits, recorded_path, write_train_info
 
 __all__ = ["build_tiny", "kl_targets", "main", "taesd_losses"]
 
@@ -155,14 +153,8 @@ def main(argv=None) -> int:
         "final_encoder_mse": avg[1],
         **held,
         "train_seconds": train_seconds,
-        "wall_seconds": time.time() - t_start,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
     }
-    with open(os.path.join(args.out, "train_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    info = write_train_info(args.out, info, t_start)
     _log(f"saved to {recorded_path(args.out)}; held-out {held}; wall {info['wall_seconds'] / 60:.1f} min")
     return 0
 
