@@ -31,6 +31,7 @@ __all__ = [
     "default_model_path",
     "load_digits_splits",
     "prompts_for",
+    "recorded_command",
     "recorded_path",
     "write_train_info",
 ]
@@ -60,6 +61,18 @@ SPLIT_FRACTIONS = (0.5, 0.25)  # generator, train; test gets the rest
 def default_model_path() -> str:
     """Path of the shipped model folder (``fusionloader/assets/digits-ldm``), loadable by diffusers."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits-ldm")
+
+
+def recorded_command(module: str, argv: list[str], out: str) -> str:
+    """The command line as train_info.json records it: ``python -m module argv``, ``--out`` as
+    :func:`recorded_path` gives it."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--out" and i + 1 < len(argv):
+            argv[i + 1] = recorded_path(out)
+        elif a.startswith("--out="):
+            argv[i] = "--out=" + recorded_path(out)
+    return " ".join(["python -m " + module, *argv])
 
 
 def write_train_info(out: str, info: dict, t_start: float) -> dict:

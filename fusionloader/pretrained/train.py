@@ -40,7 +40,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fusionloader.pretrained import TRAIN_TEMPLATES, class_names, load_digits_splits, recorded_path, write_train_info
+from fusionloader.pretrained import (
+    TRAIN_TEMPLATES, class_names, load_digits_splits, recorded_command, recorded_path, write_train_info,
+)
 
 EXTRA_WORDS = ("handwritten", "number", "photograph", "black", "white")
 
@@ -68,14 +70,7 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.Tenso
 
 
 def _command(argv: list[str], out: str) -> str:
-    """The command line as train_info.json records it: ``--out`` as :func:`recorded_path` gives it."""
-    argv = list(argv)
-    for i, a in enumerate(argv):
-        if a == "--out" and i + 1 < len(argv):
-            argv[i + 1] = recorded_path(out)
-        elif a.startswith("--out="):
-            argv[i] = "--out=" + recorded_path(out)
-    return " ".join(["python -m fusionloader.pretrained.train", *argv])
+    return recorded_command("fusionloader.pretrained.train", argv, out)
 
 
 def build_components(seed: int):

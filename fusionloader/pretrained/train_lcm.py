@@ -33,7 +33,8 @@ import time
 import torch
 
 from fusionloader.pretrained import (
-    TRAIN_TEMPLATES, class_names, default_model_path, load_digits_splits, recorded_path, write_train_info,
+    TRAIN_TEMPLATES, class_names, default_model_path, load_digits_splits, recorded_command, recorded_path,
+    write_train_info,
 )
 
 __all__ = ["DDIMSolver", "boundary_scalings", "guidance_embedding", "lcm_step_loss", "main", "make_student"]
@@ -129,13 +130,7 @@ def lcm_step_loss(student, target, teacher, solver: DDIMSolver, z0, emb, uncond,
 
 
 def _command(argv: list[str], out: str) -> str:
-    argv = list(argv)
-    for i, a in enumerate(argv):
-        if a == "--out" and i + 1 < len(argv):
-            argv[i + 1] = recorded_path(out)
-        elif a.startswith("--out="):
-            argv[i] = "--out=" + recorded_path(out)
-    return " ".join(["python -m fusionloader.pretrained.train_lcm", *argv])
+    return recorded_command("fusionloader.pretrained.train_lcm", argv, out)
 
 
 def main(argv=None) -> int:
