@@ -26,7 +26,7 @@ import tempfile
 
 import torch
 
-from fusionloader.benchmarks.common import environment, median_seconds, tiny_sd_model, write_json
+from fusionloader.benchmarks.common import environment, median_seconds, tiny_sd_model, warn_if_interpreting, write_json
 
 __all__ = ["run"]
 
@@ -146,6 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default="out/bench_engine.json")
     args = parser.parse_args(argv)
+    warn_if_interpreting()
     result = run(args.quick, args.model, args.device)
     write_json(args.json, result)
     print({k: v for k, v in result.items() if not k.endswith("times_s")})

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from fusionloader.benchmarks.common import environment, median_seconds, write_json
+from fusionloader.benchmarks.common import environment, median_seconds, warn_if_interpreting, write_json
 
 __all__ = ["run"]
 
@@ -101,6 +101,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default="out/bench_kernels.json")
     args = parser.parse_args(argv)
+    warn_if_interpreting()
     result = run(args.quick, args.device)
     write_json(args.json, result)
     print(result)

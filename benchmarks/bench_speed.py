@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from fusionloader.benchmarks.common import environment, synchronize, write_json
+from fusionloader.benchmarks.common import environment, synchronize, warn_if_interpreting, write_json
 
 __all__ = ["OPTION_SPECS", "best_measured", "run"]
 
@@ -231,6 +231,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", default="out/bench_speed.json")
     args = parser.parse_args(argv)
+    warn_if_interpreting()
     torch.manual_seed(0)
     result = run(args.quick, args.model, args.device, args.per_class, args.repeats)
     write_json(args.json, result)

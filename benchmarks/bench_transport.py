@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from .common import environment, tiny_sd_model, write_json
+from .common import environment, tiny_sd_model, warn_if_interpreting, write_json
 
 __all__ = ["main", "run"]
 
@@ -190,6 +190,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="diffusers checkpoint (default: tiny random pipeline)")
     parser.add_argument("--json", default="out/bench_transport.json")
     args = parser.parse_args(argv)
+    warn_if_interpreting()
     result = run(quick=args.quick, model=args.model)
     write_json(args.json, result)
     print({k: result[k] for k in ("transport", "throughput")})

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -14,13 +15,15 @@ import torch
 
 __all__ = [
     "calibrated_step_s",
-    "loader_bench_main",
     "environment",
+    "interpreting",
+    "loader_bench_main",
     "median_seconds",
     "producers_ready",
     "synchronize",
     "synthetic_capacity",
     "tiny_sd_model",
+    "warn_if_interpreting",
     "write_json",
 ]
 
@@ -34,6 +37,7 @@ def loader_bench_main(argv, doc: str, run: Callable[..., dict], default_json: st
     parser.add_argument("--model", default=None, help="diffusers checkpoint (default: tiny random pipeline)")
     parser.add_argument("--json", default=default_json)
     args = parser.parse_args(argv)
+    warn_if_interpreting()
     result = run(quick=args.quick, model=args.model, device=args.device)
     write_json(args.json, result)
     print({k: v for k, v in result.items() if k not in hide})
@@ -72,6 +76,9 @@ def environment(device="cpu") -> dict:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        # Under TRITON_INTERPRET=1 the CPU path runs the kernels in Triton's Python interpreter (the tests'
+        # setting), tens of times slower than the torch references a CPU user gets: such figures are not speeds.
+        "triton_interpret": interpreting(),
     }
     try:
         import triton
@@ -80,6 +87,19 @@ def environment(device="cpu") -> dict:
     except Exception:  # triton absent or broken: the torch references run
         env["triton"] = None
     return env
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set (kernels on CPU tensors then run in Triton's interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def warn_if_interpreting() -> None:
+    """Say on stderr, before a timed run, that ``TRITON_INTERPRET=1`` makes its CPU figures meaningless."""
+    if interpreting():
+        print("warning: TRITON_INTERPRET=1 is set: kernels on CPU run in Triton's Python interpreter and the "
+              "timings measure it, not fusionloader; unset it for speed figures (the JSON records "
+              "environment.triton_interpret)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def write_json(path: str, data: dict) -> None:

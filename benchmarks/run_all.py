@@ -13,7 +13,7 @@ import argparse
 import os
 import time
 
-from fusionloader.benchmarks.common import environment, write_json
+from fusionloader.benchmarks.common import environment, warn_if_interpreting, write_json
 
 __all__ = ["SECTIONS", "run_all"]
 
@@ -134,6 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None, help="default: all")
     args = parser.parse_args(argv)
+    warn_if_interpreting()
     run_all(args.quick, args.json, args.plots, args.model, args.device, args.sections)
 
 

@@ -190,6 +190,10 @@ class FusionConfig:
     #: producers' slot resolution (default: the model's), a multiple of 8.
     image_size: int | None = None
     producer_capacity: int = 8
+    #: ring slots (images made and not yet consumed). Default: ``4 * producer_capacity`` per producer, raised to
+    #: the synthetic positions of the batches in flight plus ``2 * producer_capacity`` per producer (a deferred
+    #: position keeps its image's slot until its batch is consumed, NOTE [Worker side]; without the headroom the
+    #: producers stall on a full ring and deliver just in time).
     producer_slots: int | None = None
     producer_timeout: float | None = None
     on_producer_error: str = "raise"

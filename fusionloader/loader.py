@@ -565,8 +565,15 @@ class FusionLoader(Generic[T_co]):
     def _start_pool(self) -> None:
         if self._pool is not None:
             return
-        self._pool = self._window.pool = start_pool(self.config, self._source, self._slot_dtype())
+        self._pool = self._window.pool = start_pool(self.config, self._source, self._slot_dtype(), self._in_flight())
         _LIVE.add(self)
+
+    def _in_flight(self) -> int:
+        """Synthetic positions that can be dispatched to workers and not yet consumed: the batch being made plus
+        ``prefetch_factor`` per worker (DataLoader's bound), at ``alpha`` of the batch."""
+        dl = self._dl
+        ahead = (dl.prefetch_factor or 0) * dl.num_workers if dl.num_workers > 0 else 0
+        return math.ceil(self.config.alpha * (dl.batch_size or 1)) * (ahead + 1)
 
     def _slot_dtype(self) -> torch.dtype:
         """uint8 ring slots when the raw images are 8-bit (PIL, uint8 arrays/tensors): what reaches the train

@@ -17,7 +17,7 @@ from .distributed import devices_for_rank, local_info
 from .plan import EpochPlan
 from .sources.dataset import DatasetError
 
-__all__ = ["JobMaker", "start_pool"]
+__all__ = ["JobMaker", "ring_slots", "start_pool"]
 
 
 def _is_prompt_callable(prompts) -> bool:
@@ -117,16 +117,28 @@ class JobMaker:
         self.guard = guard
 
 
-def start_pool(config: FusionConfig, source, slot_dtype: torch.dtype):
+def ring_slots(config: FusionConfig, producers: int, in_flight: int = 0) -> int | None:
+    """``producer_slots``, or its default for ``producers`` producers when ``in_flight`` synthetic positions can
+    be dispatched and not yet consumed (their images keep their slots until then: NOTE [Worker side]); None:
+    the pool's own default (``4 * capacity`` per producer)."""
+    if config.producer_slots is not None or in_flight <= 0:
+        return config.producer_slots
+    per = config.producer_capacity * max(1, producers)
+    return max(4 * per, in_flight + 2 * per)
+
+
+def start_pool(config: FusionConfig, source, slot_dtype: torch.dtype, in_flight: int = 0):
     """Start the producers ``config`` asks for: this rank's share of ``producer_devices`` (process backend) or
-    the job's one Ray pool (``producer_backend="ray"``), or ``config.pool_factory``'s pool. Started, or closed
-    and the error raised."""
+    the job's one Ray pool (``producer_backend="ray"``), or ``config.pool_factory``'s pool. ``in_flight``: the
+    synthetic positions the loader can have dispatched and not consumed (sizes the default ring,
+    :func:`ring_slots`). Started, or closed and the error raised."""
     cfg = config
     local_rank, local_world = local_info()
     ray = cfg.producer_backend == "ray"  # one pool for every rank: no split of the devices
     devices = cfg.producer_devices if ray else devices_for_rank(cfg.producer_devices, local_rank, local_world)
+    producers = devices if isinstance(devices, int) else len(devices)
     kwargs = dict(on_error=cfg.on_producer_error, max_restarts=cfg.max_restarts, latent_cache_path=cfg.latent_cache_path,
-                  capacity=cfg.producer_capacity, image_size=cfg.image_size, slots=cfg.producer_slots,
+                  capacity=cfg.producer_capacity, image_size=cfg.image_size, slots=ring_slots(cfg, producers, in_flight),
                   timeout=cfg.producer_timeout, wait_ready=cfg.late_policy.producers_wait_ready,
                   deadlines=cfg.late_policy.deadline_order, adapters=cfg.adapters,
                   clip_filter=cfg.clip_filter)  # fmt: skip

@@ -247,3 +247,37 @@ def test_dispatch_gate_is_monotonic_and_releases_everything_dispatched():
     c = gate.next()
     gate.release_all()
     assert DispatchGate.wanted(gate.tensor) == c
+
+
+@pytest.mark.parametrize("num_workers, prefetch, slots", [(0, None, None), (2, 2, 2 * 2 * 4 + 4 + 2 * 8), (2, 4, None)])
+def test_default_ring_holds_the_synthetic_positions_in_flight(num_workers, prefetch, slots):
+    # A deferred position keeps its image's slot until its batch is consumed: the default ring must hold every
+    # synthetic position DataLoader can have dispatched (prefetch_factor per worker, plus the batch being made)
+    # and leave the producers room to work ahead, or they stall on a full ring and deliver just in time.
+    from fusionloader.requests import ring_slots
+
+    seen = {}
+
+    def factory(s, src, devices, **k):
+        seen.update(k)
+        return RingPool(s, src, devices)
+
+    kw = {} if prefetch is None else {"prefetch_factor": prefetch}
+    loader = FusionLoader(Images(), batch_size=4, alpha=1.0, seed=0, num_workers=num_workers, producer_capacity=8,
+                          synthesizer="stand-in", pool_factory=factory, **kw)  # fmt: skip
+    try:
+        next(iter(loader))
+        in_flight = 4 * (1 + (prefetch or 0) * num_workers)
+        assert seen["slots"] == ring_slots(loader.config, 1, in_flight)
+        assert seen["slots"] == max(4 * 8, in_flight + 2 * 8)
+        if slots is not None:
+            assert seen["slots"] == slots
+    finally:
+        loader.close()
+    pinned = FusionLoader(Images(), batch_size=4, alpha=1.0, seed=0, num_workers=num_workers, producer_slots=5,
+                          synthesizer="stand-in", pool_factory=factory, **kw)  # fmt: skip
+    try:
+        next(iter(pinned))
+        assert seen["slots"] == 5  # an explicit producer_slots is kept as given
+    finally:
+        pinned.close()
