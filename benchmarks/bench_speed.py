@@ -17,8 +17,8 @@ Configurations (the result's keys):
 * ``speed.pipeline_images_per_s`` / ``speed.pipeline``: ``StableDiffusionImg2ImgPipeline`` at its default 50 steps
   (DDIM, one call per strength group -- a pipeline call has one strength);
 * ``speed.engine``: ``Synthesizer.augment`` with nothing switched on, 50 steps;
-* ``speed.options[name]``: the engine with one option (agreed names: a Synthesizer loaded with
-  ``scheduler="lcm"`` on the LCM student ``digits-lcm`` at 1/2/4 steps, ``deepcache_interval``,
+* ``speed.options[name]``: the engine with one option (a Synthesizer loaded with ``scheduler="lcm"`` on the LCM
+  student ``digits-lcm`` at 4/8 steps, or ``scheduler="lcm_span"`` at 1/2 steps, ``deepcache_interval``,
   ``decoder="tiny"``, ``compile``, ``cuda_graphs``), ``best`` (the combination), and -- measured with diffusers
   alone, so they exist whatever the engine supports -- ``diffusers_lcm_{k}`` (the student in diffusers'
   ``LatentConsistencyModelImg2ImgPipeline``: k steps at every strength) and ``diffusers_lcm_4_taesd`` (plus the shipped tiny
@@ -52,6 +52,9 @@ OPTION_SPECS: dict[str, tuple[str, dict, dict, int | None]] = {
     # does (docs/CONTRACTS.md, Schedules): at strength 0.25 k = 4 is the fewest that leaves a step.
     "lcm_4": ("student", {"scheduler": "lcm"}, {}, 4),
     "lcm_8": ("student", {"scheduler": "lcm"}, {}, 8),
+    # "lcm_span": LatentConsistencyModelImg2ImgPipeline's rule, all k steps at every strength (so k = 1, 2 run).
+    "lcm_span_1": ("student", {"scheduler": "lcm_span"}, {}, 1),
+    "lcm_span_2": ("student", {"scheduler": "lcm_span"}, {}, 2),
     "deepcache_3": ("teacher", {}, {"deepcache_interval": 3}, None),
     "tiny_decoder": ("teacher", {}, {"decoder": "tiny"}, None),
     "compile": ("teacher", {"compile": True}, {}, None),

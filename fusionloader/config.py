@@ -294,7 +294,11 @@ class FusionConfig:
             check_synthesizer(self.synthesizer)
 
     def check_steps(self, choices) -> None:
-        """Every strength must leave at least one denoising step (diffusers: ``int(steps * strength)``)."""
+        """Every strength must leave at least one denoising step (diffusers: ``int(steps * strength)``), unless
+        the synthesizer runs every step at any strength (``scheduler="lcm_span"``: its engine checks each job)."""
+        spec = self.synthesizer if isinstance(self.synthesizer, Mapping) else {}
+        if getattr(self.synthesizer, "spans_strength", False) or str(spec.get("scheduler", "")).lower() == "lcm_span":
+            return
         for s in choices or ():
             if int(self.num_inference_steps * s) < 1:
                 raise ValueError(f"strengths={self.strengths!r} with num_inference_steps={self.num_inference_steps}: "

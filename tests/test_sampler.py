@@ -323,6 +323,35 @@ def test_lcm_with_guidance_embedding_equals_the_pipeline(lcm_path, strength):
     assert (other[1] - got[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("steps, strengths", [(1, [0.3, 0.8]), (2, [0.25, 1.0])])
+def test_lcm_span_equals_the_lcm_img2img_pipeline_at_per_sample_strengths(lcm_path, steps, strengths):
+    # "lcm_span": LatentConsistencyModelImg2ImgPipeline's strength rule (all k steps inside the strength's span),
+    # so 1-2 steps run at strengths where "lcm" (the SD img2img rule, int(k * strength) steps) has none.
+    from diffusers import LatentConsistencyModelImg2ImgPipeline
+
+    synth = Synthesizer.from_pretrained(lcm_path, scheduler="lcm_span")
+    images = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(2))
+    pipe = LatentConsistencyModelImg2ImgPipeline.from_pretrained(lcm_path, safety_checker=None,
+                                                                 requires_safety_checker=False)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = synth.scheduler
+    refs = []
+    for i, (prompt, s) in enumerate(zip(["a cat", "a dog"], strengths)):  # the pipeline: one strength per call
+        with torch.no_grad():
+            refs.append(pipe([prompt], image=images[i : i + 1], strength=s, guidance_scale=3.0, num_inference_steps=steps,
+                             generator=torch.Generator().manual_seed(20 + i), output_type="latent").images[0])  # fmt: skip
+    got = synth.augment(images, ["a cat", "a dog"], strengths=strengths, guidance_scale=3.0, num_inference_steps=steps,
+                        generator=[torch.Generator().manual_seed(20 + i) for i in range(2)], output_type="latent")  # fmt: skip
+    ref = torch.stack(refs)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="strength 0.01 with 2 LCM steps"):
+        synth.augment(images[:1], ["a cat"], strengths=0.01, num_inference_steps=2, seeds=[0])
+    plain = Synthesizer.from_pretrained(lcm_path, scheduler="lcm")
+    with pytest.raises(ValueError, match="leaves no denoising step"):  # the SD img2img rule: int(1 * 0.3) == 0
+        plain.augment(images[:1], ["a cat"], strengths=0.3, num_inference_steps=1, seeds=[0])
+
+
 def test_turbo_runs_without_cfg_and_equals_the_pipeline(tiny_sd1_path):
     synth = Synthesizer.from_pretrained(tiny_sd1_path, scheduler="turbo")
     images = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(2))
@@ -338,9 +367,9 @@ def test_turbo_runs_without_cfg_and_equals_the_pipeline(tiny_sd1_path):
     assert sampler.unet_rows == 2  # guidance 7.5 asked, no unconditional row run
 
 
-@pytest.mark.parametrize("scheduler", ["lcm", "turbo"])
+@pytest.mark.parametrize("scheduler", ["lcm", "lcm_span", "turbo"])
 def test_few_step_schedulers_batch_invariant_per_sample_strengths(scheduler, tiny_sd1_path, lcm_path):
-    synth = Synthesizer.from_pretrained(lcm_path if scheduler == "lcm" else tiny_sd1_path, scheduler=scheduler)
+    synth = Synthesizer.from_pretrained(tiny_sd1_path if scheduler == "turbo" else lcm_path, scheduler=scheduler)
     reqs = lambda: [r for r in _requests(synth, 5)]  # noqa: E731 - strengths 0.5, 1.0, None, 0.75, 0.5
     for r in (rs := reqs()):
         r.num_inference_steps = 4
@@ -367,3 +396,19 @@ def test_few_step_steady_state_has_no_sync(scheduler, tiny_sd1_path, lcm_path):
         for _ in range(2):  # the shortest has 4 steps
             assert sampler.step() == []
     assert det.count == 0, det.report()
+
+
+def test_loader_config_accepts_few_steps_at_low_strength_only_under_lcm_span(lcm_path):
+    # "lcm" (the SD img2img rule) has int(1 * 0.25) = 0 steps at strength 0.25: refused at construction; under
+    # "lcm_span" every strength runs all k steps, so the same settings are valid (the engine checks each job).
+    from fusionloader import FusionConfig
+
+    with pytest.raises(ValueError, match="0 denoising steps"):
+        FusionConfig(synthesizer={"path_or_id": lcm_path, "scheduler": "lcm"}, strengths="randomized",
+                     num_inference_steps=1)  # fmt: skip
+    cfg = FusionConfig(synthesizer={"path_or_id": lcm_path, "scheduler": "lcm_span"}, strengths="randomized",
+                       num_inference_steps=1)  # fmt: skip
+    assert cfg.num_inference_steps == 1
+    synth = Synthesizer.from_pretrained(lcm_path, scheduler="lcm_span")
+    assert synth.spans_strength and not Synthesizer.from_pretrained(lcm_path, scheduler="lcm").spans_strength
+    FusionConfig(synthesizer=synth, strengths="randomized", num_inference_steps=1)

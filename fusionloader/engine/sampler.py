@@ -232,7 +232,7 @@ class Sampler:
                  adapters=None, compile: bool = False, cuda_graphs: bool = False, decoders=None):  # fmt: skip
         from .compile import GraphedStep, unet_call
         from .decoders import Decoders
-        from .schedules import fused_kind, guidance_free
+        from .schedules import fused_kind, guidance_free, lcm_span
 
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -246,6 +246,8 @@ class Sampler:
         self.latent_shape = (components.latent_channels, self.resolution[0] // f, self.resolution[1] // f)
         self.numel = math.prod(self.latent_shape)
         self.kind = fused_kind(components.scheduler)
+        # "lcm_span": img2img runs all k steps at any strength (LatentConsistencyModelImg2ImgPipeline's rule).
+        self.spans_strength = self.kind == "lcm" and lcm_span(components.scheduler)
         # Speed options (docs/CONTRACTS.md "Engine speed options"); all off = the plain engine, bit for bit.
         self.guidance_free = guidance_free(components.scheduler)  # SD-Turbo: no CFG rows whatever the guidance
         self.compile = bool(compile)
@@ -325,7 +327,15 @@ class Sampler:
         if r.strength is not None:
             if not 0.0 < float(r.strength) <= 1.0:
                 raise ValueError(f"request {r.key!r}: strength must be in (0, 1], got {r.strength}")
-            if int(r.num_inference_steps * r.strength) < 1:
+            if self.spans_strength:
+                from .schedules import make_schedule
+
+                try:
+                    with host_only():  # cached: the step's own lookup finds it
+                        make_schedule(self.c.scheduler, int(r.num_inference_steps), float(r.strength))
+                except ValueError as e:
+                    raise ValueError(f"request {r.key!r}: {e}") from None
+            elif int(r.num_inference_steps * r.strength) < 1:
                 raise ValueError(
                     f"request {r.key!r}: strength {r.strength} x {r.num_inference_steps} steps leaves no denoising "
                     "step (diffusers denoises int(steps * strength) steps); raise strength or steps"

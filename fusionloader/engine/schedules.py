@@ -17,6 +17,9 @@ Img2img (SDEdit) start: ``StableDiffusionImg2ImgPipeline.get_timesteps`` keeps t
 ``min(int(n * strength), n)`` of the n timesteps and calls ``set_begin_index``; the start latent is
 ``start[0] * x0 + start[1] * z`` (``scheduler.add_noise`` at the first kept timestep). Text-only
 (``strength=None``) runs all n steps from ``z * init_noise_sigma`` as ``StableDiffusionPipeline`` does.
+The one exception is LCM built as ``"lcm_span"`` (``LCM_SPAN_KEY``): ``LatentConsistencyModelImg2ImgPipeline``'s
+rule, ``LCMScheduler.set_timesteps(n, strength=strength)`` -- all n steps, spread over the strength's share of
+the distillation schedule, so 1-2 step students run at any strength.
 """
 
 from __future__ import annotations
@@ -30,21 +33,28 @@ import torch
 
 __all__ = [
     "FUSED_KINDS",
+    "LCM_SPAN_KEY",
     "SCHEDULER_NAMES",
     "Schedule",
     "TURBO_KEY",
     "fused_kind",
     "get_scheduler",
     "guidance_free",
+    "lcm_span",
     "make_schedule",
 ]
 
 FUSED_KINDS = ("ddim", "dpmpp_2m", "euler", "euler_a", "lcm")
-SCHEDULER_NAMES = ("ddim", "dpmpp_2m", "euler", "euler_a", "lcm", "turbo")
+SCHEDULER_NAMES = ("ddim", "dpmpp_2m", "euler", "euler_a", "lcm", "lcm_span", "turbo")
 # "turbo" is SD-Turbo's scheduler: Euler ancestral with trailing timesteps, marked with this config key (kept
 # through save_pretrained / from_config round trips). The marked scheduler runs fused and without CFG; an
 # unmarked Euler ancestral scheduler keeps the unfused path it always had (bit-identical).
 TURBO_KEY = "fusionloader_turbo"
+# "lcm_span" is LCMScheduler with img2img strength applied the way LatentConsistencyModelImg2ImgPipeline applies
+# it (all n steps inside the strength's span) instead of StableDiffusionImg2ImgPipeline's (the last int(n *
+# strength) of n, what "lcm" does, as for LCM-LoRA in the SD img2img pipeline). Marked like TURBO_KEY.
+LCM_SPAN_KEY = "fusionloader_lcm_span"
+_MARKERS = (TURBO_KEY, LCM_SPAN_KEY)
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
@@ -78,7 +88,9 @@ def get_scheduler(name_or_obj, config=None):
     Names and classes are built ``from_config(config)`` (``config``: a scheduler config dict, or a scheduler
     whose config is used, typically the checkpoint's own). ``"dpmpp_2m"`` is DPMSolverMultistepScheduler
     with ``algorithm_type="dpmsolver++"``, ``solver_order=2`` (midpoint), i.e. "DPM++ 2M". ``"euler_a"`` is
-    EulerAncestralDiscreteScheduler; ``"lcm"`` LCMScheduler (for LCM-distilled UNets and LCM-LoRA);
+    EulerAncestralDiscreteScheduler; ``"lcm"`` LCMScheduler (for LCM-distilled UNets and LCM-LoRA; img2img as
+    ``StableDiffusionImg2ImgPipeline`` runs it), ``"lcm_span"`` the same with ``LatentConsistencyModelImg2ImgPipeline``'s
+    strength rule (see ``LCM_SPAN_KEY``);
     ``"turbo"`` EulerAncestralDiscreteScheduler with ``timestep_spacing="trailing"`` (SD-Turbo's own
     scheduler config; a Synthesizer loaded with it runs every request without CFG). Instances are returned
     unchanged.
@@ -109,8 +121,11 @@ def get_scheduler(name_or_obj, config=None):
         turbo = d.EulerAncestralDiscreteScheduler.from_config(_without_marker(config), timestep_spacing="trailing")
         turbo.register_to_config(**{TURBO_KEY: True})
         return turbo
-    if name == "lcm":
-        return d.LCMScheduler.from_config(config)
+    if name in ("lcm", "lcm_span"):
+        lcm = d.LCMScheduler.from_config(config)
+        if name == "lcm_span":
+            lcm.register_to_config(**{LCM_SPAN_KEY: True})
+        return lcm
     return d.DPMSolverMultistepScheduler.from_config(
         config, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint"
     )
@@ -125,7 +140,12 @@ def guidance_free(scheduler) -> bool:
 def _without_marker(config):
     if config is None:
         return {}
-    return {k: v for k, v in dict(config).items() if k != TURBO_KEY}
+    return {k: v for k, v in dict(config).items() if k not in _MARKERS}
+
+
+def lcm_span(scheduler) -> bool:
+    """True for an LCMScheduler built as ``"lcm_span"`` (img2img strength as the LCM img2img pipeline applies it)."""
+    return bool(scheduler.config.get(LCM_SPAN_KEY, False))
 
 
 def fused_kind(scheduler) -> str | None:
@@ -367,8 +387,15 @@ def _plain(value):
 def _make_schedule(scheduler, num_inference_steps: int, strength: float | None, eta: float) -> Schedule:
     kind = fused_kind(scheduler)
     sched = type(scheduler).from_config(_without_marker(scheduler.config))  # (diffusers warns on unknown keys)
-    sched.set_timesteps(num_inference_steps)
-    begin = _begin_index(num_inference_steps, strength, sched.order)
+    if kind == "lcm" and lcm_span(scheduler) and strength is not None:
+        try:  # LatentConsistencyModelImg2ImgPipeline: n steps inside the strength's span, from the first
+            sched.set_timesteps(num_inference_steps, strength=strength)
+        except ValueError as e:  # int(original_inference_steps * strength) < n
+            raise ValueError(f"strength {strength} with {num_inference_steps} LCM steps: {e}") from None
+        begin = 0
+    else:
+        sched.set_timesteps(num_inference_steps)
+        begin = _begin_index(num_inference_steps, strength, sched.order)
     timesteps = sched.timesteps[begin:].clone()
     n = len(timesteps)
     if n == 0:

@@ -259,6 +259,14 @@ class Synthesizer:
     def scheduler(self):
         return self.components.scheduler
 
+    @property
+    def spans_strength(self) -> bool:
+        """Whether img2img runs all ``num_inference_steps`` at any strength (``scheduler="lcm_span"``, the LCM
+        img2img pipeline's rule) rather than the last ``int(steps * strength)`` of them."""
+        from .schedules import lcm_span
+
+        return lcm_span(self.scheduler)
+
     def encode_prompts(self, prompts: Sequence[str]) -> None:
         """Prefill the prompt-embedding cache (the negative prompt ``""`` is always added)."""
         self.prompt_cache.add(list(prompts) + [""])
