@@ -1,7 +1,8 @@
 """Realistic-transform throughput (issue 10): ImageNet-style train transforms, FusionLoader vs DataLoader.
 
 A map-style dataset of decoded images (seeded uint8, ``image_size`` = 256 x 320, a typical decoded
-ImageNet size) with a ``transform`` attribute, as a torchvision ``VisionDataset`` has: random resized crop
+ImageNet size; 4096 of them, 16 batches per epoch, so the windows measure steady steps and not mostly epoch
+starts) with a ``transform`` attribute, as a torchvision ``VisionDataset`` has: random resized crop
 to 224 (scale 0.08-1, ratio 3/4-4/3, torchvision's algorithm), horizontal flip, to-tensor and ImageNet
 normalisation -- written with PIL and torch here, since torchvision is not a dependency. Batch 256,
 ``num_workers`` DataLoader workers (>= 2) for both loaders.
@@ -15,7 +16,8 @@ free meanwhile), *calibrated in the same run*: the producers' capacity is measur
 (alpha x batch per step) is ``demand_over_capacity`` (0.6) of it -- the producers keep up, and what is left
 to compare is the loaders' own cost.
 
-Then ``rounds`` rounds, each a DataLoader window and a FusionLoader window of ``timed_steps`` steps after
+Then ``warmup_steps`` untimed FusionLoader steps (producers meet each index for the first time), and ``rounds``
+rounds, each a DataLoader window and a FusionLoader window of ``timed_steps`` steps after
 ``burn_in`` untimed ones, both loaders warm (persistent workers, producers loaded; before each DataLoader
 window the producers are let go quiet, so they take no CPU from it). ``fusion_vs_plain`` is the median over
 rounds of the paired ratio of steps/s (1 / median step time); the loaders' figures are medians over rounds.
@@ -140,28 +142,33 @@ def train_transform(crop: int) -> Compose:
 
 
 class DecodedImages(Dataset):
-    """Decoded RGB images held as uint8 arrays; ``__getitem__`` hands a PIL image to ``transform``
+    """``n`` decoded RGB images as uint8 arrays (``distinct`` different pixel arrays, index i showing array
+    ``i % distinct``: long epochs without their memory); ``__getitem__`` hands a PIL image to ``transform``
     (VisionDataset-style, so FusionLoader applies the same transform to synthetic images)."""
 
     classes = CLASSES
 
-    def __init__(self, n: int, size: tuple[int, int], transform=None):
+    def __init__(self, n: int, size: tuple[int, int], transform=None, distinct: int | None = None):
         rng = np.random.default_rng(0)
         h, w = size
         # Smooth colour gradients plus noise: a resize has real work to do (not a flat image).
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], axis=-1) * 200
-        self.images = [np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+        distinct = min(n, distinct or n)
+        self.arrays = [np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8) for _ in range(distinct)]
+        self.n = n
         self.targets = [i % len(CLASSES) for i in range(n)]
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return self.n
 
     def __getitem__(self, i: int):
         from PIL import Image
 
-        image = Image.fromarray(self.images[i])
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} images")
+        image = Image.fromarray(self.arrays[i % len(self.arrays)])
         return (self.transform(image) if self.transform is not None else image), self.targets[i]
 
 
@@ -169,7 +176,10 @@ class DecodedImages(Dataset):
 class Settings:
     """Sizes of one run (``QUICK`` and ``FULL`` below; the smoke test shrinks them further)."""
 
-    images: int = 512
+    # 16 batches per epoch: DataLoader and FusionLoader both restart their prefetch at every epoch, so with a
+    # 2-batch epoch (512 images, an earlier setting) the windows measured mostly epoch starts, not steady steps.
+    images: int = 4096
+    distinct_images: int = 512  # pixel arrays held (index i shows array i % 512)
     image_size: tuple = (256, 320)  # (H, W) of the decoded real images
     crop: int = 224
     batch_size: int = 256
@@ -180,11 +190,15 @@ class Settings:
     demand_over_capacity: float = 0.6  # the simulated step puts demand at 0.6x the measured capacity
     calibration_steps: int = 3
     burn_in: int = 2  # untimed steps at the start of every timed window (warm workers, ring refilled)
+    # untimed FusionLoader steps once the producers are loaded, before the rounds: a producer encodes each index
+    # the first time it sees it (its latent cache), so the first steps of a run are slower than the steady state
+    warmup_steps: int = 10
     timed_steps: int = 10  # per loader and round
     rounds: int = 3  # rounds of (DataLoader window, FusionLoader window); figures are medians over rounds
 
 
-QUICK = Settings(images=256, batch_size=64, calibration_steps=4, timed_steps=8, rounds=2)
+QUICK = Settings(images=1024, distinct_images=256, batch_size=64, calibration_steps=4, warmup_steps=4, timed_steps=8,
+                 rounds=2)
 FULL = Settings()
 
 
@@ -268,7 +282,7 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = model or tiny_sd_model(os.path.join(tmp, "tiny"))
-            ds = DecodedImages(s.images, tuple(s.image_size), train_transform(s.crop))
+            ds = DecodedImages(s.images, tuple(s.image_size), train_transform(s.crop), s.distinct_images)
 
             def fusion(late_policy: str, seed: int):
                 return FusionLoader(ds, batch_size=s.batch_size, shuffle=True, num_workers=s.num_workers,
@@ -292,6 +306,9 @@ def run(quick: bool = False, model: str | None = None, device: str | None = None
                     if time.monotonic() > t_ready:
                         raise RuntimeError("the producers did not become ready within 600 s")
                     time.sleep(0.2)
+                for _ in range(s.warmup_steps):
+                    next(fused_batches)
+                    time.sleep(step_s)
                 for _ in range(s.rounds):
                     _quiet(loader)
                     plain = _window(plain_batches, step_s, s.timed_steps, s.burn_in)

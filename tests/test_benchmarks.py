@@ -119,7 +119,7 @@ def test_train_transforms_follow_torchvision_semantics():
 def test_transform_benchmark_smoke(tiny_sd1_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     tiny = bench_transforms.Settings(images=8, image_size=(40, 48), crop=32, batch_size=4, num_workers=2, sampler_steps=2,
-                                     producers=1, calibration_steps=2, burn_in=1, timed_steps=3, rounds=2)  # fmt: skip
+                                     producers=1, calibration_steps=2, burn_in=1, warmup_steps=1, timed_steps=3, rounds=2)  # fmt: skip
     r = bench_transforms.run(model=tiny_sd1_path, device="cpu", settings=tiny)
     cal = r["calibration"]
     assert cal["fresh"] == cal["synthetic"] > 0 and cal["images_per_s"] > 0
