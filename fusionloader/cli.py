@@ -95,7 +95,8 @@ def _evaluate(args) -> None:
 
     fields = dict(out=args.out, model=args.model, images=args.images, backbone=args.backbone,
                   retrieval_pool=args.retrieval_pool, clip=args.clip, device=args.device, quick=args.quick,
-                  progress=not args.no_progress, image_size=args.image_size, report_only=args.report_only)  # fmt: skip
+                  progress=not args.no_progress, image_size=args.image_size, report_only=args.report_only,
+                  scheduler=args.scheduler)  # fmt: skip
     given = {name: getattr(args, name) for name in ("methods", "ks", "seeds", "protocols", "epochs", "epoch_size",
              "batch_size", "steps", "guidance_scale", "inversion_steps") if getattr(args, name) is not None}  # fmt: skip
     summary = run(EvalConfig(**fields), json_path=args.json, **given)
@@ -187,6 +188,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--epoch-size", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--steps", type=int, default=None, help="scheduler steps")
+    ev.add_argument("--scheduler", default=None, help="the synthesizer's scheduler (default: the checkpoint's; "
+                    "e.g. lcm_span with --model fusionloader/assets/digits-lcm --steps 1)")  # fmt: skip
     ev.add_argument("--guidance-scale", type=float, default=None)
     ev.add_argument("--inversion-steps", type=int, default=None, help="textual inversion steps per class")
     ev.add_argument("--image-size", type=int, default=32, help="classifier input size with --images")

@@ -159,3 +159,15 @@ def test_cli_writes_the_tables(tmp_path, capsys):
     assert "| standard |" in text and "Paired difference vs `real`" in text
     with open(tmp_path / "e.json") as f:
         assert json.load(f)["results"]["standard"]["1"]["n_seeds"] == 2
+
+
+def test_one_step_students_pass_the_steps_check_only_under_lcm_span(tmp_path):
+    # DA-Fusion's randomized strengths include 0.25: int(0.25 * steps) needs steps >= 4 under the SD img2img rule,
+    # but a student under scheduler="lcm_span" runs all its steps at every strength (README "Producer speed").
+    from fusionloader.evaluate.run import EvalConfig, _check
+
+    cfg = dict(out=str(tmp_path), methods=("real", "da_fusion"), ks=(1,), seeds=(0,), steps=1)
+    with pytest.raises(ValueError, match="steps >= 4"):
+        _check(EvalConfig(**cfg))
+    _check(EvalConfig(**cfg, scheduler="lcm_span"))
+    assert EvalConfig(**cfg, scheduler="lcm_span").fingerprint() != EvalConfig(**cfg).fingerprint()

@@ -42,6 +42,7 @@ __all__ = [
     "guidance_free",
     "lcm_span",
     "make_schedule",
+    "training_scheduler",
 ]
 
 FUSED_KINDS = ("ddim", "dpmpp_2m", "euler", "euler_a", "lcm")
@@ -141,6 +142,12 @@ def _without_marker(config):
     if config is None:
         return {}
     return {k: v for k, v in dict(config).items() if k not in _MARKERS}
+
+
+def training_scheduler(scheduler):
+    """A ``DDPMScheduler`` with ``scheduler``'s training noise schedule, fusionloader's marker keys left out (they
+    would only draw diffusers' unknown-key warning): what training code noises latents with."""
+    return _diffusers().DDPMScheduler.from_config(_without_marker(scheduler.config))
 
 
 def lcm_span(scheduler) -> bool:

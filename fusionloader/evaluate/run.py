@@ -36,7 +36,8 @@ class EvalConfig:
     val_per_class: int | None = None  # cap on validation images per class (None: every remaining candidate)
     m: int = 10  # da_fusion_fixed_m10's variants per image (the id keeps DA-Fusion's M = 10; tests use fewer)
     lr: float = 1e-3
-    steps: int = 10  # scheduler steps (strength s runs int(s * steps))
+    steps: int = 10  # scheduler steps (strength s runs int(s * steps); all of them under scheduler "lcm_span")
+    scheduler: str | None = None  # the synthesizer's scheduler (None: the checkpoint's; e.g. "lcm_span" for a student)
     guidance_scale: float | None = None  # default: 3.0 for the embedded model, 7.5 otherwise
     inversion_steps: int = 200  # textual inversion steps per class (DA-Fusion: 1000)
     backbone_epochs: int = 15
@@ -100,7 +101,8 @@ class _Context:
             model = self.cfg.model
             if model is None and self.cfg.images is not None:
                 raise ValueError("--images needs --model (a Stable Diffusion checkpoint folder) for the generating methods")
-            self._synth = Synthesizer.from_pretrained(model or default_model_path(), device=self.cfg.device)
+            self._synth = Synthesizer.from_pretrained(model or default_model_path(), device=self.cfg.device,
+                                                      scheduler=self.cfg.scheduler)  # fmt: skip
         return self._synth
 
     def retrieval(self):
@@ -202,7 +204,8 @@ def _check(cfg: EvalConfig) -> None:
     for name in ("epochs", "epoch_size", "batch_size", "steps"):
         if int(getattr(cfg, name)) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)!r}")
-    if any(m in cfg.methods for m in ("da_fusion", "da_fusion_fixed_m10", "discl")) and cfg.steps < 4:
+    spans = str(cfg.scheduler or "").lower() == "lcm_span"  # every strength runs all steps (engine/schedules.py)
+    if any(m in cfg.methods for m in ("da_fusion", "da_fusion_fixed_m10", "discl")) and cfg.steps < 4 and not spans:
         raise ValueError(f"steps={cfg.steps}: randomized intensity's strength 0.25 needs steps >= 4")
 
 
@@ -253,7 +256,8 @@ def run(cfg: EvalConfig | None = None, json_path: str | None = None, **overrides
     bar.close()
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else (3.0 if cfg.model is None else 7.5)
     grid_note = (f"grid: methods {list(cfg.methods)}, k {list(cfg.ks)}, seeds {list(cfg.seeds)}, {cfg.epochs} epochs of "
-                 f"{cfg.epoch_size} positions, {cfg.steps} scheduler steps, guidance {guidance}, "
+                 f"{cfg.epoch_size} positions, {cfg.steps} scheduler steps{f' ({cfg.scheduler})' if cfg.scheduler else ''}, "
+                 f"guidance {guidance}, "
                  f"textual inversion {cfg.inversion_steps} steps/class")  # fmt: skip
     if cfg.quick:
         grid_note = "QUICK (reduced) " + grid_note

@@ -413,9 +413,9 @@ def erasure_effect(model, erased: Erased | str | os.PathLike, prompts: dict, *, 
     if ts.shape[0] != n:
         raise ValueError(f"timesteps: {ts.shape[0]} values for {n} latents")
     noise = torch.randn(latents.shape, generator=gen)
-    from diffusers import DDPMScheduler
+    from ..engine.schedules import training_scheduler
 
-    x_t = DDPMScheduler.from_config(comps.scheduler.config).add_noise(latents, noise, ts).to(dev)
+    x_t = training_scheduler(comps.scheduler).add_noise(latents, noise, ts).to(dev)
     ts = ts.to(dev)
     unet = copy.deepcopy(comps.unet)
     adapters = ClassAdapters({"erased": erased})

@@ -245,9 +245,9 @@ def learn_tokens(
     tokenizer, text_encoder, unet, vae, scheduler, device = _parts(pipe_or_path, device)
     if type(vae).__name__ == "AutoencoderTiny":
         raise ValueError("textual inversion needs the KL VAE's encoder, not a tiny decoder")
-    from diffusers import DDPMScheduler
+    from ..engine.schedules import training_scheduler
 
-    train_scheduler = DDPMScheduler.from_config(scheduler.config)  # the checkpoint's training noise schedule
+    train_scheduler = training_scheduler(scheduler)  # the checkpoint's training noise schedule
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     size = unet.config.sample_size
     resolution = (size * factor, size * factor) if isinstance(size, int) else (size[0] * factor, size[1] * factor)
