@@ -16,15 +16,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # producers and launched scripts inherit the variable).
 import atexit  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
-
-# The repository's top-level kernels/ folder (installed as fusionloader.kernels) shadows the Hugging Face
-# ``kernels`` package, which transformers >= 5.25 imports (through peft), whenever the repository root comes first
-# on sys.path -- as ``python -m pytest`` puts it. Keep the root importable, but after site-packages.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_AT_ROOT = [p for p in sys.path if os.path.abspath(p or os.curdir) == _ROOT]
-sys.path[:] = [p for p in sys.path if p not in _AT_ROOT] + _AT_ROOT
 
 if "FUSIONLOADER_LATENT_CACHE" not in os.environ:
     os.environ["FUSIONLOADER_LATENT_CACHE"] = _LATENTS = tempfile.mkdtemp(prefix="fusionloader-test-latents-")

@@ -56,9 +56,9 @@ def tiny_args(image_folder, model):
 
 
 def samples_printed(stdout):
-    """``samples`` of each ``loader.stats()["cumulative"]`` an example printed (one per rank), in rank order."""
-    found = re.findall(r"^(?:rank (\d+): )?\{.*'samples': (\d+)", stdout, re.M)
-    return [int(n) for _, n in sorted(found, key=lambda m: int(m[0] or 0))]
+    """``samples`` of each ``loader.stats()["cumulative"]`` an example printed (one per rank), sorted. Not by line:
+    torchrun's per-rank prefixes interleave (``rank 1:rank 0: {...}`` then rank 1's dict on the next line)."""
+    return sorted(int(n) for n in re.findall(r"\{'samples': (\d+)", stdout))
 
 
 def test_plain_loop_example(image_folder, tiny_sd1_path, tmp_path):
