@@ -9,11 +9,12 @@ Triton imports but cannot launch (no C compiler, ...) calls fall back to the ref
 (``triton_launchable``, ``fallback_reason``).
 """
 
+_HANDED_OVER = False
 if __name__ == "kernels":
     # This folder is installed as ``fusionloader.kernels``. It is imported as a top-level ``kernels`` only when a
     # checkout's root is on sys.path (``python -m ...`` run there), where it shadows the Hugging Face ``kernels``
-    # package that transformers (>= 5.25) imports: hand the import over to that package, or fail exactly as if
-    # this folder were not there.
+    # package that transformers (>= 5.25) imports: hand the import over to that package when it is installed
+    # (without it, this folder loads under the bare name as it always did, which transformers' probe accepts).
     import importlib.machinery as _machinery
     import importlib.util as _util
     import os as _os
@@ -22,12 +23,12 @@ if __name__ == "kernels":
     _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     _elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _checkout]
     _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
-    if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
-    _module = _util.module_from_spec(_spec)
-    _sys.modules["kernels"] = _module  # what the import statement returns once this file has run
-    _spec.loader.exec_module(_module)
-else:
+    if _spec is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # what the import statement returns once this file has run
+        _spec.loader.exec_module(_module)
+        _HANDED_OVER = True
+if not _HANDED_OVER:
     from ._dispatch import backend, fallback_reason, triton_launchable
     from .add_noise import add_noise, add_noise_reference
     from .cfg_step import cfg_step, cfg_step_reference
